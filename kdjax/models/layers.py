@@ -1,0 +1,70 @@
+"""Building blocks shared by the zoo: PyTorch-semantics BatchNorm and the original's initialisers.
+
+Naming rule (it makes the PyTorch import architecture-agnostic, see ``kdjax.models.torch_names``): every flax
+submodule is named after the PyTorch module path, with a numeric path component glued to the one before it by
+``_``. PyTorch ``layer1.0.conv1.weight`` is flax ``params/layer1_0/conv1/kernel``; ``blocks.0.0.conv.3`` is
+``blocks_0_0/conv_3``. BatchNorm keeps ``scale``/``bias`` in ``params`` and ``mean``/``var`` in ``batch_stats``.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+BN_MOMENTUM = 0.1  # PyTorch's convention: new = (1 - m) * old + m * batch
+BN_EPS = 1e-5
+
+# torch.nn.init.kaiming_normal_(mode='fan_out', nonlinearity='relu'): N(0, 2 / fan_out), NOT truncated.
+kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "untruncated_normal")
+# PyTorch's default Conv/Linear weight init, kaiming_uniform_(a=sqrt(5)): U(+-1/sqrt(fan_in)).
+torch_default_kernel = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+normal_001 = nn.initializers.normal(0.01)
+
+
+def torch_default_bias(fan_in: int):
+    """PyTorch's default Conv/Linear bias init: U(+-1/sqrt(fan_in)); fan_in must be given (flax passes only the shape)."""
+    bound = 1.0 / float(fan_in) ** 0.5
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+class BatchNorm(nn.Module):
+    """BatchNorm2d/1d with PyTorch semantics: momentum 0.1, eps 1e-5, running variance updated with the unbiased
+    batch variance, statistics in float32 whatever the compute dtype.
+
+    ``groups`` > 1 splits the batch into equal consecutive parts in train mode, normalises each with its own
+    statistics and updates the running statistics once per part, in order. One forward over ``concat[x, x']``
+    with ``groups=2`` is then exactly two train-mode forwards (on x, then on x'), with half the kernel launches.
+    """
+
+    groups: int = 1
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,))
+        bias = self.param("bias", nn.initializers.zeros, (c,))
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,))
+        running_var = self.variable("batch_stats", "var", jnp.ones, (c,))
+        if not train:
+            inv = jax.lax.rsqrt(running_var.value + BN_EPS) * scale
+            return (x.astype(jnp.float32) * inv + (bias - running_mean.value * inv)).astype(self.dtype)
+        xg = x.reshape((self.groups, -1) + x.shape[1:]).astype(jnp.float32)
+        axes = tuple(range(1, xg.ndim - 1))  # batch (and spatial) axes of each group
+        mean = xg.mean(axis=axes)  # [groups, C]
+        var = jnp.maximum((xg * xg).mean(axis=axes) - mean * mean, 0.0)
+        if not self.is_initializing():
+            n = xg.size // (self.groups * c)  # elements per channel in one group
+            m, v = running_mean.value, running_var.value
+            for g in range(self.groups):
+                m = (1 - BN_MOMENTUM) * m + BN_MOMENTUM * mean[g]
+                v = (1 - BN_MOMENTUM) * v + BN_MOMENTUM * var[g] * (n / max(n - 1, 1))
+            running_mean.value, running_var.value = m, v
+        inv = jax.lax.rsqrt(var + BN_EPS) * scale  # [groups, C]
+        bshape = (self.groups,) + (1,) * (xg.ndim - 2) + (c,)
+        y = xg * inv.reshape(bshape) + (bias - mean * inv).reshape(bshape)
+        return y.reshape(x.shape).astype(self.dtype)
