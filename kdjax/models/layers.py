@@ -15,7 +15,7 @@ BN_MOMENTUM = 0.1  # PyTorch's convention: new = (1 - m) * old + m * batch
 BN_EPS = 1e-5
 
 # torch.nn.init.kaiming_normal_(mode='fan_out', nonlinearity='relu'): N(0, 2 / fan_out), NOT truncated.
-kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "untruncated_normal")
+kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # "normal" is untruncated
 # PyTorch's default Conv/Linear weight init, kaiming_uniform_(a=sqrt(5)): U(+-1/sqrt(fan_in)).
 torch_default_kernel = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 normal_001 = nn.initializers.normal(0.01)

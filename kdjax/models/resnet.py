@@ -1,1 +1,99 @@
-"""(being written)"""
+"""CIFAR ResNets: resnet8/14/20/32/44/56/110 (widths 16/32/64) and resnet8x4/resnet32x4 (stem 32, widths 64/128/256).
+
+conv3x3 -> BN -> ReLU stem without max-pool; three stages of ``(depth - 2) // 6`` BasicBlocks with strides 1/2/2; a
+1x1 conv + BN projection shortcut wherever the block changes shape; global average pool; fc with bias.
+Submodule names follow the PyTorch state_dict (``layer1.0.downsample.1`` -> ``layer1_0/downsample_1``).
+"""
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from kdjax.models import layers
+from kdjax.models.registry import register
+
+def conv(features: int, kernel: int, stride: int, dtype, name: str, kernel_init=layers.kaiming_normal_fan_out):
+    """A bias-free conv with PyTorch's symmetric padding (kernel // 2). Flax's "SAME" would pad (0, 1) at stride 2
+    on even sizes and shift every strided output by one pixel relative to the original."""
+    pad = kernel // 2
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+                   use_bias=False, dtype=dtype, kernel_init=kernel_init, name=name)
+
+
+def torch_linear(features: int, fan_in: int, dtype, name: str):
+    """nn.Linear with PyTorch's default initialisation (weight and bias U(+-1/sqrt(fan_in)))."""
+    return nn.Dense(features, dtype=dtype, kernel_init=layers.torch_default_kernel,
+                    bias_init=layers.torch_default_bias(fan_in), name=name)
+
+
+def global_avg_pool(x, dtype):
+    """Mean over the spatial axes of NHWC, accumulated in float32 (also for bfloat16 compute)."""
+    return x.astype(jnp.float32).mean(axis=(1, 2)).astype(dtype)
+
+
+class BasicBlock(nn.Module):
+    """conv3x3(stride)-BN-ReLU-conv3x3-BN, plus the identity or a 1x1 conv + BN projection, then ReLU."""
+
+    planes: int
+    stride: int = 1
+    dtype: Any = jnp.float32
+    bn_groups: int = 1
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        bn = lambda name: layers.BatchNorm(groups=self.bn_groups, dtype=self.dtype, name=name)  # noqa: E731
+        out = conv(self.planes, 3, self.stride, self.dtype, "conv1")(x)
+        out = nn.relu(bn("bn1")(out, train))
+        out = conv(self.planes, 3, 1, self.dtype, "conv2")(out)
+        out = bn("bn2")(out, train)
+        if self.stride != 1 or x.shape[-1] != self.planes:
+            residual = conv(self.planes, 1, self.stride, self.dtype, "downsample_0")(x)
+            residual = bn("downsample_1")(residual, train)
+        else:
+            residual = x
+        return nn.relu(out + residual)
+
+
+class CifarResNet(nn.Module):
+    """``widths`` = (stem, stage1, stage2, stage3); ``depth`` = 6n + 2 with n BasicBlocks per stage."""
+
+    depth: int
+    widths: Sequence[int]
+    num_classes: int
+    image_size: int = 32
+    dtype: Any = jnp.float32
+    bn_groups: int = 1
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, features: bool = False):
+        if (self.depth - 2) % 6:
+            raise ValueError(f"CIFAR ResNet depth must be 6n + 2 (8, 14, 20, ...), got {self.depth}")
+        n = (self.depth - 2) // 6
+        x = x.astype(self.dtype)
+        x = conv(self.widths[0], 3, 1, self.dtype, "conv1")(x)
+        x = layers.BatchNorm(groups=self.bn_groups, dtype=self.dtype, name="bn1")(x, train)
+        x = nn.relu(x)
+        feats = [x]
+        for stage, (planes, stride) in enumerate(zip(self.widths[1:], (1, 2, 2)), start=1):
+            for i in range(n):
+                x = BasicBlock(planes, stride if i == 0 else 1, self.dtype, self.bn_groups,
+                               name=f"layer{stage}_{i}")(x, train)
+            feats.append(x)
+        pooled = global_avg_pool(x, self.dtype)
+        feats.append(pooled)
+        logits = torch_linear(self.num_classes, self.widths[-1], self.dtype, "fc")(pooled)
+        logits = logits.astype(jnp.float32)
+        return (feats, logits) if features else logits
+
+
+def _builder(depth: int, widths: Sequence[int]):
+    def build(num_classes: int, image_size: int = 32, dtype=jnp.float32):
+        return CifarResNet(depth=depth, widths=tuple(widths), num_classes=num_classes, image_size=image_size,
+                           dtype=dtype)
+    return build
+
+
+for _depth in (8, 14, 20, 32, 44, 56, 110):
+    register(f"resnet{_depth}", _builder(_depth, (16, 16, 32, 64)))
+register("resnet8x4", _builder(8, (32, 64, 128, 256)))
+register("resnet32x4", _builder(32, (32, 64, 128, 256)))

@@ -1,1 +1,96 @@
-"""(being written)"""
+"""ResNet18 / ResNet50 in their CIFAR form: 3x3 stride-1 stem conv + BN + ReLU, no max-pool, four stages of widths
+64/128/256/512 (x4 for Bottleneck) with strides 1/2/2/2, 1x1 conv + BN projection shortcuts, global average pool,
+``linear`` classifier. Submodule names follow the PyTorch state_dict
+(``layer2.0.shortcut.1`` -> ``layer2_0/shortcut_1``).
+"""
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from kdjax.models import layers
+from kdjax.models.registry import register
+from kdjax.models.resnet import conv, global_avg_pool, torch_linear
+
+
+def _shortcut(x, out_planes: int, stride: int, dtype, bn_groups: int, train: bool):
+    """Identity, or conv1x1(stride) + BN when the block changes shape (named as the original's nn.Sequential)."""
+    if stride == 1 and x.shape[-1] == out_planes:
+        return x
+    y = conv(out_planes, 1, stride, dtype, "shortcut_0")(x)
+    return layers.BatchNorm(groups=bn_groups, dtype=dtype, name="shortcut_1")(y, train)
+
+
+class BasicBlock(nn.Module):
+    """conv3x3(stride)-BN-ReLU-conv3x3-BN + shortcut, ReLU. Output width = planes."""
+
+    planes: int
+    stride: int = 1
+    dtype: Any = jnp.float32
+    bn_groups: int = 1
+    expansion = 1
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        bn = lambda name: layers.BatchNorm(groups=self.bn_groups, dtype=self.dtype, name=name)  # noqa: E731
+        out = nn.relu(bn("bn1")(conv(self.planes, 3, self.stride, self.dtype, "conv1")(x), train))
+        out = bn("bn2")(conv(self.planes, 3, 1, self.dtype, "conv2")(out), train)
+        return nn.relu(out + _shortcut(x, self.planes, self.stride, self.dtype, self.bn_groups, train))
+
+
+class Bottleneck(nn.Module):
+    """conv1x1-BN-ReLU, conv3x3(stride)-BN-ReLU, conv1x1(4 planes)-BN + shortcut, ReLU. Output width = 4 planes."""
+
+    planes: int
+    stride: int = 1
+    dtype: Any = jnp.float32
+    bn_groups: int = 1
+    expansion = 4
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        bn = lambda name: layers.BatchNorm(groups=self.bn_groups, dtype=self.dtype, name=name)  # noqa: E731
+        out_planes = self.expansion * self.planes
+        out = nn.relu(bn("bn1")(conv(self.planes, 1, 1, self.dtype, "conv1")(x), train))
+        out = nn.relu(bn("bn2")(conv(self.planes, 3, self.stride, self.dtype, "conv2")(out), train))
+        out = bn("bn3")(conv(out_planes, 1, 1, self.dtype, "conv3")(out), train)
+        return nn.relu(out + _shortcut(x, out_planes, self.stride, self.dtype, self.bn_groups, train))
+
+
+class ResNetV2(nn.Module):
+    """``block`` is BasicBlock or Bottleneck; ``num_blocks`` the block count of each of the four stages."""
+
+    block: Any
+    num_blocks: Sequence[int]
+    num_classes: int
+    image_size: int = 32
+    dtype: Any = jnp.float32
+    bn_groups: int = 1
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, features: bool = False):
+        x = x.astype(self.dtype)
+        x = conv(64, 3, 1, self.dtype, "conv1")(x)
+        x = nn.relu(layers.BatchNorm(groups=self.bn_groups, dtype=self.dtype, name="bn1")(x, train))
+        feats = [x]
+        for stage, (planes, stride) in enumerate(zip((64, 128, 256, 512), (1, 2, 2, 2)), start=1):
+            for i in range(self.num_blocks[stage - 1]):
+                x = self.block(planes, stride if i == 0 else 1, self.dtype, self.bn_groups,
+                               name=f"layer{stage}_{i}")(x, train)
+            feats.append(x)
+        pooled = global_avg_pool(x, self.dtype)
+        feats.append(pooled)
+        logits = torch_linear(self.num_classes, 512 * self.block.expansion, self.dtype, "linear")(pooled)
+        logits = logits.astype(jnp.float32)
+        return (feats, logits) if features else logits
+
+
+def _builder(block, num_blocks: Sequence[int]):
+    def build(num_classes: int, image_size: int = 32, dtype=jnp.float32):
+        return ResNetV2(block=block, num_blocks=tuple(num_blocks), num_classes=num_classes, image_size=image_size,
+                        dtype=dtype)
+    return build
+
+
+register("ResNet18", _builder(BasicBlock, (2, 2, 2, 2)))
+register("ResNet50", _builder(Bottleneck, (3, 4, 6, 3)))

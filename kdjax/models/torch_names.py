@@ -95,4 +95,5 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], abstract_variables:
 def abstract_variables(model, image_size: int):
     """Shapes of ``model``'s variables without allocating them."""
     x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), np.float32)
-    return jax.eval_shape(lambda k: model.init(k, x, train=False), jax.random.key(0))
+    # x goes in as an argument so that it is traced (a ShapeDtypeStruct closed over is not an array).
+    return jax.eval_shape(lambda k, inputs: model.init(k, inputs, train=False), jax.random.key(0), x)

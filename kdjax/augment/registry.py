@@ -1,0 +1,184 @@
+"""Name -> scheme factory registry and ``create``, the one entry point of the augmentation package."""
+import dataclasses
+from typing import Callable, Dict, Optional
+
+from kdjax.augment import schemes
+from kdjax.augment.schemes import DatasetStats, Options
+
+SCORERS = (None, "student", "teacher")
+CRITERIA = ("entropy", "kld")
+POLICIES = ("cifar10", "imagenet")
+
+
+@dataclasses.dataclass(frozen=True)
+class Scheme:
+    """A created scheme: call it as ``scheme(key, images, labels, score_fn=None) -> (images_aug, aux)``.
+
+    ``scorer`` says which model ``score_fn`` must run: None (no score_fn needed), 'student' (the training
+    student in train mode, returning its updated BatchNorm statistics as new_state) or 'teacher' (eval mode,
+    new_state None). With ``criterion == 'kld'`` the score is ``kld_score(student(pool), teacher(pool))``: both
+    models run, the student as for 'student'. ``uint8_round_trip`` tells whether the scheme goes through the
+    original's truncating uint8 conversion.
+    """
+    name: str
+    fn: Callable = dataclasses.field(repr=False)
+    stats: DatasetStats
+    options: Options
+    scorer: Optional[str] = None
+    criterion: Optional[str] = None
+    uint8_round_trip: bool = False
+
+    @property
+    def needs_score_fn(self) -> bool:
+        return self.scorer is not None
+
+    def __call__(self, key, images, labels, score_fn=None):
+        if images.ndim != 4:
+            raise ValueError(f"{self.name}: images must be a normalised float batch [N, H, W, C]; got shape "
+                             f"{images.shape}")
+        size, channels = self.stats.image_size, len(self.stats.mean)
+        if images.shape[1:] != (size, size, channels):
+            raise ValueError(f"{self.name}: images have shape {images.shape} but the scheme was created for "
+                             f"{size}x{size}x{channels} (dataset_stats.image_size, len(mean)); create it with the "
+                             f"matching dataset_stats")
+        return self.fn(key, images, labels, score_fn)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    factory: Callable
+    scorer: Optional[str] = None
+    uint8_round_trip: bool = False
+
+
+# The paper's nine, in the order of its tables (aug='all' runs them in this order).
+_BUILTIN: Dict[str, _Entry] = {
+    "identity": _Entry(schemes.identity),
+    "flip": _Entry(schemes.flip, uint8_round_trip=True),
+    "crop_flip": _Entry(schemes.crop_flip, uint8_round_trip=True),
+    "cutout": _Entry(schemes.cutout),
+    "autoaugment": _Entry(schemes.autoaugment_scheme, uint8_round_trip=True),
+    "mixup": _Entry(schemes.mixup),
+    "cutmix": _Entry(schemes.cutmix),
+    "cutmix_pick_s": _Entry(schemes.cutmix_pick_s, scorer="student"),
+    "cutmix_pick_t": _Entry(schemes.cutmix_pick_t, scorer="teacher"),
+}
+_USER: Dict[str, _Entry] = {}
+
+_OPTION_NAMES = ("per_sample", "cutout_size", "policy", "mix_n_run", "n_pick", "criterion")
+
+
+def names():
+    """The nine built-in schemes in the paper's order, then user-registered ones in registration order."""
+    return list(_BUILTIN) + [name for name in _USER if name not in _BUILTIN]
+
+
+def check_name(name: str) -> None:
+    if name not in _BUILTIN and name not in _USER:
+        raise ValueError(f"unknown augmentation {name!r}; valid augmentations: {', '.join(names())}")
+
+
+def register(name: str, factory: Callable = None, *, scorer: Optional[str] = None,
+             uint8_round_trip: bool = False):
+    """Add a scheme: ``factory(stats: DatasetStats, options: Options) -> fn(key, images, labels, score_fn)``
+    returning ``(images_aug, aux)`` on normalised float NHWC batches. ``scorer`` ('student' / 'teacher') if fn
+    calls score_fn. Usable as a decorator; re-registering a user name replaces it; built-in names are fixed."""
+    if factory is None:
+        return lambda fn: register(name, fn, scorer=scorer, uint8_round_trip=uint8_round_trip)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"scheme name must be a non-empty string; got {name!r}")
+    if name in _BUILTIN:
+        raise ValueError(f"{name!r} is a built-in scheme; register yours under another name")
+    if not callable(factory):
+        raise ValueError(f"factory for {name!r} must be callable(stats, options) -> fn; got {factory!r}")
+    if scorer not in SCORERS:
+        raise ValueError(f"scorer must be one of {SCORERS}; got {scorer!r}")
+    _USER[name] = _Entry(factory, scorer, uint8_round_trip)
+    return factory
+
+
+def as_stats(dataset_stats) -> DatasetStats:
+    """DatasetStats from a kdjax.data Dataset (or any object with mean, std, image_size), or a dict of them."""
+    if isinstance(dataset_stats, DatasetStats):
+        return dataset_stats
+    if isinstance(dataset_stats, dict):
+        get = dataset_stats.get
+    else:
+        def get(field, default=None):
+            return getattr(dataset_stats, field, default)
+    missing = [f for f in ("mean", "std", "image_size") if get(f) is None]
+    if missing:
+        raise ValueError(f"dataset_stats needs mean, std (per-channel, [0, 1] pixel units) and image_size; "
+                         f"missing {', '.join(missing)} (pass a kdjax.data Dataset or a dict)")
+    mean = tuple(float(v) for v in get("mean"))
+    std = tuple(float(v) for v in get("std"))
+    if len(mean) != len(std) or not mean:
+        raise ValueError(f"dataset_stats mean and std need one value per channel each; got {mean} and {std}")
+    if not all(v > 0 for v in std):
+        raise ValueError(f"dataset_stats std must be positive; got {std}")
+    image_size = int(get("image_size"))
+    if image_size < 1:
+        raise ValueError(f"dataset_stats image_size must be a positive side length; got {image_size}")
+    num_classes = get("num_classes")
+    return DatasetStats(mean, std, image_size, None if num_classes is None else int(num_classes))
+
+
+def resolve_options(stats: DatasetStats, per_sample: bool = False, cutout_size: Optional[int] = None,
+                    policy: Optional[str] = None, mix_n_run: int = 2, n_pick: Optional[int] = None,
+                    criterion: str = "entropy") -> Options:
+    """Fill the size-dependent defaults and check every option, each with a one-line error."""
+    size = stats.image_size
+    if cutout_size is None:
+        cutout_size = max(size // 4, 1)  # 8 at 32x32, 16 at 64x64 (56 at 224), the original's choices
+    if policy is None:
+        policy = "cifar10" if size < 64 else "imagenet"
+    if per_sample not in (True, False):
+        raise ValueError(f"per_sample must be True or False; got {per_sample!r}")
+    if int(cutout_size) < 1 or int(cutout_size) > size:
+        raise ValueError(f"cutout_size must be in [1, image_size={size}]; got {cutout_size}")
+    if policy not in POLICIES:
+        raise ValueError(f"unknown AutoAugment policy {policy!r}; valid policies: {', '.join(POLICIES)}")
+    if int(mix_n_run) < 2:
+        raise ValueError(f"mix_n_run must be >= 2 (CutMixPick picks from several CutMix draws, as the original "
+                         f"requires); got {mix_n_run}")
+    if n_pick is not None and int(n_pick) < 1:
+        raise ValueError(f"n_pick must be a positive number of images or None (= the batch size); got {n_pick}")
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown pick criterion {criterion!r}; valid criteria: {', '.join(CRITERIA)}")
+    return Options(per_sample=bool(per_sample), cutout_size=int(cutout_size), policy=policy,
+                   mix_n_run=int(mix_n_run), n_pick=None if n_pick is None else int(n_pick), criterion=criterion,
+                   crop_pad=size // 8)
+
+
+def create(aug: str, dataset_stats, **options) -> Scheme:
+    """Build scheme ``aug``: ``fn(key, images, labels, score_fn=None) -> (images_aug, aux)``.
+
+    ``dataset_stats``: a kdjax.data Dataset or a dict with mean, std (3-tuples in [0, 1] pixel units),
+    image_size, and optionally num_classes. Options:
+      per_sample=False  draw the scheme's randomness per image instead of once per batch (the original);
+      cutout_size       hole side; default image_size // 4 (8 at 32x32, 16 at 64x64);
+      policy            AutoAugment policy 'cifar10' / 'imagenet'; default 'cifar10' below 64 px, else 'imagenet';
+      mix_n_run=2       CutMix draws pooled by CutMixPick;
+      n_pick=None       images CutMixPick keeps; None = the batch size of the call, capped at the pool size
+                        (pass the configured batch size so that a short last batch keeps min(n_pick, pool)
+                        images, as the original does);
+      criterion         CutMixPick score: 'entropy' (T = 1, by the scheme's scorer) or 'kld'.
+    The schemes are pure and jittable with static shapes; nothing runs on the host.
+    """
+    check_name(aug)
+    unknown = sorted(set(options) - set(_OPTION_NAMES))
+    if unknown:
+        raise ValueError(f"unknown augmentation option(s) {', '.join(unknown)}; valid options: "
+                         f"{', '.join(_OPTION_NAMES)}")
+    stats = as_stats(dataset_stats)
+    opts = resolve_options(stats, **options)
+    entry = _BUILTIN.get(aug) or _USER[aug]
+    fn = entry.factory(stats, opts)
+    if isinstance(fn, Scheme):
+        return fn
+    if not callable(fn):
+        raise ValueError(f"factory of {aug!r} returned {fn!r}; it must return fn(key, images, labels, score_fn)")
+    return Scheme(name=aug, fn=fn, stats=stats, options=opts, scorer=entry.scorer,
+                  criterion=opts.criterion if entry.scorer is not None else None,
+                  uint8_round_trip=entry.uint8_round_trip)
+

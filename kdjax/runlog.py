@@ -1,0 +1,108 @@
+"""Run bookkeeping: progress lines people can read, JSON-lines metrics, optional TensorBoard, results.json."""
+import json
+import os
+import platform
+import sys
+import time
+from importlib import metadata
+from typing import Any, Mapping, Optional
+
+import jax
+from absl import logging
+
+VERSIONED_PACKAGES = ("kdjax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for pkg in VERSIONED_PACKAGES:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def device_kind() -> str:
+    return jax.devices()[0].device_kind
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class RunLog:
+    """One human line and one JSON line per logged chunk (process 0 only); TensorBoard when tensorboardX exists."""
+
+    def __init__(self, workdir: str, total_steps: int, name: str = "train"):
+        self.total_steps = total_steps
+        self.main = is_main_process()
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        if self.main:
+            try:  # tensorboardX writes event files without importing TensorFlow
+                from tensorboardX import SummaryWriter
+                self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+            except ImportError:
+                pass
+        self.name = name
+
+    def write(self, step: int, record: Mapping[str, Any]) -> None:
+        if not self.main:
+            return
+        row = {"step": int(step), "time": time.time(), **{k: _plain(v) for k, v in record.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k not in ("step", "time"):
+                    self._tb.add_scalar(f"{self.name}/{k}", v, step)
+
+    def progress(self, step: int, epoch: int, epochs: int, loss: float, lr: float, images_per_s: float,
+                 seconds_per_step: float, extra: str = "") -> None:
+        if not self.main:
+            return
+        eta = _format_eta((self.total_steps - step) * seconds_per_step)
+        line = (f"[{self.name}] epoch {epoch}/{epochs} step {step}/{self.total_steps} loss {loss:.4f} lr {lr:.4g} "
+                f"{images_per_s:,.0f} img/s ETA {eta}{extra}")
+        print(line, flush=True)
+        logging.info(line)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _plain(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return v if isinstance(v, (str, int, list, dict)) or v is None else str(v)
+
+
+def write_results(workdir: str, results: Mapping[str, Any], config: Optional[Any] = None) -> str:
+    """``workdir/results.json`` (DESIGN's fields), written atomically so a crash never leaves half a file."""
+    out = dict(results)
+    out.setdefault("device_kind", device_kind())
+    out.setdefault("versions", versions())
+    if config is not None:
+        out["config"] = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    path = os.path.join(workdir, "results.json")
+    if is_main_process():
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(out, f, indent=1, sort_keys=True, default=str)
+        os.replace(tmp, path)
+    return path
+
+
+def log_error_and_exit(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(1)

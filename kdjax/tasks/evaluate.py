@@ -1,0 +1,37 @@
+"""Task 'evaluate': test loss, top-1 and top-5 of a checkpoint (an imported teacher also shows its stored accuracy)."""
+import time
+
+from kdjax import models, runlog
+from kdjax.checkpoint import CheckpointError, check_meta, load_model
+from kdjax.data import DeviceDataset
+from kdjax.tasks import common
+from kdjax.train.evaluate import eval_batch_size, make_evaluator
+
+
+def run(config, workdir):
+    if not config.checkpoint:
+        raise CheckpointError("give the checkpoint to evaluate: --config.checkpoint=DIR (a workdir or a step dir)")
+    variables, meta = load_model(config.checkpoint)
+    model_name = config.model or meta.get("model")
+    models.check_name(model_name)
+    check_meta(meta, config.checkpoint, model=model_name)
+    dtype = common.compute_dtype(config.dtype)
+    started = time.time()
+    dataset = common.load_dataset(config)
+    check_meta(meta, config.checkpoint, num_classes=dataset.num_classes, image_size=dataset.image_size)
+    mesh = common.make_mesh()
+    data = DeviceDataset.create(dataset, mesh)
+    model = models.create(model_name, dataset.num_classes, dataset.image_size, dtype)
+    evaluate = make_evaluator(model, dataset.mean, dataset.std,
+                              eval_batch_size(int(config.eval_batch_size), mesh.size), dataset.num_test)
+    out = evaluate(variables, data)
+    results = {"task": "evaluate", "model": model_name, "dataset": dataset.name, **out,
+               "wall_s": time.time() - started, "checkpoint": config.checkpoint}
+    line = f"[evaluate] {model_name} on {dataset.name}: test_loss {out['test_loss']:.6f} top1 {out['top1']:.4f} " \
+           f"top5 {out['top5']:.4f}"
+    if meta.get("accuracy") is not None:
+        results["stored_accuracy"] = meta["accuracy"]
+        line += f" (accuracy stored in the checkpoint: {meta['accuracy']})"
+    print(line, flush=True)
+    runlog.write_results(workdir, results, config)
+    return results

@@ -1,0 +1,43 @@
+"""Helpers shared by the training tests: load a config file, run launch.py in a subprocess."""
+import importlib.util
+import os
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TESTS = pathlib.Path(__file__).resolve().parent
+
+
+def load_config(name: str, arg: str = ""):
+    spec = importlib.util.spec_from_file_location(f"config_{name}", REPO / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def launch_env(devices: int = 1, **extra) -> dict:
+    env = dict(os.environ)
+    env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", KDJAX_PLUGINS="tiny_models",
+               PYTHONPATH=os.pathsep.join([str(TESTS), str(REPO), env.get("PYTHONPATH", "")]),
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+    env.update(extra)
+    return env
+
+
+def launch(config: str, workdir, *overrides, devices: int = 1, timeout: int = 600, check: bool = True, **env):
+    cmd = [sys.executable, str(REPO / "launch.py"), f"--config={REPO / 'configs' / config}",
+           f"--workdir={workdir}", *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, env=launch_env(devices, **env), capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def spawn(config: str, workdir, *overrides, devices: int = 1, **env):
+    cmd = [sys.executable, str(REPO / "launch.py"), f"--config={REPO / 'configs' / config}",
+           f"--workdir={workdir}", *overrides]
+    return subprocess.Popen(cmd, cwd=REPO, env=launch_env(devices, **env), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
