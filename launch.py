@@ -34,6 +34,8 @@ def import_plugins() -> None:
 def main(argv):
     del argv
     import_plugins()
+    from kdjax.tasks.common import maybe_initialize_distributed
+    maybe_initialize_distributed()  # before anything touches a device
     user_errors = _user_errors()
     config = flags.FLAGS.config
     workdir = os.path.abspath(os.path.expanduser(flags.FLAGS.workdir))

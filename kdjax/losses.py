@@ -15,16 +15,21 @@ def cross_entropy(logits, labels):
     return -jnp.mean(picked)
 
 
-def kd_kl(student_logits, teacher_logits, T: float = 4.0):
-    """The original's DistillKL: batch-mean KL(softmax(t/T) || softmax(s/T)) times T².
+def kd_kl_per_sample(student_logits, teacher_logits, T: float = 4.0):
+    """Per-row KL(softmax(t/T) || softmax(s/T)), shape ``[B]``, without the T² factor (CutMixPick's ``kld``
+    score).
 
     Written with both log-softmaxes so that a teacher probability that underflows to 0 contributes 0, as
     PyTorch's ``kl_div`` does, instead of 0 * log 0 = nan. The teacher is a constant target (stop_gradient).
     """
     log_q = jax.nn.log_softmax(student_logits.astype(jnp.float32) / T, axis=-1)
     log_p = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / T, axis=-1)
-    per_row = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
-    return jnp.mean(per_row) * (T * T)
+    return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+
+
+def kd_kl(student_logits, teacher_logits, T: float = 4.0):
+    """The original's DistillKL: batch-mean KL(softmax(t/T) || softmax(s/T)) times T²."""
+    return jnp.mean(kd_kl_per_sample(student_logits, teacher_logits, T)) * (T * T)
 
 
 def entropy(logits):

@@ -46,7 +46,7 @@ TRACES = {}
 def run_scheme(name, key, x, labels=None, score_fn=None, **options):
     """Create + jit a scheme once per configuration (compiles dominate the run time on CPU), then call it.
     TRACES counts how often each configuration was traced."""
-    cache_key = (name, x.shape[1], score_fn, tuple(sorted(options.items())))
+    cache_key = (name, x.shape, score_fn, tuple(sorted(options.items())))
     if cache_key not in _JITTED:
         scheme = augment.create(name, dataset_stats=dict(STATS, image_size=x.shape[1]), **options)
 
@@ -57,8 +57,8 @@ def run_scheme(name, key, x, labels=None, score_fn=None, **options):
     return _JITTED[cache_key](key, x, labels)
 
 
-def trace_count(name, size=32, score_fn=None, **options):
-    return TRACES.get((name, size, score_fn, tuple(sorted(options.items()))), 0)
+def trace_count(name, shape=(8, 32, 32, 3), score_fn=None, **options):
+    return TRACES.get((name, shape, score_fn, tuple(sorted(options.items()))), 0)
 
 
 # ----------------------------------------------------------------------------------------- base conversions
@@ -249,8 +249,6 @@ def test_cutmix_pick_n_pick_caps_at_pool_and_needs_score_fn():
     out, aux = run_scheme("cutmix_pick_t", jax.random.key(0), x, None, fake_score_fn(scores), n_pick=64)
     assert out.shape[0] == 8  # short batch: min(n_pick, 2 * batch)
     np.testing.assert_array_equal(np.asarray(aux["picked"]), np.argsort(scores))
-    out, _ = run_scheme("cutmix_pick_t", jax.random.key(0), x, None, fake_score_fn(scores), n_pick=3)
-    assert out.shape[0] == 3
     with pytest.raises(ValueError, match="score_fn"):
         run_scheme("cutmix_pick_s", jax.random.key(0), x)
 
@@ -383,19 +381,17 @@ SHARDED_SCRIPT = textwrap.dedent("""
     x = base.normalize(jnp.asarray(u), stats["mean"], stats["std"])
     def score_fn(pool):  # depends on the pool, so a wrong pool changes the pick
         return jnp.mean(pool, axis=(1, 2, 3)), None
-    mismatches = []
-    for name in names:
-        for per_sample in (False, True):
-            scheme = augment.create(name, stats, per_sample=per_sample)
-            f = jax.jit(lambda k, im, lb: scheme(k, im, lb, score_fn)[0])
-            one = np.asarray(f(jax.random.key(7), x, labels))
-            eight = f(jax.random.key(7), jax.device_put(x, rows), jax.device_put(labels, rows))
-            if not np.array_equal(one, np.asarray(eight)):
-                mismatches.append(f"{name} per_sample={per_sample}")
-    base_f = jax.jit(lambda k, im: base.base_train_transform(k, im, 4))
-    if not np.array_equal(np.asarray(base_f(jax.random.key(3), u)),
-                          np.asarray(base_f(jax.random.key(3), jax.device_put(u, rows)))):
-        mismatches.append("base_train_transform")
+    # every scheme in one program: two compiles in all (one per input placement)
+    schemes = {(name, ps): augment.create(name, stats, per_sample=ps) for name in names for ps in (False, True)}
+    def all_schemes(key, images, lbls):
+        outs = {f"{name} per_sample={ps}": s(key, images, lbls, score_fn)[0] for (name, ps), s in schemes.items()}
+        outs["base_train_transform"] = base.base_train_transform(key, base.to_uint8_truncating(
+            images, stats["mean"], stats["std"]), 4)
+        return outs
+    f = jax.jit(all_schemes)
+    one = jax.device_get(f(jax.random.key(7), x, labels))
+    eight = jax.device_get(f(jax.random.key(7), jax.device_put(x, rows), jax.device_put(labels, rows)))
+    mismatches = sorted(k for k in one if not np.array_equal(one[k], eight[k]))
     print(json.dumps({"mismatches": mismatches}))
 """)
 
@@ -406,3 +402,28 @@ def test_batch_sharded_over_8_devices_equals_one_device():
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"mismatches": []}
+
+
+# ------------------------------------------------------------------------------------------------ gallery
+
+
+def test_gallery_task_writes_png_of_the_schemes(tmp_path):
+    import importlib.util as iu
+    from PIL import Image
+    from kdjax.tasks import augment_gallery
+    spec = iu.spec_from_file_location("gallery_config", os.path.join(os.path.dirname(__file__), "..", "configs",
+                                                                     "augment_gallery.py"))
+    module = iu.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("aug=cutout+cutmix_pick_t,num_images=4")
+    assert config.task == "augment_gallery" and config.dataset == "digits"
+    path = augment_gallery.run(config, str(tmp_path))
+    with Image.open(path) as png:
+        assert png.size[0] > 200 and png.size[1] > 200
+    summary = json.loads((tmp_path / "augment_gallery.json").read_text())
+    assert summary["schemes"] == ["cutout", "cutmix_pick_t"]
+    y1, y2, x1, x2 = summary["params"]["cutout"]["box"]
+    assert y2 - y1 in range(1, 9) and x2 - x1 in range(1, 9)
+    assert len(summary["params"]["cutmix_pick_t"]["picked"]) == 4
+    with pytest.raises(ValueError, match="valid augmentations"):
+        augment_gallery.run(module.get_config("aug=cutmixx"), str(tmp_path))

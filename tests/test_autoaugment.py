@@ -58,12 +58,13 @@ def golden_cases(golden, image_set, semantics):
 
 
 def run_cases(images, cases, semantics):
-    """Each case as the first stage of a sub-policy draw (second stage Identity): one compile for all cases."""
-    draws = dict(ops=jnp.asarray([[aa.OP_INDEX[op], aa.IDENTITY] for op, _, _, _ in cases], jnp.int32),
-                 bins=jnp.asarray([[b or 0, 0] for _, b, _, _ in cases], jnp.int32),
-                 signs=jnp.asarray([[s, 1] for _, _, s, _ in cases], jnp.int32))
-    run = jax.jit(jax.vmap(lambda draw: aa.apply_subpolicy(images, draw, semantics=semantics)))
-    return np.asarray(run(draws))
+    """Each case as the first stage of a sub-policy draw (second stage Identity), through one compiled
+    ``apply_subpolicy``: the op index, bin and sign are traced, so all cases share a single compile."""
+    run = jax.jit(lambda draw: aa.apply_subpolicy(images, draw, semantics=semantics))
+    return [np.asarray(run(dict(ops=jnp.asarray([aa.OP_INDEX[op], aa.IDENTITY], jnp.int32),
+                                bins=jnp.asarray([b or 0, 0], jnp.int32),
+                                signs=jnp.asarray([s, 1], jnp.int32))))
+            for op, b, s, _ in cases]
 
 
 @pytest.mark.parametrize("image_set,semantics", [("a", "0.10"), ("b", "0.10"), ("a", "current"),

@@ -26,6 +26,12 @@ def feature_lists(rng, b=B):
     return fs, ft
 
 
+def jitted(d, train=True):
+    """``d.loss`` compiled as one program (one compile is far cheaper on CPU than op-by-op dispatch)."""
+    step = jax.jit(lambda p, s, f_s, f_t, kw: d.loss(p, s, f_s, f_t, train=train, **kw))
+    return lambda p, s, f_s, f_t, **kw: step(p, s, f_s, f_t, kw)
+
+
 def f64(tree):
     return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
 
@@ -237,6 +243,8 @@ def test_losses_vs_numpy():
         lp, lq = log_softmax(t64 / T), log_softmax(s64 / T)
         ref = np.sum(np.exp(lp) * (lp - lq)) / 6 * T * T
         np.testing.assert_allclose(losses.kd_kl(jnp.asarray(s), jnp.asarray(t), T), ref, rtol=RTOL)
+        np.testing.assert_allclose(losses.kd_kl_per_sample(jnp.asarray(s), jnp.asarray(t), T),
+                                   np.sum(np.exp(lp) * (lp - lq), axis=1), rtol=RTOL, atol=1e-7)
     lp = log_softmax(s64)
     np.testing.assert_allclose(losses.entropy(jnp.asarray(s)), -(np.exp(lp) * lp).sum(1), rtol=RTOL, atol=1e-6)
     assert np.isfinite(float(losses.kd_kl(jnp.asarray(s), jnp.asarray(t), 1.0)))
@@ -252,7 +260,7 @@ def test_losses_vs_numpy():
 def run(name, fs, ft, **options):
     d = distillers.create(name, **options)
     params, state = d.init(jax.random.PRNGKey(0), fs, ft)
-    loss, _ = d.loss(params, state, fs, ft)
+    loss, _ = jitted(d)(params, state, fs, ft)
     return d, params, float(loss)
 
 
@@ -281,7 +289,7 @@ def test_vid_vs_numpy():
     # a log_scale away from its initial value, so the variance term is exercised with different channels
     params = jax.tree.map(lambda a: a, params)
     params["regressor_2"]["log_scale"] = jnp.linspace(-1.0, 2.0, 7)
-    loss, _ = d.loss(params, {}, fs, ft)
+    loss, _ = jitted(d)(params, {}, fs, ft)
     np.testing.assert_allclose(float(loss), np_vid(f64(params), f64(fs), f64(ft)), rtol=RTOL)
 
 
@@ -302,7 +310,7 @@ def test_hint_vs_numpy(layer, kind):
     p = params["conv_reg"]
     p["bn"]["scale"] = jnp.linspace(0.5, 1.5, ft[layer].shape[-1])
     p["bn"]["bias"] = jnp.linspace(-0.2, 0.3, ft[layer].shape[-1])
-    loss, new_state = d.loss(params, state, fs, ft)
+    loss, new_state = jitted(d)(params, state, fs, ft)
     q = f64(p)
     x = f64(fs[layer])
     w, bias = q["conv"]["kernel"], q["conv"]["bias"]
@@ -319,10 +327,10 @@ def test_hint_vs_numpy(layer, kind):
     np.testing.assert_allclose(stats["mean"], run_mean, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(stats["var"], run_var, rtol=1e-4, atol=1e-6)
     # eval mode normalises with the running statistics and leaves them alone
-    loss_eval, same = d.loss(params, new_state, fs, ft, train=False)
+    loss_eval, same = jitted(d, train=False)(params, new_state, fs, ft)
     z_eval = (z + bias - run_mean) / np.sqrt(run_var + 1e-5) * q["bn"]["scale"] + q["bn"]["bias"]
     np.testing.assert_allclose(float(loss_eval), np.mean((np.maximum(z_eval, 0) - f64(ft[layer])) ** 2), rtol=RTOL)
-    assert same is new_state
+    assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), same, new_state)))
 
 
 def test_hint_init_matches_pytorch_defaults_and_rejects_bad_sizes():
@@ -366,12 +374,13 @@ def test_crd_vs_numpy_two_calls(feat_dim, nce_k):
     assert float(state["z_s"]) < 0 and float(state["z_t"]) < 0
     p64 = f64(params)
     mem_s, mem_t, z = f64(state["memory_s"]), f64(state["memory_t"]), [-1.0, -1.0]
+    step = jitted(d)
     for call in range(2):
         ind = rng.choice(n, B, replace=False)
         key = jax.random.PRNGKey(10 + call)
         f_s = [fs[0] * (1 + call)]  # the second batch has other features: Z must not be recomputed
         labels = jnp.asarray(train_labels[ind])
-        loss, state = d.loss(params, state, f_s, ft, labels=labels, indices=jnp.asarray(ind), key=key)
+        loss, state = step(params, state, f_s, ft, labels=labels, indices=jnp.asarray(ind), key=key)
         idx = np.asarray(crd_lib.contrast_indices(key, labels, jnp.asarray(ind), state, d.nce_k))
         assert idx.shape == (B, 1 + d.nce_k) and np.all(idx[:, 0] == ind)
         ref_loss, z_new, mem_s, mem_t = np_crd_call(p64, mem_s, mem_t, z, f64(f_s[0]), f64(ft[0]), ind, idx, n)
@@ -446,7 +455,7 @@ def test_gradients_reach_only_student_and_heads():
         def f(p, f_s, f_t):
             return d.loss(p, state, f_s, f_t, **kw)[0]
 
-        g_p, g_s, g_t = jax.grad(f, argnums=(0, 1, 2))(params, [jnp.asarray(a) for a in fs],
+        g_p, g_s, g_t = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(params, [jnp.asarray(a) for a in fs],
                                                        [jnp.asarray(a) for a in ft])
         assert all(np.all(np.asarray(g) == 0) for g in g_t), name  # the teacher is a constant
         if name == "kd":
@@ -459,10 +468,8 @@ def test_gradients_reach_only_student_and_heads():
 def test_jit_and_state_structure_are_stable():
     """The step carries state through lax.scan: structure, shapes and dtypes must be preserved by ``loss``."""
     for name, d, params, state, fs, ft, kw in all_setups():
-        step = jax.jit(lambda p, s, f_s, f_t, kw: d.loss(p, s, f_s, f_t, **kw))
-        loss_jit, new_state = step(params, state, fs, ft, kw)
-        loss_eager, _ = d.loss(params, state, fs, ft, **kw)
-        np.testing.assert_allclose(float(loss_jit), float(loss_eager), rtol=1e-5, err_msg=name)
+        loss, new_state = jitted(d)(params, state, fs, ft, **kw)
+        assert np.isfinite(float(loss)), name
         assert (jax.tree.structure(new_state) == jax.tree.structure(state)), name
         same = jax.tree.map(lambda a, b: a.shape == b.shape and a.dtype == b.dtype, new_state, state)
         assert all(jax.tree.leaves(same)), name
@@ -475,10 +482,10 @@ def test_real_feature_lists_from_the_zoo():
     """Shapes from model.apply(..., features=True) of a real pair (resnet32x4 -> ShuffleV2), via eval_shape."""
     from kdjax import models
 
-    x = jax.ShapeDtypeStruct((4, 16, 16, 3), jnp.float32)
+    x = jax.ShapeDtypeStruct((4, 8, 8, 3), jnp.float32)
 
     def feature_shapes(name):
-        model = models.create(name, num_classes=10, image_size=16)
+        model = models.create(name, num_classes=10, image_size=8)
         variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(x.shape), train=False))
         return jax.eval_shape(lambda v, im: model.apply(v, im, train=False, features=True)[0], variables, x)
 
@@ -490,6 +497,6 @@ def test_real_feature_lists_from_the_zoo():
     for name in distillers.names():
         d = distillers.create(name, **({"nce_k": 16} if name == "crd" else {}))
         params, state = d.init(jax.random.PRNGKey(0), shapes_s, shapes_t, num_train=20, train_labels=labels)
-        loss, _ = d.loss(params, state, fs, ft, labels=jnp.asarray(labels[:4]), indices=jnp.arange(4),
-                         key=jax.random.PRNGKey(1))
+        loss, _ = jitted(d)(params, state, fs, ft, labels=jnp.asarray(labels[:4]), indices=jnp.arange(4),
+                            key=jax.random.PRNGKey(1))
         assert np.isfinite(float(loss)) and (name == "kd" or float(loss) != 0.0), name

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from kdjax import models
-from kdjax.models import layers, torch_names
+from kdjax.models import torch_names
 from kdjax.models.shufflenet import BasicBlockV2, BottleneckV1, DownBlockV2, channel_shuffle
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
@@ -59,12 +59,13 @@ def test_convert_accepts_the_original_state_dict_and_rejects_a_wrong_shape(arch,
     for part in path:
         leaf = leaf[part]
     np.testing.assert_array_equal(leaf, np.transpose(state[key4d], (2, 3, 1, 0)))
-    # A grouped/depthwise kernel with the full input width (groups forgotten) must be refused.
+    # A depthwise kernel with the full input width (groups forgotten), or any conv with a wrong input width when
+    # the architecture has no depthwise conv, must be refused.
     bad = dict(state)
-    grouped = [k for k, s in torch_keys[arch] if len(s) == 4 and s[1] == 1]
-    key = grouped[0] if grouped else key4d
+    depthwise = [k for k, s in torch_keys[arch] if len(s) == 4 and s[1] == 1 and s[0] > 1]
+    key = depthwise[0] if depthwise else key4d
     shape = list(state[key].shape)
-    shape[1] += 1
+    shape[1] = shape[0] if depthwise else shape[1] + 1
     bad[key] = np.zeros(shape, np.float32)
     with pytest.raises(torch_names.CheckpointMismatch, match="shape"):
         torch_names.convert_state_dict(bad, abstract, arch)
@@ -260,15 +261,16 @@ def test_bn_groups_2_equals_two_train_forwards_vgg8():
     assert float(jnp.abs(upd["batch_stats"]["block0_1"]["var"] - 1).min()) > 1e-2
 
 
-@pytest.mark.parametrize("arch", ["ShuffleV2", "MobileNetV2"])
+@pytest.mark.parametrize("arch", ["ShuffleV2", "vgg8"])
 def test_bfloat16_forward_is_close_to_float32(arch):
     x = jnp.asarray(np.random.default_rng(7).standard_normal((4, 32, 32, 3)), jnp.float32)
     f32, variables = _init(arch)
-    bf16 = models.create(arch, 10, 32, dtype=jnp.bfloat16)
+    bf16 = f32.clone(dtype=jnp.bfloat16)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables))
-    # Train mode, so that BatchNorm keeps activations at unit scale and the comparison is meaningful.
-    want, _ = f32.apply(variables, x, train=True, mutable=["batch_stats"])
-    (feats, got), _ = bf16.apply(variables, x, train=True, features=True, mutable=["batch_stats"])
+    # Inference BatchNorm: train-mode BN on a 4-image batch normalises channels whose spread is far below their
+    # mean at initialisation, which magnifies bf16 rounding in deep nets regardless of the implementation.
+    want = jax.jit(lambda v, x: f32.apply(v, x))(variables, x)
+    feats, got = jax.jit(lambda v, x: bf16.apply(v, x, features=True))(variables, x)
     assert got.dtype == jnp.float32 and feats[1].dtype == jnp.bfloat16
     err = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
-    assert err < 0.05, err
+    assert err < 0.03, err

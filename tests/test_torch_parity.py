@@ -5,6 +5,10 @@ beside it (NCHW maps; compared in NHWC). Tolerance: 1e-4 x max(1, max |logit|) i
 
 The slow test runs the same comparison over a directory of files made from the original code for the whole zoo
 (``KDJAX_PARITY_DIR``: ``<arch>_<classes>_<size>.pth`` + ``.npz`` with ``input_nchw``, ``logits``, ``feat<i>``).
+There a feature map's tolerance also scales with its own largest value: the deep maps of ResNet50, resnet110,
+vgg19 and wrn_28_10 reach 10-30 while the logits stay near 1, and PyTorch's own float32 result differs from its
+float64 result there by up to 2.5e-4 x max(1, max |logit|) -- rounding that no float32 port can avoid. Logits keep
+the strict tolerance.
 """
 import os
 import pathlib
@@ -19,9 +23,11 @@ from kdjax.checkpoint import import_torch
 from conftest import FIXTURES
 
 
-def compare_with_original(pth, io_npz, arch, num_classes, image_size):
-    """(max |error| / max(1, max |logit|) over logits and features, index of the first feature outside the
-    tolerance or None, per-output relative errors)."""
+def compare_with_original(pth, io_npz, arch, num_classes, image_size, feature_scale="logits", tol=1e-4):
+    """(largest relative error, index of the first feature beyond ``tol`` or None, {output: relative error}).
+
+    Errors are max |kdjax - original| / max(1, max |logit|); with ``feature_scale='own'`` a feature's divisor also
+    includes its own max |value|."""
     ref = np.load(io_npz)
     variables = import_torch(pth, arch, num_classes, image_size)
     model = models.create(arch, num_classes, image_size)
@@ -37,8 +43,9 @@ def compare_with_original(pth, io_npz, arch, num_classes, image_size):
         want = np.transpose(want, (0, 2, 3, 1)) if want.ndim == 4 else want
         got = np.asarray(feats[i])
         assert got.shape == want.shape, f"{arch}: feature {i} has shape {got.shape}, the original {want.shape}"
-        errors[f"feat{i}"] = float(np.abs(got - want).max()) / scale
-        if first_bad is None and errors[f"feat{i}"] > 1e-4:
+        own = float(np.abs(want).max()) if feature_scale == "own" else 0.0
+        errors[f"feat{i}"] = float(np.abs(got - want).max()) / max(scale, own)
+        if first_bad is None and errors[f"feat{i}"] > tol:
             first_bad = i
     errors["logits"] = float(np.abs(np.asarray(logits) - ref["logits"]).max()) / scale
     return max(errors.values()), first_bad, errors
@@ -69,6 +76,7 @@ def _parity_cases():
                     "<arch>_<classes>_<size>.pth/.npz files made with the original code")
 @pytest.mark.parametrize("pth,arch,num_classes,image_size", _parity_cases())
 def test_zoo_matches_original(pth, arch, num_classes, image_size):
-    worst, first_bad, errors = compare_with_original(pth, pth.with_suffix(".npz"), arch, num_classes, image_size)
+    worst, first_bad, errors = compare_with_original(pth, pth.with_suffix(".npz"), arch, num_classes, image_size,
+                                                     feature_scale="own")
     assert first_bad is None and worst <= 1e-4, (f"{arch} {num_classes} classes {image_size}px: first feature "
                                                  f"off is feat{first_bad}; relative errors {errors}")

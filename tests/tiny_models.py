@@ -15,8 +15,10 @@ class TinyCNN(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False, features: bool = False):
-        h = nn.Conv(8, (3, 3), padding=1, dtype=self.dtype, name="conv1")(x.astype(self.dtype))
+        h = nn.Conv(16, (3, 3), padding=1, dtype=self.dtype, name="conv1")(x.astype(self.dtype))
         h = nn.relu(BatchNorm(groups=self.bn_groups, dtype=self.dtype, name="bn1")(h, train))
+        h = nn.Conv(32, (3, 3), strides=2, padding=1, dtype=self.dtype, name="conv2")(h)
+        h = nn.relu(BatchNorm(groups=self.bn_groups, dtype=self.dtype, name="bn2")(h, train))
         pooled = jnp.mean(h.astype(jnp.float32), axis=(1, 2))
         logits = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(pooled).astype(jnp.float32)
         return ([h, pooled], logits) if features else logits

@@ -335,8 +335,9 @@ def _to_uint8(values) -> jnp.ndarray:
 
 
 def _unfused(values) -> jnp.ndarray:
-    """``values`` unchanged, behind a select the compiler cannot see through, so that a product computed here is
-    rounded to float32 before it is added (no fused multiply-add across this point). NaN never occurs here."""
+    """``values`` unchanged, behind a select XLA keeps (``x == x`` is not folded without fast-math), so that a
+    product computed here is rounded to float32 before it is added: no fused multiply-add across this point
+    (``lax.optimization_barrier`` is simplified away before fusion and does not prevent it). No NaN reaches it."""
     return jnp.where(values == values, values, jnp.zeros_like(values))
 
 
@@ -380,6 +381,8 @@ def _smoothed(images) -> jnp.ndarray:
 
 
 def _autocontrast(images, semantics: str) -> jnp.ndarray:
+    """Stretch each channel's [min, max] to [0, 255] in float32 and truncate; flat channels as ``semantics`` says
+    (module docstring)."""
     lo = images.min(axis=(1, 2), keepdims=True).astype(jnp.float32)
     hi = images.max(axis=(1, 2), keepdims=True).astype(jnp.float32)
     flat = lo == hi

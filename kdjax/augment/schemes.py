@@ -9,15 +9,12 @@ crop offset, one AutoAugment sub-policy, one Cutout hole, one Mixup lambda, one 
 always one per batch.
 """
 import dataclasses
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from kdjax.augment import base
-
-Aux = Dict[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)

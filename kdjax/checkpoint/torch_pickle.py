@@ -84,7 +84,7 @@ class _Inert:
 
     def __setstate__(self, state):
         raise UnsafePickleError(f"the pickle tries to set the state of a {type(self).__name__}, which a "
-                                    f"state_dict never does; {_FIX_FORMAT}")
+                                f"state_dict never does; {_FIX_FORMAT}")
 
 
 class _StorageType(_Inert):
@@ -143,7 +143,7 @@ class _NumpyDType(_Inert):
         dtype = np.dtype(spec) if isinstance(spec, str) else None
         if dtype is None or dtype.kind not in "biufc":
             raise UnsafePickleError(f"the pickle builds numpy.dtype({spec!r}); only numeric scalars are "
-                                        f"accepted in a checkpoint")
+                                    f"accepted in a checkpoint")
         self.spec, self.byteorder = dtype.str[1:], "<"
 
     def __setstate__(self, state):
@@ -249,7 +249,7 @@ def _storage_from_pid(pid, path: str, legacy: bool):
     if not (isinstance(pid, tuple) and len(pid) == n and pid[0] == "storage"):
         what = pid[0] if isinstance(pid, tuple) and pid else pid
         raise NotATorchCheckpointError(f"{path}: the pickle references {what!r} rather than a tensor storage "
-                                    f"(a whole pickled module?); {_FIX_FORMAT}")
+                                       f"(a whole pickled module?); {_FIX_FORMAT}")
     storage_type, key, numel = pid[1], pid[2], pid[4]
     if not isinstance(storage_type, _StorageType) or not isinstance(key, str) or not isinstance(numel, int) \
             or numel < 0:
@@ -273,14 +273,14 @@ def _tensor_array(ref: _TensorRef, path: str) -> np.ndarray:
     if not isinstance(storage, _Storage) or not isinstance(offset, int) or offset < 0 or not ints(shape) \
             or not ints(stride) or len(shape) != len(stride):
         raise NotATorchCheckpointError(f"{path}: malformed tensor (offset {offset!r}, size {shape!r}, stride "
-                                    f"{stride!r}); {_FIX_FORMAT}")
+                                       f"{stride!r}); {_FIX_FORMAT}")
     data = storage.array()
     if math.prod(shape) == 0:
         return np.zeros(shape, data.dtype)
     last = offset + sum((n - 1) * s for n, s in zip(shape, stride))
     if last >= data.size:
         raise NotATorchCheckpointError(f"{path}: a tensor of size {shape} reaches element {last} of storage "
-                                    f"{storage.key!r}, which holds {data.size}; the file is corrupt, "
+                                       f"{storage.key!r}, which holds {data.size}; the file is corrupt, "
                                     f"{_FIX_TRUNCATED}")
     view = np.lib.stride_tricks.as_strided(data[offset:], shape=shape,
                                            strides=[s * data.itemsize for s in stride], writeable=False)
@@ -301,7 +301,7 @@ def _materialise(obj, path: str):
         return tuple(_materialise(v, path) for v in obj)
     if isinstance(obj, _Inert):
         raise NotATorchCheckpointError(f"{path}: a bare {type(obj).__name__} where a tensor or value was expected; "
-                                    f"{_FIX_FORMAT}")
+                                       f"{_FIX_FORMAT}")
     return obj
 
 
@@ -315,7 +315,7 @@ def _load_zip(path: str, allowed) -> Any:
         pickles = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") <= 1]
         if len(pickles) != 1:
             raise NotATorchCheckpointError(f"{path}: a zip archive without a (single) <name>/data.pkl, so not a "
-                                        f"PyTorch checkpoint; {_FIX_FORMAT}")
+                                           f"PyTorch checkpoint; {_FIX_FORMAT}")
         prefix = pickles[0][: -len("data.pkl")]
         byteorder = "little"
         if prefix + "byteorder" in archive.namelist():
@@ -336,16 +336,16 @@ def _load_zip(path: str, allowed) -> Any:
                 raw = archive.read(f"{prefix}data/{key}")
                 if len(raw) != storage.numel * storage.dtype.itemsize:
                     raise NotATorchCheckpointError(f"{path}: storage {key!r} holds {len(raw)} bytes, the pickle "
-                                                f"announces {storage.numel} x {storage.dtype}; {_FIX_TRUNCATED}")
+                                                   f"announces {storage.numel} x {storage.dtype}; {_FIX_TRUNCATED}")
                 storage.data = _raw_to_array(raw, storage.dtype, byteorder == "little")
         except KeyError as e:
             raise NotATorchCheckpointError(f"{path}: the archive lacks {e.args[0]!r}: the file is corrupt; "
-                                        f"{_FIX_TRUNCATED}") from None
+                                           f"{_FIX_TRUNCATED}") from None
         except TorchCheckpointError:
             raise
         except _MALFORMED as e:
             raise NotATorchCheckpointError(f"{path}: the archive is corrupt ({type(e).__name__}: {e}); "
-                                        f"{_FIX_TRUNCATED}") from None
+                                           f"{_FIX_TRUNCATED}") from None
         return _materialise(obj, path)
 
 
@@ -365,19 +365,19 @@ def _load_legacy(path: str, allowed) -> Any:
                     raise TruncatedCheckpointError(f"{path}: the file ends inside the {what}: it is truncated; "
                                                    f"{_FIX_TRUNCATED}") from None
                 raise NotATorchCheckpointError(f"{path}: not a PyTorch checkpoint (unreadable {what}: {e}); "
-                                            f"{_FIX_FORMAT}") from None
+                                               f"{_FIX_FORMAT}") from None
             except _MALFORMED as e:  # e.g. an allowed function called with the wrong arguments
                 raise NotATorchCheckpointError(f"{path}: malformed {what} ({type(e).__name__}: {e}); "
-                                            f"{_FIX_FORMAT}") from None
+                                               f"{_FIX_FORMAT}") from None
 
         magic = next_pickle("magic number")
         if magic != LEGACY_MAGIC:
             raise NotATorchCheckpointError(f"{path}: a pickle, but not a PyTorch checkpoint (no torch.save magic "
-                                        f"number); {_FIX_FORMAT}")
+                                           f"number); {_FIX_FORMAT}")
         protocol = next_pickle("protocol version")
         if protocol != LEGACY_PROTOCOL:
             raise NotATorchCheckpointError(f"{path}: unsupported legacy protocol version {protocol!r} (expected "
-                                        f"{LEGACY_PROTOCOL}); re-save the file with a recent torch.save")
+                                           f"{LEGACY_PROTOCOL}); re-save the file with a recent torch.save")
         sys_info = next_pickle("system information")
         little_endian = bool(sys_info.get("little_endian", True)) if isinstance(sys_info, dict) else True
         storages: Dict[str, _Storage] = {}
@@ -404,7 +404,7 @@ def _load_legacy(path: str, allowed) -> Any:
             storage = storages.get(key)
             if storage is None or storage.base is not None:
                 raise NotATorchCheckpointError(f"{path}: storage {key!r} is listed but never referenced; "
-                                            f"{_FIX_FORMAT}")
+                                               f"{_FIX_FORMAT}")
             header = f.read(8)
             if len(header) < 8:
                 raise TruncatedCheckpointError(f"{path}: the file ends before storage {key!r}: it is truncated; "
@@ -413,7 +413,7 @@ def _load_legacy(path: str, allowed) -> Any:
             nbytes = numel * storage.dtype.itemsize
             if numel != storage.numel:
                 raise NotATorchCheckpointError(f"{path}: storage {key!r} holds {numel} elements, the pickle "
-                                            f"announces {storage.numel}: the file is corrupt; {_FIX_TRUNCATED}")
+                                               f"announces {storage.numel}: the file is corrupt; {_FIX_TRUNCATED}")
             if f.tell() + nbytes > size:  # checked before reading, so a corrupt count cannot ask for huge memory
                 raise TruncatedCheckpointError(f"{path}: the file ends inside storage {key!r}: it is truncated; "
                                                f"{_FIX_TRUNCATED}")
@@ -435,6 +435,15 @@ def load_with_format(path):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file; check the path")
+    try:
+        return _load_any(path)
+    except TorchCheckpointError as e:
+        if str(e).startswith(path):
+            raise
+        raise type(e)(f"{path}: {e}") from None  # raised where the path is not known
+
+
+def _load_any(path: str):
     with open(path, "rb") as f:
         head = f.read(6)
     allowed = _allowed_globals()
@@ -449,5 +458,5 @@ def load_with_format(path):
         is_tar = f.read(5) == b"ustar"
     if is_tar:
         raise NotATorchCheckpointError(f"{path}: a tar archive (the PyTorch 0.1 format), which is not supported; "
-                                    f"re-save it with a recent torch.save")
+                                       f"re-save it with a recent torch.save")
     raise NotATorchCheckpointError(f"{path}: not a PyTorch checkpoint (starts with {head!r}); {_FIX_FORMAT}")

@@ -17,9 +17,16 @@ def compute_dtype(name: str):
     return DTYPES[name]
 
 
+_DISTRIBUTED_READY = False
+
+
 def maybe_initialize_distributed() -> None:
     """Multi-host runs: ``jax.distributed.initialize()`` when the launcher says so (KDJAX_DISTRIBUTED=1, or the
-    coordinator variables below for a manual localhost cluster); single-process runs skip it."""
+    coordinator variables below for a manual localhost cluster); single-process runs skip it. Idempotent."""
+    global _DISTRIBUTED_READY
+    if _DISTRIBUTED_READY:
+        return
+    _DISTRIBUTED_READY = True
     coordinator = os.environ.get("KDJAX_COORDINATOR")
     if coordinator:
         if os.environ.get("KDJAX_CPU_COLLECTIVES"):

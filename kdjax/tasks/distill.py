@@ -1,10 +1,12 @@
-"""Task 'distill': train a student by KD (or labels only, ``teacher=none``) with one augmentation scheme."""
+"""Task 'distill': train a student by KD (or labels only, ``teacher=none``) with one augmentation scheme, optionally
+with a feature distiller beside KD (``distiller=crd|hint|at|sp|pkt|rkd|vid``)."""
 import time
 
 import jax
+import jax.numpy as jnp
 from absl import logging
 
-from kdjax import augment, models, runlog, workdir as workdir_lib
+from kdjax import augment, distillers, models, runlog, workdir as workdir_lib
 from kdjax.checkpoint import check_meta, load_model
 from kdjax.data import DeviceDataset
 from kdjax.tasks import common
@@ -13,15 +15,44 @@ from kdjax.train import loop, optim, steps
 NO_TEACHER = "none"
 
 
-def kd_weights(config) -> steps.KDWeights:
-    """The paper's weights unless the config sets them: gamma 0.1 (CE), alpha 0.9 (KL block), beta 0."""
+def distiller_options(config) -> dict:
+    """The ``config.distill`` fields that are set (not None): they replace the chosen distiller's defaults."""
+    options = config.get("distill")
+    return {k: v for k, v in (options.to_dict() if options is not None else {}).items() if v is not None}
+
+
+def make_distiller(config) -> distillers.Distiller:
+    """The configured distiller; an option it does not have fails with the list of its valid options."""
+    return distillers.create(config.distiller, **distiller_options(config))
+
+
+def kd_weights(config, distiller=None) -> steps.KDWeights:
+    """gamma (CE), alpha (KL block), beta (feature distiller): the distiller's defaults for the scheme
+    (``distillers.resolve_weights``: 0.1 / 0.9 / 0 for plain KD, the paper's), replaced by every weight the config
+    sets."""
     loss = config.loss
-
-    def pick(value, default):
-        return float(default if value is None else value)
-
-    return steps.KDWeights(gamma=pick(loss.gamma, 0.1), alpha=pick(loss.alpha, 0.9), beta=pick(loss.beta, 0.0),
+    distiller = make_distiller(config) if distiller is None else distiller
+    w = distillers.resolve_weights(distiller, config.aug, gamma=loss.gamma, alpha=loss.alpha, beta=loss.beta)
+    return steps.KDWeights(gamma=w["gamma"], alpha=w["alpha"], beta=w["beta"],
                            temperature=float(loss.temperature), lw_mix=tuple(float(w) for w in loss.lw_mix))
+
+
+def feature_shapes(model, variables, batch: int, image_size: int):
+    """The shapes of ``model.apply(..., features=True)``'s feature list for a batch, without running it."""
+    x = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
+    return jax.eval_shape(lambda v, x: model.apply(v, x, train=False, features=True)[0], variables, x)
+
+
+def init_extra(distiller, tx, key, student, student_vars, teacher, teacher_vars, batch: int, dataset):
+    """``state['extra']`` for ``distiller``: heads and state sized from the models' feature shapes; CRD's memory
+    banks and class tables from the training labels in dataset order (the DeviceDataset's row order, which is
+    what the step's ``indices`` refer to)."""
+    if not steps.is_active(distiller):
+        return {}
+    feats_s = feature_shapes(student, student_vars, batch, dataset.image_size)
+    feats_t = feature_shapes(teacher, teacher_vars, batch, dataset.image_size)
+    return steps.make_distiller_extra(distiller, tx, key, feats_s, feats_t, num_train=dataset.num_train,
+                                      train_labels=dataset.train_labels)
 
 
 def validate(config) -> None:
@@ -31,8 +62,11 @@ def validate(config) -> None:
     models.check_name(config.student)
     augment.check_name(config.aug)
     common.compute_dtype(config.dtype)
-    if config.distiller != "kd":
-        raise ValueError(f"unknown distiller {config.distiller!r}; valid distillers: kd")
+    distillers.check_name(config.distiller)
+    make_distiller(config)  # option names and values
+    if config.teacher == NO_TEACHER and config.distiller != "kd":
+        raise ValueError(f"distiller={config.distiller} distils a teacher's features: set teacher= and "
+                         "--config.teacher_checkpoint, or use distiller=kd with teacher=none")
     if config.teacher == NO_TEACHER and config.aug == "cutmix_pick_t":
         raise ValueError("aug=cutmix_pick_t scores by teacher entropy and needs a teacher: set teacher= and "
                          "--config.teacher_checkpoint")
@@ -51,7 +85,6 @@ def run(config, workdir):
         teacher_vars, teacher_meta = load_model(config.teacher_checkpoint)  # fails fast when missing or damaged
         check_meta(teacher_meta, config.teacher_checkpoint, model=config.teacher)
     workdir_lib.claim(workdir, config)
-    common.maybe_initialize_distributed()
     started = time.time()
 
     dataset = common.load_dataset(config)
@@ -80,12 +113,17 @@ def run(config, workdir):
     scorer = getattr(scheme, "scorer", None)
     if config.augment.criterion == "kld" and scorer is not None:
         scorer = "student"  # the kld score needs the student's train-mode pass, in the original's order
+    distiller = make_distiller(config)
+    weights = kd_weights(config, distiller)
     step_fn = steps.make_kd_step(student, teacher, tx,
                                  steps.make_prepare(dataset.mean, dataset.std, common.base_pad(dataset.image_size)),
-                                 scheme, kd_weights(config), dataset.num_classes, scorer=scorer,
-                                 criterion=config.augment.criterion)
+                                 scheme, weights, dataset.num_classes, scorer=scorer,
+                                 criterion=config.augment.criterion, distiller=distiller)
     run_key = jax.random.key(int(config.seed))
     state = common.init_state(student, tx, jax.random.fold_in(run_key, 0), dataset.image_size)
+    state["extra"] = init_extra(distiller, tx, jax.random.fold_in(run_key, 3), student,
+                                {"params": state["params"], "batch_stats": state["batch_stats"]}, teacher,
+                                teacher_vars, batch, dataset)
     data = DeviceDataset.create(dataset, mesh)
     meta = common.model_meta(config.student, dataset, {"teacher": config.teacher, "aug": config.aug})
 
@@ -98,7 +136,8 @@ def run(config, workdir):
     results = {"task": "distill", "teacher": config.teacher, "student": config.student, "dataset": dataset.name,
                "aug": config.aug, "distiller": config.distiller, "seed": int(config.seed), "epochs": epochs,
                "test_loss": out["test_loss"], "top1": out["top1"], "top5": out["top5"],
-               "wall_s": time.time() - started, "images_per_s": out["images_per_s"], "lr": base_lr}
+               "wall_s": time.time() - started, "images_per_s": out["images_per_s"], "lr": base_lr,
+               "loss_weights": {"gamma": weights.gamma, "alpha": weights.alpha, "beta": weights.beta}}
     path = runlog.write_results(workdir, results, config)
     print(f"[distill] {config.teacher}->{config.student} {config.aug} on {dataset.name}: test_loss "
           f"{out['test_loss']:.4f} top1 {out['top1']:.4f}; results in {path}", flush=True)

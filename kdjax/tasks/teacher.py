@@ -13,7 +13,6 @@ def run(config, workdir):
     models.check_name(config.model)  # every name is checked before data loading and compiling
     dtype = common.compute_dtype(config.dtype)
     workdir_lib.claim(workdir, config)
-    common.maybe_initialize_distributed()
     started = time.time()
 
     dataset = common.load_dataset(config)

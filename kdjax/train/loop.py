@@ -67,15 +67,17 @@ def make_plan(num_train: int, batch_size: int, num_devices: int, steps_per_dispa
 
 def make_chunk_fn(step_fn: Callable, mesh, batch_size: int, num_steps: int):
     """jit(scan(step)) over ``num_steps`` consecutive batches of the epoch permutation; the state is donated.
-    ``data`` is a ``kdjax.data.DeviceDataset``: each device gathers its part of every batch itself."""
+    ``data`` is a ``kdjax.data.DeviceDataset``: each device gathers its part of every batch itself.
+    ``step_fn(state, teacher_vars, images, labels, key, indices)``: ``indices`` are the batch's dataset indices."""
     batch_sharding = NamedSharding(mesh, P("data"))
 
     def chunk(state, teacher_vars, data, perm, first, global_step, step_key):
         def body(state, i):
             idx = jax.lax.dynamic_slice(perm, (first + i * batch_size,), (batch_size,))
-            x, y = data.gather("train", jax.lax.with_sharding_constraint(idx, batch_sharding))
+            idx = jax.lax.with_sharding_constraint(idx, batch_sharding)
+            x, y = data.gather("train", idx)
             key = jax.random.fold_in(step_key, global_step + i)
-            return step_fn(state, teacher_vars, x, y, key)
+            return step_fn(state, teacher_vars, x, y, key, idx)  # idx: dataset indices, for CRD's memory
 
         return jax.lax.scan(body, state, jnp.arange(num_steps))
 
@@ -112,12 +114,18 @@ def fit(*, workdir: str, config, mesh, data, plan: EpochPlan, step_fn: Callable,
 
     perm_key, step_key = jax.random.fold_in(run_key, 1), jax.random.fold_in(run_key, 2)
     permutation = jax.jit(lambda k, e: jax.random.permutation(jax.random.fold_in(k, e), plan.num_train))
-    chunk_fns = {}
+    compiled_chunks = {}
+    compile_seconds = 0.0
 
-    def chunk_fn(n, batch):
-        if (n, batch) not in chunk_fns:
-            chunk_fns[(n, batch)] = make_chunk_fn(step_fn, mesh, batch, n)
-        return chunk_fns[(n, batch)]
+    def compiled_chunk(n, batch, args):
+        """The executable for chunks of ``n`` steps of ``batch``, compiled ahead of time on first use, so that
+        the throughput figures never include compilation."""
+        nonlocal compile_seconds
+        if (n, batch) not in compiled_chunks:
+            t0 = time.perf_counter()
+            compiled_chunks[(n, batch)] = make_chunk_fn(step_fn, mesh, batch, n).lower(*args).compile()
+            compile_seconds += time.perf_counter() - t0
+        return compiled_chunks[(n, batch)]
 
     evaluate = make_evaluator(eval_model, eval_mean, eval_std,
                               eval_batch_size(int(config.get("eval_batch_size", 500)), mesh.size),
@@ -139,10 +147,10 @@ def fit(*, workdir: str, config, mesh, data, plan: EpochPlan, step_fn: Callable,
                 segments.append((1, plan.short_batch))
             first = 0
             for n, batch in segments:
-                compiling = (n, batch) not in chunk_fns  # the first call of a shape includes its compile
+                args = (state, teacher_vars, data, perm, first, global_step, step_key)
+                executable = compiled_chunk(n, batch, args)
                 t0 = time.perf_counter()
-                state, metrics = chunk_fn(n, batch)(state, teacher_vars, data, perm, first, global_step,
-                                                    step_key)
+                state, metrics = executable(*args)
                 metrics = jax.device_get(metrics)  # the one transfer of the chunk
                 dt = time.perf_counter() - t0
                 losses = np.asarray(metrics["loss"], np.float64)
@@ -154,9 +162,8 @@ def fit(*, workdir: str, config, mesh, data, plan: EpochPlan, step_fn: Callable,
                                            f"; {saved}; lower --config.optim.lr or use dtype=float32")
                 global_step += n
                 first += n * batch
-                if not compiling:
-                    train_seconds += dt
-                    train_images += n * batch
+                train_seconds += dt
+                train_images += n * batch
                 lr = float(schedule(global_step - 1))
                 means = {k: float(np.mean(v)) for k, v in metrics.items()}
                 log.write(global_step, {"epoch": epoch + 1, "lr": lr, **means, "images_per_s": n * batch / dt})
@@ -178,5 +185,5 @@ def fit(*, workdir: str, config, mesh, data, plan: EpochPlan, step_fn: Callable,
         ckpt.close()
         log.close()
     throughput = train_images / train_seconds if train_seconds > 0 else float("nan")
-    return {**last_eval, "images_per_s": throughput, "steps": global_step,
+    return {**last_eval, "images_per_s": throughput, "steps": global_step, "compile_s": compile_seconds,
             "state": state}

@@ -1,0 +1,178 @@
+"""Task 'tstddev': T. stddev and mean entropy of a teacher under one scheme or all nine (SPEC section 1).
+
+Checks every name, field and checkpoint before loading data or compiling; then runs ``kdjax.tstddev_eval``:
+progress lines per dispatch, the original's ``Check T prob: ...`` line per scheme at every epoch end, and
+``results.json`` per scheme plus a Markdown table ``tstddev.md``.
+
+The T. stddev standard error (``tstddev_se``) is the estimator's delete-a-bucket jackknife over groups (see
+``kdjax.tstddev``); the paper reports none.
+"""
+import os
+import time
+from typing import List, Optional
+
+from absl import logging
+
+from kdjax import augment, models, runlog, workdir as workdir_lib
+from kdjax.checkpoint import CheckpointError, check_meta, load_model
+from kdjax.data import DeviceDataset
+from kdjax.tasks import common
+from kdjax.tstddev_eval import Evaluator, make_plan
+
+ALL = "all"
+# The paper's nine, in the order of its tables.
+PAPER_SCHEMES = ("identity", "flip", "crop_flip", "cutout", "autoaugment", "mixup", "cutmix", "cutmix_pick_s",
+                 "cutmix_pick_t")
+BY_STUDENT = "cutmix_pick_s"
+STUDENT_HINT = ("--config.student_checkpoint=DIR (a trained student's workdir or checkpoint, e.g. the KD + "
+                "CutMixPick student of configs/distill.py; student=<model> if its checkpoint does not name it)")
+
+
+def scheme_names(config) -> List[str]:
+    """The schemes this run evaluates; CutMixPick (S. ent.) is left out of ``all`` when no student is given."""
+    if config.aug == ALL:
+        names = list(PAPER_SCHEMES)
+        if not config.student_checkpoint:
+            names.remove(BY_STUDENT)
+        return names
+    augment.check_name(config.aug)
+    return [config.aug]
+
+
+def validate(config) -> None:
+    """Every name and required field, before any checkpoint, data or compile."""
+    models.check_name(config.teacher)
+    if config.aug != ALL:
+        try:
+            augment.check_name(config.aug)
+        except ValueError as e:
+            raise ValueError(f"{e}, or '{ALL}' for the nine") from None
+    common.compute_dtype(config.dtype)
+    for field in ("epochs", "batch_size", "steps_per_dispatch", "steps_per_forward"):
+        if int(config[field]) < 1:
+            raise ValueError(f"{field} must be >= 1, got {config[field]}")
+    if not config.teacher_checkpoint:
+        raise ValueError(f"teacher={config.teacher} needs --config.teacher_checkpoint=DIR (a workdir of "
+                         f"configs/teacher.py or a checkpoint written by configs/import_torch.py)")
+    if config.aug == BY_STUDENT and not config.student_checkpoint:
+        raise ValueError(f"aug={BY_STUDENT} picks by the entropy of a fixed student: set {STUDENT_HINT}")
+    if config.student:
+        models.check_name(config.student)
+    if int(config.augment.mix_n_run) < 2:
+        raise ValueError(f"augment.mix_n_run must be >= 2 (CutMixPick picks from several CutMix draws), got "
+                         f"{config.augment.mix_n_run}")
+
+
+def _load_checkpoint(path: str, model: Optional[str], role: str):
+    variables, meta = load_model(path)
+    name = model or meta.get("model")
+    if not name:
+        raise CheckpointError(f"the {role} checkpoint {path} does not name its model: set {role}=<model>")
+    models.check_name(name)
+    check_meta(meta, path, model=name)
+    return variables, meta, name
+
+
+def _row(name: str, r: dict) -> str:
+    return (f"| {name} | {r['tstddev']:.6f} | {r['tstddev_se']:.6f} | {r['groups']} | {r['mean_entropy']:.6f} |")
+
+
+def markdown_table(teacher: str, dataset: str, results: dict, student: Optional[str] = None,
+                   skipped: Optional[List[str]] = None) -> str:
+    head = f"T. stddev of {teacher} on {dataset}" + (f" (CutMixPick S. ent. scored by {student})" if student else "")
+    lines = [f"## {head}", "", "| aug | T. stddev | s.e. (jackknife) | groups | mean entropy |",
+             "|---|---|---|---|---|"]
+    lines += [_row(name, r) for name, r in results.items()]
+    for name in skipped or []:
+        lines.append(f"| {name} | skipped: no student_checkpoint | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def _format_eta(seconds: float) -> str:
+    if seconds != seconds:  # NaN
+        return "?"
+    minutes, secs = divmod(int(max(seconds, 0)), 60)
+    return f"{minutes}:{secs:02d}"
+
+
+def run(config, workdir):
+    validate(config)
+    names = scheme_names(config)
+    skipped = [BY_STUDENT] if config.aug == ALL and BY_STUDENT not in names else []
+    if skipped:
+        message = (f"aug=all without a student checkpoint: {BY_STUDENT} is skipped (it scores by a fixed student's "
+                   f"entropy); to include it set {STUDENT_HINT}")
+        logging.warning(message)
+        print(f"[tstddev] warning: {message}", flush=True)
+    teacher_vars, teacher_meta, _ = _load_checkpoint(config.teacher_checkpoint, config.teacher, "teacher")
+    student_vars, student_meta, student_name = None, None, None
+    if BY_STUDENT in names:
+        student_vars, student_meta, student_name = _load_checkpoint(config.student_checkpoint,
+                                                                    config.student or None, "student")
+    workdir_lib.claim(workdir, config)
+    common.maybe_initialize_distributed()
+    started = time.time()
+
+    dataset = common.load_dataset(config)
+    for meta, path in ((teacher_meta, config.teacher_checkpoint), (student_meta, config.student_checkpoint)):
+        if meta is not None:
+            check_meta(meta, path, num_classes=dataset.num_classes, image_size=dataset.image_size)
+    dtype = common.compute_dtype(config.dtype)
+    batch = int(config.batch_size)
+    plan = make_plan(dataset.num_train, batch, int(config.epochs), int(config.steps_per_dispatch),
+                     int(config.steps_per_forward))
+    n_pick = config.augment.n_pick if config.augment.n_pick is not None else batch
+    schemes = [augment.create(name, dataset_stats=dataset, per_sample=bool(config.augment.per_sample),
+                              mix_n_run=int(config.augment.mix_n_run), n_pick=int(n_pick), criterion="entropy")
+               for name in names]
+    teacher = models.create(config.teacher, dataset.num_classes, dataset.image_size, dtype)
+    student = (models.create(student_name, dataset.num_classes, dataset.image_size, dtype)
+               if student_name else None)
+    evaluator = Evaluator(teacher, schemes, dataset.num_classes, plan, dataset.mean, dataset.std,
+                          common.base_pad(dataset.image_size), student=student,
+                          float32_exact=config.dtype == "float32")
+    mesh = common.make_mesh()
+    data = DeviceDataset.create(dataset, mesh)
+    print(f"[tstddev] {config.teacher} on {dataset.name}: {len(names)} scheme(s), {plan.epochs} epochs x "
+          f"{plan.steps_per_epoch} steps (short batch {plan.short_batch}), {plan.expected_groups()} groups; "
+          f"compiling", flush=True)
+    compile_s = evaluator.compile(teacher_vars, data, student_vars, int(config.seed))
+    print(f"[tstddev] compiled in {compile_s:.1f} s; {evaluator.teacher_rows_per_step()} teacher rows per step",
+          flush=True)
+
+    def on_chunk(r):
+        values = " ".join(f"{n} {v:.6f}" for n, v in zip(names, r.tstddev))
+        line = (f"[tstddev] epoch {r.epoch}/{plan.epochs} step {r.global_step}/{r.total_steps} groups "
+                f"{r.groups[0]} T.stddev {values} | {r.images_per_s:,.0f} teacher img/s ETA {_format_eta(r.eta_s)}")
+        print(line, flush=True)
+        logging.info(line)
+        if r.epoch_end:
+            for n, g, v, h in zip(names, r.groups, r.tstddev, r.mean_entropy):
+                print(f"[tstddev:{n}] Check T prob: NumOfSampledStd {g} Epoch {r.epoch} Step "
+                      f"{plan.steps_per_epoch - 1} TotalStep {r.global_step - 1} MeanStd {v:.6f} MeanEntropy "
+                      f"{h:.6f}", flush=True)
+
+    out = evaluator.run(teacher_vars, data, student_vars=student_vars, seed=int(config.seed), on_chunk=on_chunk)
+    wall_s = time.time() - started
+    all_results = {}
+    for name in names:
+        r = out["results"][name]
+        results = {"task": "tstddev", "teacher": config.teacher, "dataset": dataset.name, "aug": name,
+                   "seed": int(config.seed), "epochs": plan.epochs, **r, "wall_s": wall_s,
+                   "eval_s": out["eval_s"], "compile_s": out["compile_s"], "images_per_s": out["images_per_s"],
+                   "schemes_in_run": len(names), "dtype": config.dtype}
+        if name == BY_STUDENT:
+            results["student"] = student_name
+            results["student_checkpoint"] = config.student_checkpoint
+        directory = workdir if config.aug != ALL else os.path.join(workdir, name)
+        os.makedirs(directory, exist_ok=True)
+        runlog.write_results(directory, results, config)
+        all_results[name] = r
+    table = markdown_table(config.teacher, dataset.name, all_results, student_name, skipped)
+    if runlog.is_main_process():
+        with open(os.path.join(workdir, "tstddev.md"), "w") as f:
+            f.write(table)
+    print(table, flush=True)
+    print(f"[tstddev] {out['steps']} steps in {out['eval_s']:.1f} s ({out['images_per_s']:,.0f} teacher img/s) "
+          f"after {out['compile_s']:.1f} s of compiling; results in {workdir}", flush=True)
+    return all_results
