@@ -3,7 +3,7 @@
 The config's ``task`` field names the module ``kdjax.tasks.<task>``, whose ``run(config, workdir)`` does the work.
 The resolved config is written to ``workdir/config.json`` before anything runs.
 
-``KDJAX_PLUGINS=module[,module]`` imports modules first: a place to ``kdjax.models.register`` a model or
+``KDJAX_VERBOSE=1`` shows the libraries' INFO logs. ``KDJAX_PLUGINS=module[,module]`` imports modules first: a place to ``kdjax.models.register`` a model or
 ``kdjax.data.register_source`` a dataset of your own and use it by name from the command line.
 """
 import importlib
@@ -33,6 +33,8 @@ def import_plugins() -> None:
 
 def main(argv):
     del argv
+    if not os.environ.get("KDJAX_VERBOSE"):  # progress lines are printed; library INFO logs (orbax...) only on demand
+        logging.set_verbosity(logging.WARNING)
     import_plugins()
     from kdjax.tasks.common import maybe_initialize_distributed
     maybe_initialize_distributed()  # before anything touches a device

@@ -22,7 +22,6 @@ import json
 import os
 import pathlib
 import sys
-import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -126,6 +125,15 @@ def evaluate(s: dict, dataset, data, dtype_name: str, float32_exact: bool, args)
     return out
 
 
+def _finite_or_none(tree):
+    """NaN (e.g. a standard error with fewer than 3 groups) -> null, so that the file is strict JSON."""
+    if isinstance(tree, dict):
+        return {k: _finite_or_none(v) for k, v in tree.items()}
+    if isinstance(tree, float) and tree != tree:
+        return None
+    return tree
+
+
 def main(argv=None):
     args = parse_args(argv)
     s = settings(args)
@@ -181,7 +189,7 @@ def main(argv=None):
         f"tstddev_{mode}_{device.replace(' ', '_')}_{datetime.date.today().isoformat()}.json"))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
-        json.dump(record, f, indent=1, sort_keys=True, default=str)
+        json.dump(_finite_or_none(record), f, indent=1, sort_keys=True, default=str)
     print(f"[bench tstddev] wrote {path}", flush=True)
     return record
 

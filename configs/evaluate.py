@@ -7,5 +7,6 @@ from kdjax.config_util import parse_arg
 
 
 def get_config(arg=None):
-    fields = {k: RUN_FIELDS[k] for k in ("dataset", "image_size", "data_dir", "manual_dir", "eval_batch_size", "dtype")}
+    fields = {k: RUN_FIELDS[k] for k in ("dataset", "image_size", "data_dir", "manual_dir", "eval_batch_size", "dtype",
+                                          "dataset_options")}
     return parse_arg(arg, task="evaluate", checkpoint="", model="", **fields)

@@ -24,7 +24,7 @@ def get_config(arg=None):
         dtype="float32",         # teacher compute: float32 (exact, Precision.HIGHEST) or bfloat16
         steps_per_dispatch=200,  # steps per compiled dispatch (balanced over the epoch)
         steps_per_forward=8,     # consecutive steps whose batches go through the teacher together
-        image_size=0, data_dir="", manual_dir="")
+        image_size=0, data_dir="", manual_dir="", dataset_options="")
     config.augment = ml_collections.ConfigDict(dict(
         per_sample=False,  # the original draws the scheme's randomness once per batch
         mix_n_run=2,       # CutMix draws pooled by CutMixPick

@@ -19,3 +19,10 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
     if not devices:
         raise ValueError("make_mesh needs at least one device; got an empty list")
     return jax.sharding.Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def convolutions_in_loops_are_slow() -> bool:
+    """True on XLA:CPU, which runs a convolution inside a while loop (lax.scan) through a far slower path than
+    outside one (jax issue #12868; measured here: 5.6 s against 0.1 s per resnet14 train step at 16x16, batch 64).
+    Loops over steps or batches are then unrolled into one dispatch per step instead."""
+    return jax.default_backend() == "cpu"

@@ -41,8 +41,10 @@ def _format_eta(seconds: float) -> str:
 class RunLog:
     """One human line and one JSON line per logged chunk (process 0 only); TensorBoard when tensorboardX exists."""
 
-    def __init__(self, workdir: str, total_steps: int, name: str = "train"):
+    def __init__(self, workdir: str, total_steps: int, name: str = "train", min_interval_s: float = 5.0):
         self.total_steps = total_steps
+        self.min_interval_s = min_interval_s  # one-step dispatches (CPU) would otherwise print a line per step
+        self._last_print = 0.0
         self.main = is_main_process()
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._tb = None
@@ -66,9 +68,12 @@ class RunLog:
                     self._tb.add_scalar(f"{self.name}/{k}", v, step)
 
     def progress(self, step: int, epoch: int, epochs: int, loss: float, lr: float, images_per_s: float,
-                 seconds_per_step: float, extra: str = "") -> None:
-        if not self.main:
+                 seconds_per_step: float, extra: str = "", force: bool = False) -> None:
+        """A human progress line, at most one per ``min_interval_s`` unless ``force`` (the end of an epoch)."""
+        now = time.time()
+        if not self.main or (not force and now - self._last_print < self.min_interval_s):
             return
+        self._last_print = now
         eta = _format_eta((self.total_steps - step) * seconds_per_step)
         line = (f"[{self.name}] epoch {epoch}/{epochs} step {step}/{self.total_steps} loss {loss:.4f} lr {lr:.4g} "
                 f"{images_per_s:,.0f} img/s ETA {eta}{extra}")

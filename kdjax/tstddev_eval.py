@@ -150,13 +150,19 @@ def make_plan(num_train: int, batch_size: int, epochs: int, steps_per_dispatch: 
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     full = num_train // batch_size
-    spf = max(1, min(int(steps_per_forward), full))
-    if full:
+    if not full:
+        return Plan(int(num_train), int(batch_size), int(epochs), 1, 1)
+
+    def layout(spf):
         per_chunk = -(-full // -(-full // max(int(steps_per_dispatch), spf)))  # balanced chunk length
         slots = -(-per_chunk // spf) * spf
-    else:
-        slots = spf
-    return Plan(int(num_train), int(batch_size), int(epochs), spf, slots)
+        return -(-full // slots) * slots - full, -spf, slots  # masked slots, then the larger forward
+
+    # Steps per forward between half and all of the requested number, whichever masks the fewest slots
+    # (10 steps at 8 per forward would mask 6 of 16; at 5 per forward none).
+    top = max(1, min(int(steps_per_forward), full))
+    _, neg_spf, slots = min(layout(spf) for spf in range(max(1, top // 2), top + 1))
+    return Plan(int(num_train), int(batch_size), int(epochs), -neg_spf, slots)
 
 
 # ------------------------------------------------------------------------------------------------ one step
@@ -247,6 +253,17 @@ def _pad_rows(probs, rows: int):
     return jnp.pad(probs, ((0, rows - have), (0, 0))), mask
 
 
+def _gather(data, indices):
+    """``data.gather`` for any number of rows: the index vector is padded to a multiple of the mesh size (a
+    short last batch need not divide over the devices) and the padding is cut off again."""
+    rows = indices.shape[0]
+    missing = -rows % data.mesh.devices.size
+    if missing:
+        indices = jnp.concatenate([indices, jnp.zeros([missing], indices.dtype)])
+    images, labels = data.gather("train", indices)
+    return images[:rows], labels[:rows]
+
+
 def make_chunk_fn(step_probs: Callable, estimator: GroupedStddev, *, batch: int, slots: int,
                   steps_per_forward: int) -> Callable:
     """``chunk(states, teacher_vars, student_vars, data, perm, first_row, n_valid, global_step, base_key,
@@ -268,7 +285,7 @@ def make_chunk_fn(step_probs: Callable, estimator: GroupedStddev, *, batch: int,
         def block(states, b):
             local = b * steps_per_forward + jnp.arange(steps_per_forward)
             idx = jax.vmap(lambda j: jax.lax.dynamic_slice(perm, (first_row + j * batch,), (batch,)))(local)
-            images, labels = data.gather("train", idx.reshape(-1))
+            images, labels = _gather(data, idx.reshape(-1))
             images = images.reshape((steps_per_forward, batch) + images.shape[1:])
             labels = labels.reshape((steps_per_forward, batch))
             steps = global_step + local
@@ -289,7 +306,10 @@ def make_chunk_fn(step_probs: Callable, estimator: GroupedStddev, *, batch: int,
             states, _ = jax.lax.scan(entry, states, jnp.arange(steps_per_forward))
             return states, None
 
-        states, _ = jax.lax.scan(block, states, jnp.arange(blocks))
+        if blocks == 1:  # no loop around the teacher forward (slow on XLA:CPU, see kdjax.parallel)
+            states, _ = block(states, 0)
+        else:
+            states, _ = jax.lax.scan(block, states, jnp.arange(blocks))
         return states, jax.vmap(estimator.result_arrays)(states)
 
     return chunk

@@ -45,8 +45,8 @@ def setup(aug, distiller):
     student = tiny_models.TinyCNN(NUM_CLASSES, SIZE)
     teacher = tiny_models.TinyCNN(NUM_CLASSES, SIZE)
     x0 = jnp.zeros((2, SIZE, SIZE, 3))
-    svars = student.init(jax.random.key(1), x0)
-    tvars = teacher.init(jax.random.key(2), x0)
+    svars = jax.jit(student.init)(jax.random.key(1), x0)  # jitted set-up: one compile instead of one per op
+    tvars = jax.jit(teacher.init)(jax.random.key(2), x0)
     tvars = {"params": tvars["params"], "batch_stats": jax.tree.map(lambda a: a + 0.3, tvars["batch_stats"])}
     train_labels = np.arange(NUM_TRAIN) % NUM_CLASSES
     indices = jnp.asarray([3, 17, 5, 0, 22, 9, 12, 14], jnp.int32)
@@ -57,8 +57,8 @@ def setup(aug, distiller):
                              jax.ShapeDtypeStruct((BATCH, SIZE, SIZE, 3), jnp.float32))
     feats_t = jax.eval_shape(lambda x: teacher.apply(tvars, x, features=True)[0],
                              jax.ShapeDtypeStruct((BATCH, SIZE, SIZE, 3), jnp.float32))
-    extra = steps.make_distiller_extra(distiller, tx, jax.random.key(4), feats_s, feats_t, num_train=NUM_TRAIN,
-                                       train_labels=train_labels)
+    extra = jax.jit(lambda k: steps.make_distiller_extra(distiller, tx, k, feats_s, feats_t, num_train=NUM_TRAIN,
+                                                         train_labels=train_labels))(jax.random.key(4))
     state = {"params": svars["params"], "batch_stats": svars["batch_stats"], "opt_state": tx.init(svars["params"]),
              "step": jnp.zeros((), jnp.int32), "extra": extra}
     stats = augment.DatasetStats(mean=MEAN, std=STD, image_size=SIZE, num_classes=NUM_CLASSES)
@@ -97,7 +97,7 @@ def test_crd_step_equals_separate_passes_and_updates_student_heads_and_banks():
     student, teacher, svars, tvars, labels = s["student"], s["teacher"], s["svars"], s["tvars"], s["labels"]
     x = s["prepare"](None, s["images"])
     score_fn = lambda pool: (augment.entropy(teacher.apply(tvars, pool)), None)  # noqa: E731
-    x_aug, _ = s["scheme"](jax.random.split(key)[1], x, labels, score_fn)
+    x_aug, _ = jax.jit(lambda k: s["scheme"](k, x, labels, score_fn))(jax.random.split(key)[1])
     feats_t, lt = teacher.apply(tvars, x, features=True)
     lta = teacher.apply(tvars, x_aug)
     extra = s["state"]["extra"]
@@ -116,8 +116,8 @@ def test_crd_step_equals_separate_passes_and_updates_student_heads_and_banks():
                                                                          - jax.nn.log_softmax(lsa / 4)), -1)))
         return kd + 0.8 * term, (ls, lsa, term, d_state, upd)
 
-    (ref_total, (ls, lsa, term, ref_d_state, upd)), (g_s, g_h) = jax.value_and_grad(
-        total, argnums=(0, 1), has_aux=True)(svars["params"], extra["params"])
+    (ref_total, (ls, lsa, term, ref_d_state, upd)), (g_s, g_h) = jax.jit(jax.value_and_grad(
+        total, argnums=(0, 1), has_aux=True))(svars["params"], extra["params"])
     ref = np_kd_loss(ls, lsa, lt, lta, labels, 0.1, 0.9) + 0.8 * float(term)
     assert float(metrics["loss"]) == pytest.approx(ref, rel=1e-5)
     assert float(metrics["loss"]) == pytest.approx(float(ref_total), rel=1e-5)
@@ -157,26 +157,32 @@ def test_hint_step_with_student_scoring_keeps_the_pass_order():
     new_state, metrics = jax.jit(step)(s["state"], s["tvars"], s["images"], s["labels"], key, s["indices"])
 
     student, teacher, svars, tvars, labels = s["student"], s["teacher"], s["svars"], s["tvars"], s["labels"]
-    x = s["prepare"](None, s["images"])
-    (feats_s, ls), upd = student.apply(svars, x, train=True, features=True, mutable=["batch_stats"])
-
-    def score_fn(pool):
-        logits, pool_upd = student.apply({"params": svars["params"], **upd}, pool, train=True,
-                                         mutable=["batch_stats"])
-        return augment.entropy(logits), pool_upd["batch_stats"]
-    x_aug, aux = s["scheme"](jax.random.split(key)[1], x, labels, score_fn)
-    lsa, upd = student.apply({"params": svars["params"], "batch_stats": aux["score_state"]}, x_aug, train=True,
-                             mutable=["batch_stats"])
-    feats_t, lt = teacher.apply(tvars, x, features=True)
-    lta = teacher.apply(tvars, x_aug)
     extra = s["state"]["extra"]
-    term, d_state = hint.loss(extra["params"], extra["state"], feats_s, feats_t)
-    # by hand as well: FitNet's MSE of ConvReg(f_s[0]) (train-mode BN) against f_t[0]
-    reg = hint.module(feats_s, feats_t)
-    out, _ = reg.apply({"params": extra["params"]["conv_reg"], "batch_stats": extra["state"]["batch_stats"]
-                        ["conv_reg"]}, feats_s[0], train=True, mutable=["batch_stats"])
+
+    @jax.jit
+    def reference(images):
+        x = s["prepare"](None, images)
+        (feats_s, ls), upd = student.apply(svars, x, train=True, features=True, mutable=["batch_stats"])
+
+        def score_fn(pool):
+            logits, pool_upd = student.apply({"params": svars["params"], **upd}, pool, train=True,
+                                             mutable=["batch_stats"])
+            return augment.entropy(logits), pool_upd["batch_stats"]
+        x_aug, aux = s["scheme"](jax.random.split(key)[1], x, labels, score_fn)
+        lsa, upd = student.apply({"params": svars["params"], "batch_stats": aux["score_state"]}, x_aug,
+                                 train=True, mutable=["batch_stats"])
+        feats_t, lt = teacher.apply(tvars, x, features=True)
+        lta = teacher.apply(tvars, x_aug)
+        term, d_state = hint.loss(extra["params"], extra["state"], feats_s, feats_t)
+        # FitNet by hand as well: ConvReg(f_s[0]) (train-mode BN) against f_t[0]
+        out, _ = hint.module(feats_s, feats_t).apply(
+            {"params": extra["params"]["conv_reg"], "batch_stats": extra["state"]["batch_stats"]["conv_reg"]},
+            feats_s[0], train=True, mutable=["batch_stats"])
+        return ls, lsa, lt, lta, term, d_state, upd, out, feats_t[0]
+
+    ls, lsa, lt, lta, term, d_state, upd, out, ft0 = reference(s["images"])
     assert float(term) == pytest.approx(float(np.mean((np.asarray(out, np.float64)
-                                                       - np.asarray(feats_t[0], np.float64)) ** 2)), rel=1e-5)
+                                                       - np.asarray(ft0, np.float64)) ** 2)), rel=1e-5)
     w = s["weights"]
     assert (w.gamma, w.alpha, w.beta) == (0.1, 0.9, 100.0)
     ref = np_kd_loss(ls, lsa, lt, lta, labels, w.gamma, w.alpha) + w.beta * float(term)
@@ -244,11 +250,21 @@ def _restore(step_dir):
 
 
 def test_crd_run_learns_and_resumes_heads_and_banks_exactly(tmp_path):
-    """tiny_cnn teacher (2 epochs), then CRD + CutMixPick(teacher) for 2 epochs with a checkpoint per epoch; the
+    """tiny_cnn teacher (1 epoch, ~45% top-1), then CRD + CutMixPick(teacher) for 2 epochs with a checkpoint per epoch; the
     default 16,384 negatives exceed the ~1,300 other-class digits, so they are drawn with replacement. Deleting the
     last checkpoint and rerunning resumes from epoch 1 and must reproduce the final state bit for bit."""
+    # Optimised XLA for this test alone: the two runs execute ~250 steps, which unfused run ~10x slower.
+    previous = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", False)
+    try:
+        run_and_resume(tmp_path)
+    finally:
+        jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def run_and_resume(tmp_path):
     from kdjax.tasks import teacher
-    tconfig = load_config("teacher", "model=tiny_cnn,dataset=digits,epochs=2,image_size=8,batch_size=32,"
+    tconfig = load_config("teacher", "model=tiny_cnn,dataset=digits,epochs=1,image_size=8,batch_size=32,"
                                      "steps_per_dispatch=64,last_batch=drop")
     tconfig.optim.lr = 0.1
     teacher.run(tconfig, str(tmp_path / "teacher"))

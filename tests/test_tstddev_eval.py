@@ -77,7 +77,10 @@ def _schemes(dataset, names):
 
 def _evaluator(setup, names):
     ds = setup["dataset"]
-    plan = te.make_plan(ds.num_train, BATCH, EPOCHS, steps_per_dispatch=4, steps_per_forward=2)
+    # Made by hand rather than by make_plan (which would avoid masked slots here): 2 steps per forward, chunks of
+    # 4 slots, so each epoch's second chunk has 2 real steps and 2 masked slots, then the short batch.
+    plan = te.Plan(ds.num_train, BATCH, EPOCHS, steps_per_forward=2, slots=4)
+    assert plan.chunk_bounds(1) == (4, 2)
     return te.Evaluator(setup["model"], _schemes(ds, names), NUM_CLASSES, plan, ds.mean, ds.std,
                         base_transform.default_pad(IMAGE_SIZE), student=setup["model"])
 
@@ -172,6 +175,11 @@ def test_chunks_cover_every_full_step_once(num_train, batch, spd, spf):
     assert waste < plan.chunks_per_epoch * plan.steps_per_forward or plan.full_steps == 0
 
 
+def test_plan_avoids_masked_slots_when_it_can():
+    plan = te.make_plan(640, 64, 1, steps_per_dispatch=200, steps_per_forward=8)
+    assert (plan.steps_per_forward, plan.slots, plan.chunks_per_epoch) == (5, 10, 1)
+
+
 def test_plan_rejects_bad_sizes():
     with pytest.raises(ValueError, match="batch_size"):
         te.make_plan(100, 0, 1)
@@ -215,6 +223,40 @@ def test_seed_is_a_runtime_argument(setup, shared, together):
     assert all(other[n]["tstddev"] != together["results"][n]["tstddev"] for n in ALL_NAMES)
     again = _run(setup, shared, seed=0)["results"]
     assert all(again[n] == together["results"][n] for n in ALL_NAMES)
+
+
+@pytest.mark.slow
+def test_eight_devices_give_the_same_values(setup, together):
+    """A mesh of 8 (fake CPU) devices, with a short batch of 4 rows that does not divide over them."""
+    import subprocess
+    import sys
+
+    from helpers import launch_env
+
+    script = f"""
+import json, sys
+sys.path.insert(0, {str(os.path.dirname(__file__))!r})
+import jax
+jax.config.update("jax_disable_most_optimizations", True)
+import test_tstddev_eval as T
+from kdjax import data as kdata, models
+from kdjax.parallel import make_mesh
+ds = kdata.load("synthetic", image_size=T.IMAGE_SIZE, num_train=T.NUM_TRAIN, num_test=8, num_classes=T.NUM_CLASSES)
+setup = dict(dataset=ds, model=models.create(T.TINY, T.NUM_CLASSES, T.IMAGE_SIZE),
+             teacher_vars=T._variables(0, T.IMAGE_SIZE, T.NUM_CLASSES),
+             student_vars=T._variables(1, T.IMAGE_SIZE, T.NUM_CLASSES),
+             data=kdata.DeviceDataset.create(ds, make_mesh()))
+print("RESULT", jax.device_count(), json.dumps(T._run(setup, T._evaluator(setup, T.ALL_NAMES))["results"]))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], env=launch_env(devices=8), capture_output=True,
+                          text=True, timeout=600)
+    line = [s for s in proc.stdout.splitlines() if s.startswith("RESULT")]
+    assert line, proc.stderr[-3000:]
+    _, count, payload = line[0].split(" ", 2)
+    assert int(count) == 8
+    for name, got in json.loads(payload).items():
+        for field in ("tstddev", "tstddev_se", "mean_entropy"):
+            np.testing.assert_allclose(got[field], together["results"][name][field], rtol=1e-5, err_msg=field)
 
 
 # -------------------------------------------------------------------------------------------------- task

@@ -98,7 +98,7 @@ def run(config, workdir):
     mesh = common.make_mesh()
     epochs = int(config.epochs) * max(int(config.epoch_factor), 1)
     batch = int(config.batch_size)
-    plan = loop.make_plan(dataset.num_train, batch, mesh.size, int(config.steps_per_dispatch), config.last_batch)
+    plan = loop.make_plan(dataset.num_train, batch, mesh.size, loop.steps_per_dispatch_for_backend(config.steps_per_dispatch), config.last_batch)
     base_lr = optim.default_lr(config.student, config.optim.lr)
     tx, schedule = optim.make_optimizer(base_lr, plan.steps_per_epoch,
                                         optim.scaled_decay_epochs(config.optim.decay_epochs, config.epoch_factor),

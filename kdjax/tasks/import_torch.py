@@ -5,7 +5,7 @@ The dataset's mean/std go into ``meta`` so that every task can check the teacher
 import os
 
 from kdjax import models
-from kdjax.checkpoint import import_torch, read_torch_checkpoint, save_model
+from kdjax.checkpoint import read_torch_checkpoint, save_model, torch_to_variables
 from kdjax.checkpoint.store import CHECKPOINT_SUBDIR
 
 # Normalisation of the datasets the original teachers were trained on (SPEC section 2.0).
@@ -19,8 +19,9 @@ def run(config, workdir):
     models.check_name(config.model)
     if not config.source:
         raise ValueError("give the PyTorch file to import: --config.source=PATH.pth")
-    _, info = read_torch_checkpoint(config.source)
-    variables = import_torch(config.source, config.model, int(config.num_classes), int(config.image_size))
+    state_dict, info = read_torch_checkpoint(config.source)
+    variables = torch_to_variables(state_dict, config.model, int(config.num_classes), int(config.image_size),
+                                   source=config.source)
     mean, std = KNOWN_STATS.get(config.dataset, (None, None))
     meta = {"model": config.model, "num_classes": int(config.num_classes), "image_size": int(config.image_size),
             "dataset": config.dataset, "mean": mean, "std": std, "source": os.path.abspath(config.source),

@@ -18,7 +18,7 @@ def run(config, workdir):
     dataset = common.load_dataset(config)
     mesh = common.make_mesh()
     epochs = int(config.epochs) * max(int(config.epoch_factor), 1)
-    plan = loop.make_plan(dataset.num_train, int(config.batch_size), mesh.size, int(config.steps_per_dispatch),
+    plan = loop.make_plan(dataset.num_train, int(config.batch_size), mesh.size, loop.steps_per_dispatch_for_backend(config.steps_per_dispatch),
                           config.last_batch)
     base_lr = optim.default_lr(config.model, config.optim.lr)
     tx, schedule = optim.make_optimizer(base_lr, plan.steps_per_epoch,

@@ -13,7 +13,7 @@ from typing import List, Optional
 
 from absl import logging
 
-from kdjax import augment, models, runlog, workdir as workdir_lib
+from kdjax import augment, models, parallel, runlog, workdir as workdir_lib
 from kdjax.checkpoint import CheckpointError, check_meta, load_model
 from kdjax.data import DeviceDataset
 from kdjax.tasks import common
@@ -109,8 +109,8 @@ def run(config, workdir):
     if BY_STUDENT in names:
         student_vars, student_meta, student_name = _load_checkpoint(config.student_checkpoint,
                                                                     config.student or None, "student")
-    workdir_lib.claim(workdir, config)
-    common.maybe_initialize_distributed()
+    # Dispatch layout changes the run's speed, not its values: a rerun in the same workdir may change it.
+    workdir_lib.claim(workdir, config, ignore=workdir_lib.RESUMABLE_FIELDS + ("steps_per_forward",))
     started = time.time()
 
     dataset = common.load_dataset(config)
@@ -119,8 +119,10 @@ def run(config, workdir):
             check_meta(meta, path, num_classes=dataset.num_classes, image_size=dataset.image_size)
     dtype = common.compute_dtype(config.dtype)
     batch = int(config.batch_size)
-    plan = make_plan(dataset.num_train, batch, int(config.epochs), int(config.steps_per_dispatch),
-                     int(config.steps_per_forward))
+    # one block of steps per dispatch where loops around convolutions are slow (XLA:CPU)
+    steps_per_dispatch = (int(config.steps_per_forward) if parallel.convolutions_in_loops_are_slow()
+                          else int(config.steps_per_dispatch))
+    plan = make_plan(dataset.num_train, batch, int(config.epochs), steps_per_dispatch, int(config.steps_per_forward))
     n_pick = config.augment.n_pick if config.augment.n_pick is not None else batch
     schemes = [augment.create(name, dataset_stats=dataset, per_sample=bool(config.augment.per_sample),
                               mix_n_run=int(config.augment.mix_n_run), n_pick=int(n_pick), criterion="entropy")

@@ -14,7 +14,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from kdjax import runlog
+from kdjax import parallel, runlog
 from kdjax.checkpoint.store import TrainCheckpointer
 from kdjax.train.evaluate import eval_batch_size, make_evaluator
 
@@ -43,6 +43,12 @@ def best_chunk(full_steps: int, steps_per_dispatch: int) -> int:
     cap = max(1, min(steps_per_dispatch, full_steps))
     divisor = max(d for d in range(1, cap + 1) if full_steps % d == 0)
     return divisor if divisor * 4 >= cap else cap
+
+
+def steps_per_dispatch_for_backend(requested: int) -> int:
+    """``requested`` steps per ``lax.scan`` dispatch on accelerators; one step per dispatch, without a loop, where
+    loops are slow (see ``kdjax.parallel.convolutions_in_loops_are_slow``)."""
+    return 1 if parallel.convolutions_in_loops_are_slow() else max(int(requested), 1)
 
 
 def make_plan(num_train: int, batch_size: int, num_devices: int, steps_per_dispatch: int,
@@ -79,6 +85,9 @@ def make_chunk_fn(step_fn: Callable, mesh, batch_size: int, num_steps: int):
             key = jax.random.fold_in(step_key, global_step + i)
             return step_fn(state, teacher_vars, x, y, key, idx)  # idx: dataset indices, for CRD's memory
 
+        if num_steps == 1:  # no loop at all (see steps_per_dispatch_for_backend)
+            state, metrics = body(state, 0)
+            return state, jax.tree.map(lambda m: m[None], metrics)
         return jax.lax.scan(body, state, jnp.arange(num_steps))
 
     return jax.jit(chunk, donate_argnums=0)
@@ -101,6 +110,9 @@ def fit(*, workdir: str, config, mesh, data, plan: EpochPlan, step_fn: Callable,
     state = jax.device_put(state, NamedSharding(mesh, P()))
     teacher_vars = jax.device_put(teacher_vars, NamedSharding(mesh, P())) if teacher_vars is not None else None
 
+    if runlog.is_main_process():
+        print(f"[{name}] {data.name}: {data.num_train} train / {data.num_test} test images, {data.placement} on "
+              f"{mesh.size} device(s); {plan.steps_per_epoch} steps per epoch, {plan.chunk} per dispatch", flush=True)
     latest = ckpt.latest_step()
     if latest is not None:
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
@@ -146,7 +158,7 @@ def fit(*, workdir: str, config, mesh, data, plan: EpochPlan, step_fn: Callable,
             if plan.short_batch:
                 segments.append((1, plan.short_batch))
             first = 0
-            for n, batch in segments:
+            for segment, (n, batch) in enumerate(segments):
                 args = (state, teacher_vars, data, perm, first, global_step, step_key)
                 executable = compiled_chunk(n, batch, args)
                 t0 = time.perf_counter()
@@ -167,7 +179,8 @@ def fit(*, workdir: str, config, mesh, data, plan: EpochPlan, step_fn: Callable,
                 lr = float(schedule(global_step - 1))
                 means = {k: float(np.mean(v)) for k, v in metrics.items()}
                 log.write(global_step, {"epoch": epoch + 1, "lr": lr, **means, "images_per_s": n * batch / dt})
-                log.progress(global_step, epoch + 1, epochs, means["loss"], lr, n * batch / dt, dt / n)
+                log.progress(global_step, epoch + 1, epochs, means["loss"], lr, n * batch / dt, dt / n,
+                             force=segment == len(segments) - 1)
             if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
                 variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
                 last_eval = evaluate(variables, data)

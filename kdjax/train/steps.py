@@ -80,8 +80,9 @@ def mixed_targets(aux: dict, labels, num_classes: int, rows: int):
         lam = jnp.asarray(aux["lam"], jnp.float32)
         lam = lam.reshape(lam.shape + (1,) * (2 - lam.ndim)) if lam.ndim else lam
         return lam * onehot + (1.0 - lam) * onehot[aux["perm"]]
-    if rows != labels.shape[0]:
-        raise ValueError("the scheme changes the batch size but gives no label targets (aux['targets'])")
+    if rows != labels.shape[0] or "picked" in aux:
+        raise ValueError("the scheme picks or mixes images but gives no label targets (aux['targets']): create it "
+                         "with dataset_stats that carry num_classes")
     return onehot
 
 
