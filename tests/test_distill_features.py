@@ -250,9 +250,9 @@ def _restore(step_dir):
 
 
 def test_crd_run_learns_and_resumes_heads_and_banks_exactly(tmp_path):
-    """tiny_cnn teacher (1 epoch, ~45% top-1), then CRD + CutMixPick(teacher) for 2 epochs with a checkpoint per epoch; the
-    default 16,384 negatives exceed the ~1,300 other-class digits, so they are drawn with replacement. Deleting the
-    last checkpoint and rerunning resumes from epoch 1 and must reproduce the final state bit for bit."""
+    """tiny_cnn teacher (1 epoch, ~45% top-1), then CRD + CutMixPick(teacher) for 2 epochs with a checkpoint per
+    epoch; the default 16,384 negatives exceed the ~1,300 other-class digits, so they are drawn with replacement.
+    Deleting the last checkpoint and rerunning resumes from epoch 1 and must reproduce the final state bit for bit."""
     # Optimised XLA for this test alone: the two runs execute ~250 steps, which unfused run ~10x slower.
     previous = jax.config.read("jax_disable_most_optimizations")
     jax.config.update("jax_disable_most_optimizations", False)
