@@ -23,7 +23,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def _user_errors():
     from kdjax.checkpoint import CheckpointError
     from kdjax.train.loop import TrainingDiverged
-    return (ValueError, FileNotFoundError, CheckpointError, TrainingDiverged)
+    return (ValueError, FileNotFoundError, CheckpointError, TrainingDiverged, RuntimeError)
 
 
 def import_plugins() -> None:

@@ -2,7 +2,6 @@
 evaluate task reports the accuracy stored by the original."""
 import json
 
-import jax
 import numpy as np
 import pytest
 

@@ -1,6 +1,8 @@
 """Set-up shared by the tasks: checks that fail before any compile, data on the devices, model state."""
 import ast
+import dataclasses
 import os
+import time
 from typing import Any, Dict, Optional
 
 import jax
@@ -97,3 +99,39 @@ def base_pad(image_size: int) -> int:
     """Zero padding of the base random crop: 4 px at 32x32, 8 px at 64x64 (the original's loaders)."""
     from kdjax.augment.base import default_pad
     return default_pad(image_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class Training:
+    """What a training task derives from its config before building the step: the recipe of SPEC section 4."""
+    epochs: int
+    plan: Any
+    base_lr: float
+    tx: Any
+    schedule: Any
+
+
+def training_recipe(config, dataset, mesh, model_name: str) -> Training:
+    """Epochs (x epoch_factor), the epoch plan, the lr rule and the SGD optimiser with its step decay."""
+    from kdjax.train import loop, optim
+    epochs = int(config.epochs) * max(int(config.epoch_factor), 1)
+    plan = loop.make_plan(dataset.num_train, int(config.batch_size), mesh.size,
+                          loop.steps_per_dispatch_for_backend(config.steps_per_dispatch), config.last_batch)
+    base_lr = optim.default_lr(model_name, config.optim.lr)
+    tx, schedule = optim.make_optimizer(base_lr, plan.steps_per_epoch,
+                                        optim.scaled_decay_epochs(config.optim.decay_epochs, config.epoch_factor),
+                                        config.optim.decay_rate, config.optim.momentum, config.optim.weight_decay)
+    return Training(epochs, plan, base_lr, tx, schedule)
+
+
+def finish_training(workdir: str, config, fields: Dict[str, Any], out: Dict[str, Any], training: Training,
+                    started: float, label: str) -> Dict[str, Any]:
+    """results.json (DESIGN's fields) of a training run, and its closing line."""
+    from kdjax import runlog
+    results = {**fields, "seed": int(config.seed), "epochs": training.epochs, "test_loss": out["test_loss"],
+               "top1": out["top1"], "top5": out["top5"], "wall_s": time.time() - started,
+               "images_per_s": out["images_per_s"], "compile_s": out["compile_s"], "lr": training.base_lr}
+    path = runlog.write_results(workdir, results, config)
+    print(f"[{fields['task']}] {label} on {fields['dataset']}: test_loss {out['test_loss']:.4f} "
+          f"top1 {out['top1']:.4f}; results in {path}", flush=True)
+    return results

@@ -6,11 +6,11 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from kdjax import augment, distillers, models, runlog, workdir as workdir_lib
+from kdjax import augment, distillers, models, workdir as workdir_lib
 from kdjax.checkpoint import check_meta, load_model
 from kdjax.data import DeviceDataset
 from kdjax.tasks import common
-from kdjax.train import loop, optim, steps
+from kdjax.train import loop, steps
 
 NO_TEACHER = "none"
 
@@ -96,13 +96,8 @@ def run(config, workdir):
                             teacher_meta.get("dataset"), dataset.name)
     dtype = common.compute_dtype(config.dtype)
     mesh = common.make_mesh()
-    epochs = int(config.epochs) * max(int(config.epoch_factor), 1)
-    batch = int(config.batch_size)
-    plan = loop.make_plan(dataset.num_train, batch, mesh.size, loop.steps_per_dispatch_for_backend(config.steps_per_dispatch), config.last_batch)
-    base_lr = optim.default_lr(config.student, config.optim.lr)
-    tx, schedule = optim.make_optimizer(base_lr, plan.steps_per_epoch,
-                                        optim.scaled_decay_epochs(config.optim.decay_epochs, config.epoch_factor),
-                                        config.optim.decay_rate, config.optim.momentum, config.optim.weight_decay)
+    training = common.training_recipe(config, dataset, mesh, config.student)
+    tx, batch = training.tx, int(config.batch_size)
     student = models.create(config.student, dataset.num_classes, dataset.image_size, dtype)
     teacher = (models.create(config.teacher, dataset.num_classes, dataset.image_size, dtype)
                if teacher_vars is not None else None)
@@ -127,18 +122,12 @@ def run(config, workdir):
     data = DeviceDataset.create(dataset, mesh)
     meta = common.model_meta(config.student, dataset, {"teacher": config.teacher, "aug": config.aug})
 
-    run_config = config.copy_and_resolve_references()
-    with run_config.unlocked():
-        run_config.epochs = epochs
-    out = loop.fit(workdir=workdir, config=run_config, mesh=mesh, data=data, plan=plan, step_fn=step_fn,
-                   state=state, teacher_vars=teacher_vars, eval_model=student, eval_mean=dataset.mean,
-                   eval_std=dataset.std, schedule=schedule, meta=meta, run_key=run_key, name="distill")
-    results = {"task": "distill", "teacher": config.teacher, "student": config.student, "dataset": dataset.name,
-               "aug": config.aug, "distiller": config.distiller, "seed": int(config.seed), "epochs": epochs,
-               "test_loss": out["test_loss"], "top1": out["top1"], "top5": out["top5"],
-               "wall_s": time.time() - started, "images_per_s": out["images_per_s"], "lr": base_lr,
-               "loss_weights": {"gamma": weights.gamma, "alpha": weights.alpha, "beta": weights.beta}}
-    path = runlog.write_results(workdir, results, config)
-    print(f"[distill] {config.teacher}->{config.student} {config.aug} on {dataset.name}: test_loss "
-          f"{out['test_loss']:.4f} top1 {out['top1']:.4f}; results in {path}", flush=True)
-    return results
+    out = loop.fit(workdir=workdir, config=config, epochs=training.epochs, mesh=mesh, data=data,
+                   plan=training.plan, step_fn=step_fn, state=state, teacher_vars=teacher_vars, eval_model=student,
+                   eval_mean=dataset.mean, eval_std=dataset.std, schedule=training.schedule, meta=meta,
+                   run_key=run_key, name="distill")
+    fields = {"task": "distill", "teacher": config.teacher, "student": config.student, "dataset": dataset.name,
+              "aug": config.aug, "distiller": config.distiller,
+              "loss_weights": {"gamma": weights.gamma, "alpha": weights.alpha, "beta": weights.beta}}
+    return common.finish_training(workdir, config, fields, out, training, started,
+                                  f"{config.teacher}->{config.student} {config.aug}")

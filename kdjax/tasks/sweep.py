@@ -31,6 +31,7 @@ def run(config, workdir):
         from kdjax.tasks import report
         report.run(sweep.load_config("report"), workdir)
     if failed:
-        raise RuntimeError(f"{len(failed)} of {len(runs)} runs failed (see their launch.log): "
+        where = "their launch.log" if int(config.parallel) > 1 else "the errors printed above"
+        raise RuntimeError(f"{len(failed)} of {len(runs)} runs failed (see {where}): "
                            + "; ".join(r.describe() for r in failed[:5]))
     return {"runs": len(runs)}

@@ -98,12 +98,12 @@ def _first_bad(values: np.ndarray) -> Optional[int]:
     return int(bad[0]) if bad.size else None
 
 
-def fit(*, workdir: str, config, mesh, data, plan: EpochPlan, step_fn: Callable, state: Dict[str, Any],
-        teacher_vars: Any, eval_model, eval_mean, eval_std, schedule: Callable, meta: Dict[str, Any],
-        run_key: jax.Array, name: str = "train") -> Dict[str, Any]:
-    """Train for ``config.epochs`` epochs (resuming from the workdir's latest checkpoint) and return the final
-    evaluation with throughput figures. ``data`` is a ``kdjax.data.DeviceDataset``."""
-    epochs = int(config.epochs)
+def fit(*, workdir: str, config, epochs: int, mesh, data, plan: EpochPlan, step_fn: Callable,
+        state: Dict[str, Any], teacher_vars: Any, eval_model, eval_mean, eval_std, schedule: Callable,
+        meta: Dict[str, Any], run_key: jax.Array, name: str = "train") -> Dict[str, Any]:
+    """Train for ``epochs`` epochs (resuming from the workdir's latest checkpoint) and return the final
+    evaluation with throughput figures. ``data`` is a ``kdjax.data.DeviceDataset``; ``config`` gives the
+    bookkeeping fields (eval_every, checkpoint_every, keep_checkpoints, eval_batch_size)."""
     total_steps = epochs * plan.steps_per_epoch
     ckpt = TrainCheckpointer(workdir, keep=int(config.get("keep_checkpoints", 2)))
     state = dict(state, key=jax.random.key_data(run_key))
