@@ -22,8 +22,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def _user_errors():
     from kdjax.checkpoint import CheckpointError
+    from kdjax.sweep import SweepFailed
     from kdjax.train.loop import TrainingDiverged
-    return (ValueError, FileNotFoundError, CheckpointError, TrainingDiverged, RuntimeError)
+    return (ValueError, FileNotFoundError, CheckpointError, TrainingDiverged, SweepFailed)
 
 
 def import_plugins() -> None:

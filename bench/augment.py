@@ -14,10 +14,7 @@ before its scheme. The table goes to stdout and a JSON file to
 """
 import argparse
 import datetime
-import json
-import pathlib
 import platform
-import re
 import statistics
 import sys
 import time
@@ -26,10 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from results_io import output_path, write_json  # noqa: E402  (bench/ is on sys.path when run as a script)
 from kdjax import augment
 from kdjax.augment import base
 
-RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 BASE_ROW = "base_crop_flip"
 CIFAR100_STATS = {"mean": (0.5071, 0.4867, 0.4408), "std": (0.2675, 0.2565, 0.2761)}
 IMAGENET_STATS = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
@@ -104,19 +101,11 @@ def bench_one(name, batch, args, stats):
     return compile_s, sorted(times)
 
 
-def device_kind() -> str:
-    return jax.devices()[0].device_kind
-
-
-def default_output_path(kind: str, quick: bool) -> pathlib.Path:
-    slug = re.sub(r"[^a-z0-9]+", "-", kind.lower()).strip("-") or "unknown"
-    stamp = datetime.date.today().isoformat()
-    return RESULTS_DIR / f"augment_{slug}_{stamp}{'_quick' if quick else ''}.json"
 
 
 def main(argv=None):
     args = parse_args(argv)
-    kind = device_kind()
+    kind = jax.devices()[0].device_kind
     stats = dict(CIFAR100_STATS if args.image_size < 64 else IMAGENET_STATS, image_size=args.image_size)
     mode = "per-sample draws" if args.per_sample else "one draw per batch"
     print(f"device: {kind} ({jax.device_count()} visible, using 1)  jax {jax.__version__}  "
@@ -151,10 +140,7 @@ def main(argv=None):
         "command": " ".join(sys.argv),
         "results": rows,
     }
-    out = pathlib.Path(args.out) if args.out else default_output_path(kind, args.quick)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_json(result, args.out or output_path("augment", kind, args.quick))
     return result
 
 

@@ -11,10 +11,7 @@ stdout and a JSON file to ``bench/results/forward_<device kind>_<date>[_quick].j
 """
 import argparse
 import datetime
-import json
-import pathlib
 import platform
-import re
 import statistics
 import sys
 import time
@@ -24,9 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from results_io import output_path, write_json  # noqa: E402  (bench/ is on sys.path when run as a script)
 from kdjax import models
 
-RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -57,9 +54,6 @@ def parse_args(argv=None):
     return args
 
 
-def device_kind() -> str:
-    return jax.devices()[0].device_kind
-
 
 def bench_model(name, dtype, args, images):
     """Compile time, the sorted per-run seconds, and the parameter count of one model's eval forward."""
@@ -80,15 +74,10 @@ def bench_model(name, dtype, args, images):
     return compile_s, sorted(times), n_params
 
 
-def default_output_path(kind: str, quick: bool) -> pathlib.Path:
-    slug = re.sub(r"[^a-z0-9]+", "-", kind.lower()).strip("-") or "unknown"
-    stamp = datetime.date.today().isoformat()
-    return RESULTS_DIR / f"forward_{slug}_{stamp}{'_quick' if quick else ''}.json"
-
 
 def main(argv=None):
     args = parse_args(argv)
-    kind = device_kind()
+    kind = jax.devices()[0].device_kind
     images = jax.random.normal(jax.random.key(1), (args.batch, args.image_size, args.image_size, 3), jnp.float32)
     rows = []
     header = f"{'model':<14} {'dtype':<9} {'params':>11} {'compile s':>9} {'ms/batch':>10} {'img/s':>12}"
@@ -123,10 +112,7 @@ def main(argv=None):
         "command": " ".join(sys.argv),
         "results": rows,
     }
-    out = pathlib.Path(args.out) if args.out else default_output_path(kind, args.quick)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_json(result, args.out or output_path("forward", kind, args.quick))
     return result
 
 

@@ -23,10 +23,7 @@ The table goes to stdout and a JSON file to ``bench/results/kd_step_<device kind
 """
 import argparse
 import datetime
-import json
-import pathlib
 import platform
-import re
 import statistics
 import sys
 import time
@@ -37,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from results_io import output_path, write_json  # noqa: E402  (bench/ is on sys.path when run as a script)
 from kdjax import augment, distillers, models
 from kdjax.data import DeviceDataset
 from kdjax.data.synthetic import load_synthetic
@@ -44,7 +42,6 @@ from kdjax.tasks import common
 from kdjax.tasks.distill import init_extra
 from kdjax.train import loop, optim, steps
 
-RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # The original PyTorch step on one H100 (data already on the GPU), KD + CutMix, and the targets set against it.
 PYTORCH_H100 = {("resnet56", "resnet20", 64, "float32"): 2270.0, ("vgg13", "vgg8", 64, "float32"): 7010.0,
@@ -213,10 +210,6 @@ def row(pair, batch, dtype, distiller, driver, chunk, steps_per_window, compile_
             "img_per_s": batch * steps_per_window / median, "last_loss": loss}
 
 
-def default_output_path(kind: str, quick: bool) -> pathlib.Path:
-    slug = re.sub(r"[^a-z0-9]+", "-", kind.lower()).strip("-") or "unknown"
-    return RESULTS_DIR / f"kd_step_{slug}_{datetime.date.today().isoformat()}{'_quick' if quick else ''}.json"
-
 
 def main(argv=None):
     args = parse_args(argv)
@@ -297,10 +290,7 @@ def main(argv=None):
         "summary": summary,
         "results": rows,
     }
-    out = pathlib.Path(args.out) if args.out else default_output_path(kind, args.quick)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_json(result, args.out or output_path("kd_step", kind, args.quick))
     return result
 
 

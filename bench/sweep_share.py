@@ -19,8 +19,9 @@ import sys
 import tempfile
 import time
 
+from results_io import output_path, write_json
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
-RESULTS_DIR = REPO / "bench" / "results"
 
 
 def launch(config: str, workdir: str, overrides, env):
@@ -71,10 +72,7 @@ def main(argv=None):
     out = {"device_kind": device, "date": datetime.date.today().isoformat(), "jax": jax.__version__,
            "teacher": args.teacher, "student": args.student, "aug": "cutmix", "batch": 64, "quick": args.quick,
            "rows": rows}
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    name = f"sweep_share_{device.replace(' ', '_')}_{out['date']}{'_quick' if args.quick else ''}.json"
-    (RESULTS_DIR / name).write_text(json.dumps(out, indent=1))
-    print(f"wrote {RESULTS_DIR / name}")
+    write_json(out, output_path("sweep_share", device, args.quick))
 
 
 if __name__ == "__main__":

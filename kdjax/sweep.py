@@ -34,6 +34,10 @@ PAPER_PAIRS = ("vgg13:vgg8", "vgg13:MobileNetV2", "resnet56:resnet20", "resnet56
                "wrn_40_2:vgg8", "resnet32x4:resnet8x4", "resnet32x4:ShuffleV2", "ResNet50:vgg8")
 
 
+class SweepFailed(RuntimeError):
+    """Some runs of a sweep failed (the others ran, and their results are kept)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Run:
     task: str                    # configs/<task>.py and kdjax.tasks.<task>

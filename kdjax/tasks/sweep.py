@@ -32,6 +32,6 @@ def run(config, workdir):
         report.run(sweep.load_config("report"), workdir)
     if failed:
         where = "their launch.log" if int(config.parallel) > 1 else "the errors printed above"
-        raise RuntimeError(f"{len(failed)} of {len(runs)} runs failed (see {where}): "
+        raise sweep.SweepFailed(f"{len(failed)} of {len(runs)} runs failed (see {where}): "
                            + "; ".join(r.describe() for r in failed[:5]))
     return {"runs": len(runs)}

@@ -102,8 +102,7 @@ def run(config, workdir):
     if skipped:
         message = (f"aug=all without a student checkpoint: {BY_STUDENT} is skipped (it scores by a fixed student's "
                    f"entropy); to include it set {STUDENT_HINT}")
-        logging.warning(message)
-        print(f"[tstddev] warning: {message}", flush=True)
+        print(f"[tstddev] note: {message}", flush=True)
     teacher_vars, teacher_meta, _ = _load_checkpoint(config.teacher_checkpoint, config.teacher, "teacher")
     student_vars, student_meta, student_name = None, None, None
     if BY_STUDENT in names:
