@@ -241,7 +241,7 @@ def scatter_plot(points: Sequence[dict], title: str, path: str, corr: dict | Non
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(5.2, 4.2), dpi=120)
+    fig = Figure(figsize=(7.4, 4.2), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for p in sorted(points, key=lambda p: scheme_order(p["aug"])):
@@ -256,16 +256,15 @@ def scatter_plot(points: Sequence[dict], title: str, path: str, corr: dict | Non
     ax.set_title(title)
     ax.grid(True, ls=":", lw=0.5)
     ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 3))
-    # Legend and coefficients go to the two corners that a trend of this sign leaves empty.
-    rising = corr is None or not corr["pearson"] < 0
-    ax.legend(fontsize=7, loc="lower right" if rising else "upper right", framealpha=0.9)
+    ax.margins(0.08)
+    # Legend and coefficients sit to the right of the axes, so that they never hide a point.
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     if corr is not None:
-        ax.text(0.03, 0.97 if rising else 0.03, format_coefficients(corr), transform=ax.transAxes, fontsize=8,
-                va="top" if rising else "bottom", ha="left",
-                bbox=dict(boxstyle="round", facecolor="white", edgecolor="grey", alpha=0.9))
+        ax.text(1.02, 0.0, format_coefficients(corr), transform=ax.transAxes, fontsize=8, va="bottom", ha="left",
+                bbox=dict(boxstyle="round", facecolor="white", edgecolor="grey"))
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     return path
 
 
