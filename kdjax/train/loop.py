@@ -147,6 +147,7 @@ def fit(*, workdir: str, config, epochs: int, mesh, data, plan: EpochPlan, step_
     ckpt_every = max(int(config.get("checkpoint_every", 10)), 1)
     last_eval: Dict[str, Any] = {}
     train_seconds, train_images = 0.0, 0
+    loop_started, first_step = time.perf_counter(), global_step
     last_saved = latest
 
     try:
@@ -179,7 +180,9 @@ def fit(*, workdir: str, config, epochs: int, mesh, data, plan: EpochPlan, step_
                 lr = float(schedule(global_step - 1))
                 means = {k: float(np.mean(v)) for k, v in metrics.items()}
                 log.write(global_step, {"epoch": epoch + 1, "lr": lr, **means, "images_per_s": n * batch / dt})
-                log.progress(global_step, epoch + 1, epochs, means["loss"], lr, n * batch / dt, dt / n,
+                # ETA from the wall time per step so far (evaluation and checkpoints included, compiles not)
+                per_step = (time.perf_counter() - loop_started - compile_seconds) / (global_step - first_step)
+                log.progress(global_step, epoch + 1, epochs, means["loss"], lr, n * batch / dt, per_step,
                              force=segment == len(segments) - 1)
             if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
                 variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
