@@ -32,8 +32,3 @@ def optim_config() -> ml_collections.ConfigDict:
         decay_rate=0.1,
     ))
 
-
-def apply_smoke(config) -> None:
-    """A few seconds' run on tiny data: what the tests and a first try use (``smoke=True``)."""
-    config.epochs = min(config.epochs, 2)
-    config.steps_per_dispatch = 4

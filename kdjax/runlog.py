@@ -2,7 +2,6 @@
 import json
 import os
 import platform
-import sys
 import time
 from importlib import metadata
 from typing import Any, Mapping, Optional
@@ -107,7 +106,3 @@ def write_results(workdir: str, results: Mapping[str, Any], config: Optional[Any
         os.replace(tmp, path)
     return path
 
-
-def log_error_and_exit(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(1)

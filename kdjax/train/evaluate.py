@@ -1,9 +1,8 @@
-"""Jitted evaluation over a device-resident test set: mean cross-entropy, top-1 and top-5 in one dispatch.
+"""Jitted evaluation over a device-resident test set: mean cross-entropy, top-1 and top-5 (one dispatch on
+accelerators, one per batch on CPU).
 
 The last batch is padded (indices clipped) and masked, so every batch has the same shape and nothing is dropped.
 """
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,7 +48,6 @@ def make_evaluator(model, mean, std, batch_size: int, num_examples: int):
     return evaluate
 
 
-@functools.lru_cache(maxsize=None)
 def eval_batch_size(requested: int, num_devices: int) -> int:
     """The requested size rounded up to a multiple of the device count."""
     return -(-requested // num_devices) * num_devices
