@@ -114,7 +114,7 @@ def plan(config, root: str) -> List[Run]:
                 continue
             workdir = os.path.join(base, "teachers", teacher)
             teacher_ckpt[teacher] = workdir
-            runs.append(Run("teacher", workdir, _fields(train_common, model=teacher, dataset=dataset,
+            runs.append(Run("teacher", workdir, run_fields(train_common, model=teacher, dataset=dataset,
                                                         epochs=config.teacher_epochs, seed=0), stage=0))
         teacher_only = [s for s in schemes if s != BY_STUDENT]
         all_at_once = set(teacher_only) == set(augment.names()[:9]) - {BY_STUDENT}
@@ -124,16 +124,16 @@ def plan(config, root: str) -> List[Run]:
                 fields = dict(common, teacher=teacher, dataset=dataset, seed=seed,
                               teacher_checkpoint=teacher_ckpt[teacher], epochs=config.tstddev_epochs)
                 if all_at_once:  # one program for the eight teacher-only schemes, one base batch stream
-                    runs.append(Run("tstddev", workdir, _fields(fields, aug="all"), stage=1,
+                    runs.append(Run("tstddev", workdir, run_fields(fields, aug="all"), stage=1,
                                     done_marker="tstddev.md"))
                     continue
                 for aug in teacher_only:
-                    runs.append(Run("tstddev", os.path.join(workdir, aug), _fields(fields, aug=aug), stage=1))
+                    runs.append(Run("tstddev", os.path.join(workdir, aug), run_fields(fields, aug=aug), stage=1))
         for teacher, student in pairs:
             for aug in schemes:
                 for seed in seeds:
                     runs.append(Run("distill", os.path.join(base, f"{teacher}-{student}", aug, f"seed{seed}"),
-                                    _fields(train_common, teacher=teacher, student=student, dataset=dataset, aug=aug,
+                                    run_fields(train_common, teacher=teacher, student=student, dataset=dataset, aug=aug,
                                             seed=seed, epochs=config.epochs, teacher_checkpoint=teacher_ckpt[teacher]),
                                     stage=2))
         if BY_STUDENT in schemes:
@@ -141,7 +141,7 @@ def plan(config, root: str) -> List[Run]:
                 for seed in seeds:
                     runs.append(Run("tstddev", os.path.join(base, "tstddev", f"{teacher}-{student}", BY_STUDENT,
                                                             f"seed{seed}"),
-                                    _fields(common, teacher=teacher, student=student, dataset=dataset, seed=seed,
+                                    run_fields(common, teacher=teacher, student=student, dataset=dataset, seed=seed,
                                             aug=BY_STUDENT, teacher_checkpoint=teacher_ckpt[teacher],
                                             student_checkpoint=os.path.join(base, f"{teacher}-{student}", BY_STUDENT,
                                                                             f"seed{seed}"),
@@ -149,7 +149,7 @@ def plan(config, root: str) -> List[Run]:
     return runs
 
 
-def _fields(common: Dict[str, Any], **fields) -> Tuple[Tuple[str, Any], ...]:
+def run_fields(common: Dict[str, Any], **fields) -> Tuple[Tuple[str, Any], ...]:
     return tuple(sorted(dict(common, **fields).items()))
 
 

@@ -57,3 +57,20 @@ def test_demo_pipeline_end_to_end(tmp_path):
     before = (tmp_path / "tiny_cnn-tiny_cnn/cutmix/seed0/results.json").stat().st_mtime
     sweep_task.run(config, str(tmp_path))
     assert (tmp_path / "tiny_cnn-tiny_cnn/cutmix/seed0/results.json").stat().st_mtime == before
+
+
+def test_parallel_executor_runs_launch_subprocesses(tmp_path, monkeypatch):
+    """parallel=N: runs go to launch.py subprocesses, N at a time; a failing run is reported, the others finish."""
+    from helpers import launch_env
+    for key, value in launch_env().items():
+        monkeypatch.setenv(key, value)
+    common = dict(teacher="none", student="tiny_cnn", dataset="digits", epochs=1, image_size=8, batch_size=32,
+                  last_batch="drop")
+    runs = [sweep.Run("distill", str(tmp_path / aug), sweep.run_fields(common, aug=aug), stage=0)
+            for aug in ("mixup", "cutmix")]
+    runs.append(sweep.Run("distill", str(tmp_path / "bad"), sweep.run_fields(common, aug="cutmix_pick_t"), stage=0))
+    failed = sweep.execute(runs, parallel=2, log=lambda line: None)
+    assert [r.workdir for r in failed] == [str(tmp_path / "bad")]
+    assert "needs a teacher" in (tmp_path / "bad" / "launch.log").read_text()
+    for aug in ("mixup", "cutmix"):
+        assert json.loads((tmp_path / aug / "results.json").read_text())["aug"] == aug
