@@ -65,6 +65,20 @@ def parse_dataset_options(text: str) -> Dict[str, Any]:
     return options
 
 
+def load_checkpoint(path: str, model: Optional[str] = None, role: str = "model"):
+    """``(variables, meta, model_name)`` of a kdjax checkpoint checked against ``model`` (default: the model its
+    meta names); fails in one line, before anything compiles, when it is missing, damaged or for another model."""
+    from kdjax import models
+    from kdjax.checkpoint import CheckpointError, check_meta, load_model
+    variables, meta = load_model(path)
+    name = model or meta.get("model")
+    if not name:
+        raise CheckpointError(f"the {role} checkpoint {path} does not name its model: set {role}=<model>")
+    models.check_name(name)
+    check_meta(meta, path, model=name)
+    return variables, meta, name
+
+
 def load_dataset(config):
     from kdjax import data
     return data.load(config.dataset, **data_options(config))

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from absl import logging
 
 from kdjax import augment, distillers, models, workdir as workdir_lib
-from kdjax.checkpoint import check_meta, load_model
+from kdjax.checkpoint import check_meta
 from kdjax.data import DeviceDataset
 from kdjax.tasks import common
 from kdjax.train import loop, steps
@@ -82,8 +82,7 @@ def run(config, workdir):
     validate(config)
     teacher_vars, teacher_meta = (None, None)
     if config.teacher != NO_TEACHER:
-        teacher_vars, teacher_meta = load_model(config.teacher_checkpoint)  # fails fast when missing or damaged
-        check_meta(teacher_meta, config.teacher_checkpoint, model=config.teacher)
+        teacher_vars, teacher_meta, _ = common.load_checkpoint(config.teacher_checkpoint, config.teacher, "teacher")
     workdir_lib.claim(workdir, config)
     started = time.time()
 

@@ -2,7 +2,7 @@
 import time
 
 from kdjax import models, runlog
-from kdjax.checkpoint import CheckpointError, check_meta, load_model
+from kdjax.checkpoint import CheckpointError, check_meta
 from kdjax.data import DeviceDataset
 from kdjax.tasks import common
 from kdjax.train.evaluate import eval_batch_size, make_evaluator
@@ -11,10 +11,7 @@ from kdjax.train.evaluate import eval_batch_size, make_evaluator
 def run(config, workdir):
     if not config.checkpoint:
         raise CheckpointError("give the checkpoint to evaluate: --config.checkpoint=DIR (a workdir or a step dir)")
-    variables, meta = load_model(config.checkpoint)
-    model_name = config.model or meta.get("model")
-    models.check_name(model_name)
-    check_meta(meta, config.checkpoint, model=model_name)
+    variables, meta, model_name = common.load_checkpoint(config.checkpoint, config.model or None)
     dtype = common.compute_dtype(config.dtype)
     started = time.time()
     dataset = common.load_dataset(config)

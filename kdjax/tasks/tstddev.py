@@ -14,7 +14,7 @@ from typing import List, Optional
 from absl import logging
 
 from kdjax import augment, models, parallel, runlog, workdir as workdir_lib
-from kdjax.checkpoint import CheckpointError, check_meta, load_model
+from kdjax.checkpoint import check_meta
 from kdjax.data import DeviceDataset
 from kdjax.tasks import common
 from kdjax.tstddev_eval import Evaluator, make_plan
@@ -63,16 +63,6 @@ def validate(config) -> None:
                          f"{config.augment.mix_n_run}")
 
 
-def _load_checkpoint(path: str, model: Optional[str], role: str):
-    variables, meta = load_model(path)
-    name = model or meta.get("model")
-    if not name:
-        raise CheckpointError(f"the {role} checkpoint {path} does not name its model: set {role}=<model>")
-    models.check_name(name)
-    check_meta(meta, path, model=name)
-    return variables, meta, name
-
-
 def _row(name: str, r: dict) -> str:
     return (f"| {name} | {r['tstddev']:.6f} | {r['tstddev_se']:.6f} | {r['groups']} | {r['mean_entropy']:.6f} |")
 
@@ -103,10 +93,10 @@ def run(config, workdir):
         message = (f"aug=all without a student checkpoint: {BY_STUDENT} is skipped (it scores by a fixed student's "
                    f"entropy); to include it set {STUDENT_HINT}")
         print(f"[tstddev] note: {message}", flush=True)
-    teacher_vars, teacher_meta, _ = _load_checkpoint(config.teacher_checkpoint, config.teacher, "teacher")
+    teacher_vars, teacher_meta, _ = common.load_checkpoint(config.teacher_checkpoint, config.teacher, "teacher")
     student_vars, student_meta, student_name = None, None, None
     if BY_STUDENT in names:
-        student_vars, student_meta, student_name = _load_checkpoint(config.student_checkpoint,
+        student_vars, student_meta, student_name = common.load_checkpoint(config.student_checkpoint,
                                                                     config.student or None, "student")
     # Dispatch layout changes the run's speed, not its values: a rerun in the same workdir may change it.
     workdir_lib.claim(workdir, config, ignore=workdir_lib.RESUMABLE_FIELDS + ("steps_per_forward",))
