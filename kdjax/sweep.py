@@ -100,6 +100,7 @@ def plan(config, root: str) -> List[Run]:
     seeds = [int(s) for s in split_list(config.seeds)]
     given = parse_checkpoints(config.teacher_checkpoints)
     datasets = split_list(config.datasets)
+    teachers = list(dict.fromkeys(t for t, _ in pairs))
     common = {k: config[k] for k in ("batch_size", "dtype", "image_size", "data_dir", "manual_dir", "dataset_options")
               if k in config}
     train_common = dict(common, **{k: config[k] for k in ("steps_per_dispatch", "last_batch", "eval_every",
@@ -108,7 +109,7 @@ def plan(config, root: str) -> List[Run]:
     for dataset in datasets:
         base = root if len(datasets) == 1 else os.path.join(root, dataset)
         teacher_ckpt = {}
-        for teacher in dict.fromkeys(t for t, _ in pairs):
+        for teacher in teachers:
             if teacher in given:
                 teacher_ckpt[teacher] = given[teacher]
                 continue
@@ -118,7 +119,7 @@ def plan(config, root: str) -> List[Run]:
                                                         epochs=config.teacher_epochs, seed=0), stage=0))
         teacher_only = [s for s in schemes if s != BY_STUDENT]
         all_at_once = set(teacher_only) == set(augment.names()[:9]) - {BY_STUDENT}
-        for teacher in dict.fromkeys(t for t, _ in pairs):
+        for teacher in teachers:
             for seed in seeds:
                 workdir = os.path.join(base, "tstddev", teacher, f"seed{seed}")
                 fields = dict(common, teacher=teacher, dataset=dataset, seed=seed,
