@@ -25,7 +25,7 @@ import numpy as np
 
 from results_io import output_path, write_json  # noqa: E402  (bench/ is on sys.path when run as a script)
 from kdjax import augment
-from kdjax.augment import base
+from kdjax.augment import transforms
 
 BASE_ROW = "base_crop_flip"
 CIFAR100_STATS = {"mean": (0.5071, 0.4867, 0.4408), "std": (0.2675, 0.2565, 0.2761)}
@@ -66,11 +66,11 @@ def cheap_score_fn(pool):
 def build(name, stats, per_sample):
     """fn(key, images_uint8, labels) -> output array, the thing to time."""
     if name == BASE_ROW:
-        pad = base.default_pad(stats["image_size"])
+        pad = transforms.default_pad(stats["image_size"])
 
         def fn(key, images_uint8, labels):
             del labels
-            return base.normalize(base.base_train_transform(key, images_uint8, pad), stats["mean"], stats["std"])
+            return transforms.normalize(transforms.base_train_transform(key, images_uint8, pad), stats["mean"], stats["std"])
         return fn, False
     scheme = augment.create(name, dataset_stats=stats, per_sample=per_sample)
     score_fn = cheap_score_fn if scheme.needs_score_fn else None
@@ -85,7 +85,7 @@ def bench_one(name, batch, args, stats):
     images_uint8 = jnp.asarray(rng.randint(0, 256, (batch, args.image_size, args.image_size, 3), dtype=np.uint8))
     labels = jnp.asarray(rng.randint(0, 10, (batch,)).astype(np.int32))
     fn, takes_normalised = build(name, stats, args.per_sample)
-    inputs = base.normalize(images_uint8, stats["mean"], stats["std"]) if takes_normalised else images_uint8
+    inputs = transforms.normalize(images_uint8, stats["mean"], stats["std"]) if takes_normalised else images_uint8
     inputs = jax.block_until_ready(inputs)
     start = time.perf_counter()
     compiled = jax.jit(fn).lower(jax.random.key(0), inputs, labels).compile()

@@ -40,7 +40,8 @@ from kdjax.data import DeviceDataset
 from kdjax.data.synthetic import load_synthetic
 from kdjax.tasks import common
 from kdjax.tasks.distill import init_extra
-from kdjax.train import loop, optim, steps
+from kdjax.augment import transforms
+from kdjax.train import loop, recipe, steps
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # The original PyTorch step on one H100 (data already on the GPU), KD + CutMix, and the targets set against it.
@@ -114,18 +115,6 @@ def parse_args(argv=None):
     return args
 
 
-def make_single_step_fn(step_fn, mesh, batch):
-    """One step per dispatch: the chunk's body without the scan (same gather, same key derivation)."""
-    batch_sharding = NamedSharding(mesh, P("data"))
-
-    def single(state, teacher_vars, data, perm, first, global_step, step_key):
-        idx = jax.lax.with_sharding_constraint(jax.lax.dynamic_slice(perm, (first,), (batch,)), batch_sharding)
-        x, y = data.gather("train", idx)
-        return step_fn(state, teacher_vars, x, y, jax.random.fold_in(step_key, global_step), idx)
-
-    return jax.jit(single, donate_argnums=0)
-
-
 class Case:
     """One (pair, batch, dtype, distiller): the step, its initial state and the teacher's variables."""
 
@@ -134,17 +123,18 @@ class Case:
         size, classes = dataset.image_size, dataset.num_classes
         student = models.create(student_name, classes, size, DTYPES[dtype])
         teacher = models.create(teacher_name, classes, size, DTYPES[dtype])
-        tx, _ = optim.make_optimizer(0.05, dataset.num_train // batch, (150, 180, 210))
+        tx, _ = recipe.make_optimizer(0.05, dataset.num_train // batch, (150, 180, 210))
         scheme = augment.create(aug, dataset_stats=dataset, n_pick=batch)
         distiller = distillers.create(distiller_name)
         w = distillers.resolve_weights(distiller, aug)
         weights = steps.KDWeights(gamma=w["gamma"], alpha=w["alpha"], beta=w["beta"])
-        prepare = steps.make_prepare(dataset.mean, dataset.std, common.base_pad(size))
+        prepare = steps.make_prepare(dataset.mean, dataset.std, transforms.default_pad(size))
         self.step_fn = steps.make_kd_step(student, teacher, tx, prepare, scheme, weights, classes,
-                                          scorer=getattr(scheme, "scorer", None), distiller=distiller)
+                                          distiller=distiller)
         key = jax.random.key(0)
         state = common.init_state(student, tx, jax.random.fold_in(key, 0), size)
-        teacher_vars = common.init_variables(teacher, jax.random.fold_in(key, 1), size)
+        teacher_vars = {k: v for k, v in common.init_state(teacher, tx, jax.random.fold_in(key, 1), size).items()
+                        if k in ("params", "batch_stats")}
         state["extra"] = init_extra(distiller, tx, jax.random.fold_in(key, 2), student,
                                     {"params": state["params"], "batch_stats": state["batch_stats"]}, teacher,
                                     teacher_vars, batch, dataset)
@@ -160,7 +150,7 @@ class Case:
         return jax.tree.map(jnp.copy, self.initial_state)  # the drivers donate their state
 
     def time_single(self, steps_per_window, repeats):
-        fn = make_single_step_fn(self.step_fn, self.mesh, self.batch)
+        fn = loop.make_chunk_fn(self.step_fn, 1, self.batch)  # one step per dispatch, no loop
         state = self.fresh_state()
         args = (state, self.teacher_vars, self.data, self.perm, 0, 0, self.step_key)
         t0 = time.perf_counter()
@@ -177,10 +167,10 @@ class Case:
                 step += 1
             jax.block_until_ready((state, metrics))
             windows.append(time.perf_counter() - t0)
-        return compile_s, windows, float(jax.device_get(metrics["loss"]))
+        return compile_s, windows, float(jax.device_get(metrics["loss"])[-1])
 
     def time_chunk(self, chunk, steps_per_window, repeats):
-        fn = loop.make_chunk_fn(self.step_fn, self.mesh, self.batch, chunk)
+        fn = loop.make_chunk_fn(self.step_fn, chunk, self.batch)
         state = self.fresh_state()
         args = (state, self.teacher_vars, self.data, self.perm, 0, 0, self.step_key)
         t0 = time.perf_counter()

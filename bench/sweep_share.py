@@ -38,10 +38,12 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--num-train", type=int, default=20000)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/sweep_share_<device>_<date>.json)")
     args = p.parse_args(argv)
     if args.quick:
         args.teacher, args.student, args.epochs, args.num_train, args.procs = "resnet8", "resnet8", 1, 512, "1,2"
-    data = [f"--config.dataset_options=num_train={args.num_train};num_test=256;num_classes=100",
+    data = [f"--config.dataset_options.num_train={args.num_train}", "--config.dataset_options.num_test=256",
+            "--config.dataset_options.num_classes=100",
             "--config.image_size=" + ("16" if args.quick else "32")]
     root = tempfile.mkdtemp(prefix="kdjax_share_")
     env = dict(os.environ)
@@ -72,7 +74,7 @@ def main(argv=None):
     out = {"device_kind": device, "date": datetime.date.today().isoformat(), "jax": jax.__version__,
            "teacher": args.teacher, "student": args.student, "aug": "cutmix", "batch": 64, "quick": args.quick,
            "rows": rows}
-    write_json(out, output_path("sweep_share", device, args.quick))
+    write_json(out, args.out or output_path("sweep_share", device, args.quick))
 
 
 if __name__ == "__main__":

@@ -31,11 +31,11 @@ import jax.numpy as jnp  # noqa: E402
 
 from kdjax import augment, models, runlog  # noqa: E402
 from kdjax import data as kdata  # noqa: E402
-from kdjax.augment.base import default_pad  # noqa: E402
+from kdjax.augment.transforms import default_pad  # noqa: E402
 from kdjax.checkpoint import load_model  # noqa: E402
 from kdjax.parallel import make_mesh  # noqa: E402
-from kdjax.tasks.tstddev import PAPER_SCHEMES  # noqa: E402
-from kdjax.tstddev_eval import Evaluator, make_plan  # noqa: E402
+from kdjax.augment import PAPER_SCHEMES  # noqa: E402
+from kdjax.tstddev import Evaluator, make_plan  # noqa: E402
 
 ORIGINAL_SECONDS_PER_SCHEME = 152.0  # the original code, one scheme, 10 epochs, same card (issue text)
 TARGET_SECONDS_NINE = 30.0

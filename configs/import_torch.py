@@ -1,11 +1,12 @@
 """Import a checkpoint of the original PyTorch code (e.g. CRD's ckpt_epoch_240.pth) into kdjax's format.
 
-    python launch.py --config=configs/import_torch.py:model=resnet56 --config.num_classes=100 \
-        --config.source=save/models/resnet56_vanilla/ckpt_epoch_240.pth --workdir=runs/t_resnet56
+A copy to edit: ``kdjax --config=configs/import_torch.py[:field=value,...] --workdir=DIR`` runs it. The defaults and the
+meaning of every field: ``kdjax import_torch --help``.
 """
-from kdjax.config_util import parse_arg
+from kdjax.configs.import_torch import get_config as package_config
 
 
 def get_config(arg=None):
-    return parse_arg(arg, task="import_torch", model="resnet56", num_classes=100, image_size=32, source="",
-                     dataset="cifar100")
+    config = package_config(arg)
+    # Change defaults here, e.g. config.epochs = 10
+    return config

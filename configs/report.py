@@ -1,15 +1,12 @@
-"""Report over a sweep: ``python launch.py --config=configs/report.py[:results_dir=DIR] --workdir=OUT``.
+"""Report over a sweep: ``kdjax report --config.results_dir=DIR --workdir=OUT``.
 
-Reads every results.json under ``results_dir`` (default: the workdir itself) and writes report.md, summary.csv,
-tstddev.csv, correlations.csv and plots/*.png into the workdir.
+A copy to edit: ``kdjax --config=configs/report.py[:field=value,...] --workdir=DIR`` runs it. The defaults and the
+meaning of every field: ``kdjax report --help``.
 """
-from kdjax import config_util
+from kdjax.configs.report import get_config as package_config
 
 
 def get_config(arg=None):
-    return config_util.parse_arg(
-        arg,
-        task="report",
-        results_dir="",      # '' = the workdir
-        error_bars=False,    # the paper's plots show means only; True adds the std over seeds
-    )
+    config = package_config(arg)
+    # Change defaults here, e.g. config.epochs = 10
+    return config

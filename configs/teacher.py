@@ -1,12 +1,12 @@
-"""Train a teacher with cross-entropy (the original's train_teacher.py recipe, SPEC section 4).
+"""Train a teacher with cross-entropy (the original's train_teacher.py recipe).
 
-    python launch.py --config=configs/teacher.py:model=resnet56,dataset=cifar100 --workdir=runs/t_resnet56
+A copy to edit: ``kdjax --config=configs/teacher.py[:field=value,...] --workdir=DIR`` runs it. The defaults and the
+meaning of every field: ``kdjax teacher --help``.
 """
-from kdjax.config_defaults import RUN_FIELDS, optim_config
-from kdjax.config_util import parse_arg
+from kdjax.configs.teacher import get_config as package_config
 
 
 def get_config(arg=None):
-    config = parse_arg(arg, task="teacher", model="resnet56", **RUN_FIELDS)
-    config.optim = optim_config()
+    config = package_config(arg)
+    # Change defaults here, e.g. config.epochs = 10
     return config

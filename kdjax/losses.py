@@ -1,4 +1,4 @@
-"""The classification and distillation losses of the KD step (SPEC section 3).
+"""The classification and distillation losses of the KD step (docs/fidelity.md, "KD loss and the step").
 
 All reductions are over the batch axis of ``[B, C]`` logits; everything is computed in float32 whatever the
 dtype of the logits, because the softmax of a bfloat16 student loses the small probabilities that KL depends on.

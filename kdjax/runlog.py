@@ -30,7 +30,10 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
-def _format_eta(seconds: float) -> str:
+def format_eta(seconds: float) -> str:
+    """h:mm:ss (m:ss under an hour); '?' while unknown."""
+    if seconds != seconds:  # NaN
+        return "?"
     seconds = int(max(seconds, 0))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
@@ -55,6 +58,19 @@ class RunLog:
                 pass
         self.name = name
 
+    def forget_after(self, step: int) -> None:
+        """Drop the rows of steps after ``step``: a resumed run replays them, so each step stays logged once."""
+        if not self.main or not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            rows = f.readlines()
+        kept = [row for row in rows if _row_step(row) <= step]
+        if len(kept) != len(rows):
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(kept)
+            os.replace(tmp, self.path)
+
     def write(self, step: int, record: Mapping[str, Any]) -> None:
         if not self.main:
             return
@@ -73,7 +89,7 @@ class RunLog:
         if not self.main or (not force and now - self._last_print < self.min_interval_s):
             return
         self._last_print = now
-        eta = _format_eta((self.total_steps - step) * seconds_per_step)
+        eta = format_eta((self.total_steps - step) * seconds_per_step)
         line = (f"[{self.name}] epoch {epoch}/{epochs} step {step}/{self.total_steps} loss {loss:.4f} lr {lr:.4g} "
                 f"{images_per_s:,.0f} img/s ETA {eta}{extra}")
         print(line, flush=True)
@@ -84,6 +100,13 @@ class RunLog:
             self._tb.close()
 
 
+def _row_step(row: str) -> int:
+    try:
+        return int(json.loads(row).get("step", 0))
+    except (ValueError, AttributeError):
+        return 1 << 62  # an unreadable (torn) last line is dropped with the replayed steps
+
+
 def _plain(v):
     try:
         return float(v)
@@ -92,7 +115,7 @@ def _plain(v):
 
 
 def write_results(workdir: str, results: Mapping[str, Any], config: Optional[Any] = None) -> str:
-    """``workdir/results.json`` (DESIGN's fields), written atomically so a crash never leaves half a file."""
+    """``workdir/results.json`` (the README's fields), written atomically so a crash never leaves half a file."""
     out = dict(results)
     out.setdefault("device_kind", device_kind())
     out.setdefault("versions", versions())

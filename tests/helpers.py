@@ -1,5 +1,4 @@
 """Helpers shared by the training tests: load a config file, run launch.py in a subprocess."""
-import importlib.util
 import os
 import pathlib
 import subprocess
@@ -10,10 +9,9 @@ TESTS = pathlib.Path(__file__).resolve().parent
 
 
 def load_config(name: str, arg: str = ""):
-    spec = importlib.util.spec_from_file_location(f"config_{name}", REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    """A task's default config with the colon argument ``arg`` applied (``kdjax.configs.task_config``)."""
+    from kdjax import configs
+    return configs.task_config(name, arg or None)
 
 
 def launch_env(devices: int = 1, **extra) -> dict:

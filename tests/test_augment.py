@@ -1,5 +1,5 @@
 """kdjax.augment: the base transform, the nine schemes and the registry, checked against NumPy references of the
-original's arithmetic and against the defining properties of each scheme (SPEC section 2, gotchas 1-8)."""
+original's arithmetic and against the defining properties of each scheme (docs/fidelity.md, "The nine schemes")."""
 import importlib.util
 import json
 import os
@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kdjax import augment
-from kdjax.augment import base
+from kdjax import augment, losses
+from kdjax.augment import transforms
 
 MEAN = (0.5071, 0.4867, 0.4408)  # CIFAR-100 statistics of the original loader
 STD = (0.2675, 0.2565, 0.2761)
@@ -66,9 +66,9 @@ def trace_count(name, shape=(8, 32, 32, 3), score_fn=None, **options):
 
 def test_normalize_and_truncation_match_the_original_float32_arithmetic():
     every_value = np.tile(np.arange(256, dtype=np.uint8)[None, :, None, None], (1, 1, 1, 3))
-    x = jax.jit(lambda u: base.normalize(u, MEAN, STD))(every_value)
+    x = jax.jit(lambda u: transforms.normalize(u, MEAN, STD))(every_value)
     np.testing.assert_array_equal(np.asarray(x), np_normalize(every_value))
-    back = jax.jit(lambda v: base.to_uint8_truncating(v, MEAN, STD))(x)
+    back = jax.jit(lambda v: transforms.to_uint8_truncating(v, MEAN, STD))(x)
     expected = np_to_uint8(np_normalize(every_value))
     np.testing.assert_array_equal(np.asarray(back), expected)
     # the round trip is lossy: some values come back one level lower (truncation of 254.99998 etc.)
@@ -83,9 +83,9 @@ def test_to_uint8_truncates_and_clamps():
     want = np.array([0, 0, 0, 37, 37, 128, 254, 255, 255])
     x = ((targets / 255.0)[:, None] - np.asarray(MEAN)) / np.asarray(STD)
     x = jnp.asarray(x.reshape(1, 1, -1, 3).astype(np.float32))
-    got = np.asarray(jax.jit(lambda v: base.to_uint8_truncating(v, MEAN, STD))(x)).reshape(-1, 3)
+    got = np.asarray(jax.jit(lambda v: transforms.to_uint8_truncating(v, MEAN, STD))(x)).reshape(-1, 3)
     np.testing.assert_array_equal(got, np.repeat(want[:, None], 3, axis=1))
-    np.testing.assert_allclose(np.asarray(base.denormalize(x, MEAN, STD)).reshape(-1, 3) * 255,
+    np.testing.assert_allclose(np.asarray(transforms.denormalize(x, MEAN, STD)).reshape(-1, 3) * 255,
                                np.repeat(targets[:, None], 3, axis=1), rtol=1e-5, atol=1e-3)
 
 
@@ -94,8 +94,8 @@ def test_base_train_transform_per_sample_offsets_flips_and_zero_padding():
     images = np.full((n, 32, 32, 3), 200, np.uint8)
     images[:, :, :16] = 100  # left half darker, so a flip is visible
     key = jax.random.key(3)
-    out = np.asarray(jax.jit(lambda k, u: base.base_train_transform(k, u, pad))(key, images))
-    offsets, flips = (np.asarray(v) for v in base.draw_crop_flip(key, n, pad))
+    out = np.asarray(jax.jit(lambda k, u: transforms.base_train_transform(k, u, pad))(key, images))
+    offsets, flips = (np.asarray(v) for v in transforms.draw_crop_flip(key, n, pad))
     assert offsets.min() == 0 and offsets.max() == 2 * pad
     assert len(np.unique(offsets[:, 0])) == 2 * pad + 1 and 0.3 < flips.mean() < 0.7  # per sample, all offsets
     padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
@@ -356,7 +356,7 @@ def test_entropy_and_kld_score_match_formulas():
     p = softmax(t)
     np.testing.assert_allclose(np.asarray(augment.entropy(t)), -(p * np.log(p)).sum(1), rtol=1e-5)
     pt, qs = softmax(t / 4), softmax(s / 4)
-    np.testing.assert_allclose(np.asarray(augment.kld_score(s, t)), (pt * (np.log(pt) - np.log(qs))).sum(1),
+    np.testing.assert_allclose(np.asarray(losses.kd_kl_per_sample(s, t)), (pt * (np.log(pt) - np.log(qs))).sum(1),
                                rtol=1e-5, atol=1e-7)
     assert np.isfinite(np.asarray(augment.entropy(jnp.array([[0.0, 500.0, -500.0]])))).all()
 
@@ -369,7 +369,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from kdjax import augment
-    from kdjax.augment import base
+    from kdjax.augment import transforms
     jax.config.update("jax_disable_most_optimizations", True)
     assert jax.device_count() == 8, jax.devices()
     stats = json.loads(sys.argv[1])
@@ -378,14 +378,14 @@ SHARDED_SCRIPT = textwrap.dedent("""
     rows = NamedSharding(mesh, P("data"))
     u = np.random.RandomState(0).randint(0, 256, (16, 32, 32, 3), dtype=np.uint8)
     labels = np.arange(16, dtype=np.int32) % 10
-    x = base.normalize(jnp.asarray(u), stats["mean"], stats["std"])
+    x = transforms.normalize(jnp.asarray(u), stats["mean"], stats["std"])
     def score_fn(pool):  # depends on the pool, so a wrong pool changes the pick
         return jnp.mean(pool, axis=(1, 2, 3)), None
     # every scheme in one program: two compiles in all (one per input placement)
     schemes = {(name, ps): augment.create(name, stats, per_sample=ps) for name in names for ps in (False, True)}
     def all_schemes(key, images, lbls):
         outs = {f"{name} per_sample={ps}": s(key, images, lbls, score_fn)[0] for (name, ps), s in schemes.items()}
-        outs["base_train_transform"] = base.base_train_transform(key, base.to_uint8_truncating(
+        outs["base_train_transform"] = transforms.base_train_transform(key, transforms.to_uint8_truncating(
             images, stats["mean"], stats["std"]), 4)
         return outs
     f = jax.jit(all_schemes)

@@ -147,7 +147,7 @@ def test_magnitude_grids_match_torch(golden):
         size = golden[f"in__{parts[3]}"].shape[1:3] if len(parts) == 4 else (32, 32)
         ours = np.asarray([aa.magnitude(op, b, 1, size, semantics) for b in range(aa.NUM_BINS)], np.float32)
         np.testing.assert_array_equal(ours, golden[key].astype(np.float32), err_msg=key)
-    # The values the issue and the SPEC quote.
+    # The values the original code uses.
     assert [aa.magnitude("Posterize", b) for b in range(10)] == [8, 8, 7, 7, 6, 6, 5, 5, 4, 4]
     assert aa.magnitude("Solarize", 0) == 256.0 and aa.magnitude("Solarize", 0, semantics="current") == 255.0
     assert aa.magnitude("Rotate", 9, -1) == -30.0 and aa.magnitude("Equalize", None) == 0.0

@@ -10,7 +10,8 @@ import pytest
 
 from conftest import FIXTURES
 from kdjax import models
-from kdjax.models import resnet, resnetv2, torch_names, wrn
+from kdjax.checkpoint import torch_names
+from kdjax.models import resnet, resnetv2, wrn
 
 ARCHS = ["resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet8x4",
          "resnet32x4", "ResNet18", "ResNet50", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2"]

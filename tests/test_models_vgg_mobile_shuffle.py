@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from kdjax import models
-from kdjax.models import torch_names
+from kdjax.checkpoint import torch_names
 from kdjax.models.shufflenet import BasicBlockV2, BottleneckV1, DownBlockV2, channel_shuffle
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"

@@ -1,17 +1,19 @@
 """Data augmentation on the accelerator: the base training transform and the paper's nine schemes.
 
 ``create(aug, dataset_stats=..., **options)`` returns ``fn(key, images, labels, score_fn=None) -> (images_aug,
-aux)`` on normalised float NHWC batches; ``names()`` lists the schemes, ``register(name, factory)`` adds one.
-``base`` holds the loader's per-sample crop+flip and the uint8 <-> normalised conversions; ``entropy`` and
-``kld_score`` are the CutMixPick scores for step builders.
+aux)`` on normalised float NHWC batches; ``names()`` lists the schemes (``PAPER_SCHEMES`` the paper's nine, in
+its order), ``register(name, factory)`` adds one. ``transforms`` holds what every batch goes through before a
+scheme (the loader's per-sample crop+flip and normalisation), the uint8 <-> normalised conversions and the
+scheme's label targets.
 """
-from kdjax.augment import base
-from kdjax.augment.base import base_train_transform, denormalize, normalize, renormalize, to_uint8_truncating
-from kdjax.augment.registry import (CRITERIA, POLICIES, SCORERS, Scheme, as_stats, check_name, create, names,
-                                    register)
+from kdjax.augment import transforms
+from kdjax.augment.registry import (CRITERIA, PAPER_SCHEMES, POLICIES, SCORERS, Scheme, as_stats, check_name, create,
+                                    label, names, register, scorer_of)
 from kdjax.augment.schemes import DatasetStats, Options, derangement
-from kdjax.augment.scoring import entropy, kld_score
+from kdjax.augment.transforms import (base_train_batch, base_train_transform, denormalize, mixed_targets, normalize,
+                                      to_uint8_truncating)
+from kdjax.losses import entropy
 
-__all__ = ["CRITERIA", "DatasetStats", "Options", "POLICIES", "SCORERS", "Scheme", "as_stats", "base",
-           "base_train_transform", "check_name", "create", "denormalize", "derangement", "entropy", "kld_score",
-           "names", "normalize", "register", "renormalize", "to_uint8_truncating"]
+__all__ = ["CRITERIA", "DatasetStats", "Options", "PAPER_SCHEMES", "POLICIES", "SCORERS", "Scheme", "as_stats",
+           "base_train_batch", "base_train_transform", "check_name", "create", "denormalize", "derangement",
+           "entropy", "label", "mixed_targets", "names", "normalize", "register", "scorer_of", "to_uint8_truncating", "transforms"]

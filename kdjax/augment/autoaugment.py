@@ -1,6 +1,6 @@
 """AutoAugment (Cubuk et al.) on uint8 NHWC batches, jittable, with torchvision's tensor-op semantics.
 
-What the original does (SPEC 2.1, gotchas 2, 3 and 6): its scheme de-normalises the batch, truncates it to uint8
+What the original does (docs/fidelity.md, "AutoAugment"): its scheme de-normalises the batch, truncates it to uint8
 and hands the [N, C, H, W] tensor to torchvision 0.10's ``AutoAugment`` (NEAREST interpolation, no fill, so
 black), which draws ONE sub-policy, two probability coins and two signs for the whole batch. The CIFAR10 policy
 serves CIFAR-100, the IMAGENET policy Tiny ImageNet. ``autoaugment`` does the same by default;
@@ -141,7 +141,7 @@ def _check_images(images) -> Tuple[int, int]:
         raise ValueError(f"AutoAugment needs an RGB batch [N, H, W, 3] in NHWC layout; got shape {images.shape}")
     if images.dtype != jnp.uint8:
         raise ValueError(f"AutoAugment works on uint8 pixels in [0, 255]; got dtype {images.dtype} "
-                         f"(round-trip through kdjax.augment.base.to_uint8_truncating first)")
+                         f"(round-trip through kdjax.augment.transforms.to_uint8_truncating first)")
     return int(images.shape[1]), int(images.shape[2])
 
 

@@ -17,8 +17,7 @@ class Scheme:
     ``scorer`` says which model ``score_fn`` must run: None (no score_fn needed), 'student' (the training
     student in train mode, returning its updated BatchNorm statistics as new_state) or 'teacher' (eval mode,
     new_state None). With ``criterion == 'kld'`` the score is ``kld_score(student(pool), teacher(pool))``: both
-    models run, the student as for 'student'. ``uint8_round_trip`` tells whether the scheme goes through the
-    original's truncating uint8 conversion.
+    models run, the student as for 'student' (``scored_by``).
     """
     name: str
     fn: Callable = dataclasses.field(repr=False)
@@ -26,11 +25,18 @@ class Scheme:
     options: Options
     scorer: Optional[str] = None
     criterion: Optional[str] = None
-    uint8_round_trip: bool = False
 
     @property
     def needs_score_fn(self) -> bool:
         return self.scorer is not None
+
+    @property
+    def scored_by(self) -> Optional[str]:
+        """The model whose forward a step runs inside ``score_fn``: the scorer, except that the 'kld' criterion
+        compares the training student with the teacher and so always needs the student's train-mode pass."""
+        if self.scorer is not None and self.criterion == "kld":
+            return "student"
+        return self.scorer
 
     def __call__(self, key, images, labels, score_fn=None):
         if images.ndim != 4:
@@ -48,22 +54,24 @@ class Scheme:
 class _Entry:
     factory: Callable
     scorer: Optional[str] = None
-    uint8_round_trip: bool = False
+    label: Optional[str] = None  # how tables and plots name the scheme
 
 
 # The paper's nine, in the order of its tables (aug='all' runs them in this order).
 _BUILTIN: Dict[str, _Entry] = {
-    "identity": _Entry(schemes.identity),
-    "flip": _Entry(schemes.flip, uint8_round_trip=True),
-    "crop_flip": _Entry(schemes.crop_flip, uint8_round_trip=True),
-    "cutout": _Entry(schemes.cutout),
-    "autoaugment": _Entry(schemes.autoaugment_scheme, uint8_round_trip=True),
-    "mixup": _Entry(schemes.mixup),
-    "cutmix": _Entry(schemes.cutmix),
-    "cutmix_pick_s": _Entry(schemes.cutmix_pick_s, scorer="student"),
-    "cutmix_pick_t": _Entry(schemes.cutmix_pick_t, scorer="teacher"),
+    "identity": _Entry(schemes.identity, label="Identity"),
+    "flip": _Entry(schemes.flip, label="Flip"),
+    "crop_flip": _Entry(schemes.crop_flip, label="Crop+Flip"),
+    "cutout": _Entry(schemes.cutout, label="Cutout"),
+    "autoaugment": _Entry(schemes.autoaugment_scheme, label="AutoAugment"),
+    "mixup": _Entry(schemes.mixup, label="Mixup"),
+    "cutmix": _Entry(schemes.cutmix, label="CutMix"),
+    "cutmix_pick_s": _Entry(schemes.cutmix_pick_s, scorer="student", label="CutMixPick (S. ent.)"),
+    "cutmix_pick_t": _Entry(schemes.cutmix_pick_t, scorer="teacher", label="CutMixPick (T. ent.)"),
 }
 _USER: Dict[str, _Entry] = {}
+# The paper's nine scheme names in the order of its tables: the one list every task and the sweep use.
+PAPER_SCHEMES = tuple(_BUILTIN)
 
 _OPTION_NAMES = ("per_sample", "cutout_size", "policy", "mix_n_run", "n_pick", "criterion")
 
@@ -73,18 +81,29 @@ def names():
     return list(_BUILTIN) + [name for name in _USER if name not in _BUILTIN]
 
 
+def label(name: str) -> str:
+    """The scheme's name in tables and plots ("CutMixPick (T. ent.)"); a user scheme's own name."""
+    entry = _BUILTIN.get(name) or _USER.get(name)
+    return entry.label if entry is not None and entry.label else name
+
+
+def scorer_of(name: str) -> Optional[str]:
+    """Which model scores the scheme's pool: None, 'student' (its T. stddev needs a trained student) or 'teacher'."""
+    check_name(name)
+    return (_BUILTIN.get(name) or _USER[name]).scorer
+
+
 def check_name(name: str) -> None:
     if name not in _BUILTIN and name not in _USER:
         raise ValueError(f"unknown augmentation {name!r}; valid augmentations: {', '.join(names())}")
 
 
-def register(name: str, factory: Callable = None, *, scorer: Optional[str] = None,
-             uint8_round_trip: bool = False):
+def register(name: str, factory: Callable = None, *, scorer: Optional[str] = None):
     """Add a scheme: ``factory(stats: DatasetStats, options: Options) -> fn(key, images, labels, score_fn)``
     returning ``(images_aug, aux)`` on normalised float NHWC batches. ``scorer`` ('student' / 'teacher') if fn
     calls score_fn. Usable as a decorator; re-registering a user name replaces it; built-in names are fixed."""
     if factory is None:
-        return lambda fn: register(name, fn, scorer=scorer, uint8_round_trip=uint8_round_trip)
+        return lambda fn: register(name, fn, scorer=scorer)
     if not isinstance(name, str) or not name:
         raise ValueError(f"scheme name must be a non-empty string; got {name!r}")
     if name in _BUILTIN:
@@ -93,7 +112,7 @@ def register(name: str, factory: Callable = None, *, scorer: Optional[str] = Non
         raise ValueError(f"factory for {name!r} must be callable(stats, options) -> fn; got {factory!r}")
     if scorer not in SCORERS:
         raise ValueError(f"scorer must be one of {SCORERS}; got {scorer!r}")
-    _USER[name] = _Entry(factory, scorer, uint8_round_trip)
+    _USER[name] = _Entry(factory, scorer)
     return factory
 
 
@@ -179,6 +198,5 @@ def create(aug: str, dataset_stats, **options) -> Scheme:
     if not callable(fn):
         raise ValueError(f"factory of {aug!r} returned {fn!r}; it must return fn(key, images, labels, score_fn)")
     return Scheme(name=aug, fn=fn, stats=stats, options=opts, scorer=entry.scorer,
-                  criterion=opts.criterion if entry.scorer is not None else None,
-                  uint8_round_trip=entry.uint8_round_trip)
+                  criterion=opts.criterion if entry.scorer is not None else None)
 

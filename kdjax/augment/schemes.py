@@ -1,4 +1,4 @@
-"""The nine augmentation schemes of the paper (SPEC section 2), as pure jittable functions.
+"""The nine augmentation schemes of the paper (docs/fidelity.md, "The nine schemes"), as pure jittable functions.
 
 Each factory takes the dataset statistics and the resolved options and returns
 ``fn(key, images, labels, score_fn=None) -> (images_aug, aux)`` on normalised float NHWC batches.
@@ -14,7 +14,7 @@ from typing import Callable, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from kdjax.augment import base
+from kdjax.augment import transforms
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,12 +111,12 @@ def identity(stats: DatasetStats, opts: Options) -> Callable:
 
 def _via_uint8(stats: DatasetStats, transform_uint8: Callable) -> Callable:
     """Wrap a uint8 transform in the original's round trip: de-normalise, *255, truncate to uint8, transform,
-    /255, normalise (SPEC gotcha 3)."""
+    /255, normalise (docs/fidelity.md, "Base pipeline")."""
     def fn(key, images, labels, score_fn=None):
         del labels, score_fn
-        pixels = base.to_uint8_truncating(images, stats.mean, stats.std)
+        pixels = transforms.to_uint8_truncating(images, stats.mean, stats.std)
         out, aux = transform_uint8(key, pixels)
-        return _keep_dtype(base.renormalize(out, stats.mean, stats.std), images), aux
+        return _keep_dtype(transforms.normalize(out, stats.mean, stats.std), images), aux
     return fn
 
 
@@ -132,8 +132,8 @@ def crop_flip(stats: DatasetStats, opts: Options) -> Callable:
     """RandomCrop(S, padding=S//8, zero fill) then RandomHorizontalFlip(0.5), through uint8; one offset and one
     coin for the batch (or one each per image)."""
     def transform(key, pixels):
-        offsets, coins = base.draw_crop_flip(key, pixels.shape[0] if opts.per_sample else None, opts.crop_pad)
-        out = base.apply_crop_flip(pixels, offsets, coins, opts.crop_pad)
+        offsets, coins = transforms.draw_crop_flip(key, pixels.shape[0] if opts.per_sample else None, opts.crop_pad)
+        out = transforms.apply_crop_flip(pixels, offsets, coins, opts.crop_pad)
         return out, {"offset": offsets, "flip": coins}
     return _via_uint8(stats, transform)
 
@@ -179,7 +179,7 @@ def mixup(stats: DatasetStats, opts: Options) -> Callable:
 
 
 def _cutmix_once(key, images, per_sample: bool):
-    """One CutMix draw (SPEC 2.2): lam ~ U(0, 1), box side 2*(int(S*sqrt(1-lam))//2) around a uniform centre,
+    """One CutMix draw (docs/fidelity.md, "The nine schemes"): lam ~ U(0, 1), box side 2*(int(S*sqrt(1-lam))//2) around a uniform centre,
     clipped; a derangement; lam recomputed from the clipped area. Returns (mixed, aux)."""
     n, h, w, _ = images.shape
     key_lam, key_box, key_perm = jax.random.split(key, 3)
@@ -206,14 +206,8 @@ def cutmix(stats: DatasetStats, opts: Options) -> Callable:
     return fn
 
 
-def _soft_targets(labels, source, partner, lam, num_classes: int):
-    onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
-    lam = lam[:, None]
-    return lam * onehot[source] + (1.0 - lam) * onehot[partner]
-
-
 def _cutmix_pick(scorer_name: str) -> Callable:
-    """CutMixPick (SPEC 2.3): ``mix_n_run`` CutMix draws (each its own lam, box and derangement) make a pool of
+    """CutMixPick (docs/fidelity.md, "CutMixPick"): ``mix_n_run`` CutMix draws (each its own lam, box and derangement) make a pool of
     mix_n_run * N images in run order; ``score_fn`` scores it; the ``n_pick`` highest scores are kept, in
     ascending score order as the original returns them. ``n_pick`` None means N; it is capped at the pool size.
 
@@ -256,8 +250,8 @@ def _cutmix_pick(scorer_name: str) -> Callable:
                 "pool_box": jnp.stack([aux["box"] for _, aux in runs]),
             }
             if stats.num_classes is not None and labels is not None:
-                aux["targets"] = _soft_targets(labels, aux["source"], aux["partner"], aux["lam"],
-                                               stats.num_classes)
+                aux["targets"] = transforms.mix_labels(labels, aux["partner"], aux["lam"], stats.num_classes,
+                                                       source=aux["source"])
             return pool[picked], aux
         return fn
     return factory

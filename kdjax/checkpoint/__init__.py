@@ -1,7 +1,43 @@
-"""Checkpoints: kdjax's orbax format, and import of the original PyTorch teachers."""
-from kdjax.checkpoint.store import (CheckpointError, TrainCheckpointer, check_meta, load_model,  # noqa: F401
-                                    resolve_step_dir, save_model)
-from kdjax.checkpoint.torch_import import import_torch, read_torch_checkpoint, torch_to_variables  # noqa: F401
-from kdjax.checkpoint.torch_pickle import (NotATorchCheckpointError, TorchCheckpointError,  # noqa: F401
-                                           TruncatedCheckpointError, UnsafePickleError)
-from kdjax.models.torch_names import CheckpointMismatch  # noqa: F401
+"""Checkpoints: kdjax's orbax format, and import of the original PyTorch teachers.
+
+The names below are imported on first use (PEP 562): ``kdjax.checkpoint.store`` pulls in orbax and JAX, which the
+torch-free ``.pth`` reader (``kdjax.checkpoint.torch_pickle``) must not need -- it is used, and tested, where JAX
+cannot even start (e.g. under a 1 GiB address-space limit).
+"""
+import importlib
+
+_EXPORTS = {
+    "CheckpointError": "store",
+    "TrainCheckpointer": "store",
+    "check_meta": "store",
+    "load_model": "store",
+    "read_meta": "store",
+    "resolve_step_dir": "store",
+    "save_model": "store",
+    "import_torch": "torch_import",
+    "read_torch_checkpoint": "torch_import",
+    "torch_to_variables": "torch_import",
+    "CheckpointLimitError": "torch_pickle",
+    "NotATorchCheckpointError": "torch_pickle",
+    "TorchCheckpointError": "torch_pickle",
+    "TruncatedCheckpointError": "torch_pickle",
+    "UnsafePickleError": "torch_pickle",
+    "CheckpointMismatch": "torch_names",
+}
+_SUBMODULES = set(_EXPORTS.values())  # ``kdjax.checkpoint.store.X`` after a bare ``import kdjax.checkpoint``
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

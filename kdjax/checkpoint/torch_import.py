@@ -9,7 +9,7 @@ from typing import Any, Dict, Mapping, Tuple
 
 import numpy as np
 
-from kdjax.checkpoint.torch_pickle import NotATorchCheckpointError, load_with_format
+from kdjax.checkpoint.torch_pickle import NotATorchCheckpointError, brief, checkpoint_error, load_with_format
 
 DATA_PARALLEL_PREFIX = "module."
 # where checkpoint dicts keep the weights: the teachers' and students' 'model'; 'state_dict' is a common alternative
@@ -34,16 +34,17 @@ def _is_state_dict(obj) -> bool:
 def _split_checkpoint(obj, path: str) -> Tuple[Mapping, Dict[str, Any]]:
     """(state_dict, the other top-level entries) of a checkpoint dict or a bare state_dict."""
     if not isinstance(obj, Mapping):
-        raise NotATorchCheckpointError(f"{path}: holds a {type(obj).__name__}, not a state_dict or a dict with "
-                                       f"'model'; save model.state_dict() (or {{'model': model.state_dict()}})")
+        raise checkpoint_error(NotATorchCheckpointError, path,
+                               f"holds a {type(obj).__name__}, not a state_dict or a dict with 'model'; save "
+                               f"model.state_dict() (or {{'model': model.state_dict()}})")
     for entry in _STATE_DICT_ENTRIES:
         if isinstance(obj.get(entry), Mapping):
             return obj[entry], {k: v for k, v in obj.items() if k != entry}
     if _is_state_dict(obj):
         return obj, {}
-    raise NotATorchCheckpointError(f"{path}: a dict with entries {sorted(map(str, obj))[:8]} but neither a "
-                                   f"'model' state_dict nor tensors only; save model.state_dict() "
-                                   f"(or {{'model': model.state_dict()}})")
+    raise checkpoint_error(NotATorchCheckpointError, path,
+                           f"a dict with entries {brief(sorted(map(str, obj))[:8], 120)} but neither a 'model' "
+                           f"state_dict nor tensors only; save model.state_dict() (or {{'model': model.state_dict()}})")
 
 
 def read_torch_checkpoint(path) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
@@ -64,8 +65,9 @@ def read_torch_checkpoint(path) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
     state_dict_in_file = state_dict
     for key, value in state_dict.items():
         if not isinstance(key, str) or not isinstance(value, np.ndarray):
-            raise NotATorchCheckpointError(f"{path}: state_dict entry {key!r} is a {type(value).__name__}, not a "
-                                           f"tensor; save model.state_dict()")
+            raise checkpoint_error(NotATorchCheckpointError, path,
+                                   f"state_dict entry {brief(key)} is a {type(value).__name__}, not a tensor; save "
+                                   f"model.state_dict()")
     stripped = len(state_dict) > 0 and all(k.startswith(DATA_PARALLEL_PREFIX) for k in state_dict)
     if stripped:
         state_dict = {k[len(DATA_PARALLEL_PREFIX):]: v for k, v in state_dict.items()}
@@ -90,7 +92,7 @@ def torch_to_variables(state_dict: Mapping[str, np.ndarray], arch: str, num_clas
     """
     # imported here so that reading a file needs neither jax nor the zoo
     from kdjax import models
-    from kdjax.models.torch_names import CheckpointMismatch, abstract_variables, convert_state_dict
+    from kdjax.checkpoint.torch_names import CheckpointMismatch, abstract_variables, convert_state_dict
 
     models.check_name(arch)
     model = models.create(arch, num_classes=num_classes, image_size=image_size)

@@ -102,13 +102,10 @@ class DeviceDataset:
     def labels(self, split: str) -> jax.Array:
         return getattr(self, f"{_check_split(split)}_labels")
 
-    def num_examples(self, split: str) -> int:
-        return self.num_train if _check_split(split) == "train" else self.num_test
-
     def gather(self, split: str, indices: jax.Array) -> tuple[jax.Array, jax.Array]:
         """``(images[indices], labels[indices])`` of ``split``, both sharded P("data") along the batch.
 
-        ``indices``: int [B] global example indices in ``[0, num_examples(split))``, B a multiple of the mesh size,
+        ``indices``: int [B] global example indices in ``[0, num_train)`` (or ``num_test``), B a multiple of the mesh size,
         best already sharded P("data"). Works inside jit (pass ``self`` as an argument) and eagerly. Indices out of
         range give zero images with label 0.
         """

@@ -17,17 +17,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from kdjax.data import archives
+from kdjax.data.archives import NATIVE_SIZE, NUM_CLASSES, STATS  # noqa: F401
 from kdjax.data.core import Dataset, resize_images
 
-# Normalisation statistics in [0, 1] pixel units. CIFAR-100: the original's dataset/cifar100.py; CIFAR-10: the usual
-# training-set values (CRD ships no CIFAR-10 loader); Tiny ImageNet: ImageNet's, as the original's tinyimagenet.py.
-STATS = {
-    "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "tiny_imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "tiny_imagenet": 200}
-NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "tiny_imagenet": 64}
 
 
 def _manual_instructions(name: str) -> str:

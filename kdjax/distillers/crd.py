@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdjax.distillers import heads
-from kdjax.distillers.base import (Distiller, check_feature_list, shape_of, student_features,
+from kdjax.distillers.interface import (Distiller, check_feature_list, shape_of, student_features,
                                    teacher_features)
 
 NCE_EPS = 1e-7

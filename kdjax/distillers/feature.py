@@ -1,6 +1,6 @@
 """FitNet (hint), AT, SP, PKT, RKD and VID: the pure loss functions and their ``Distiller`` wrappers.
 
-Which features each uses, and the default beta, follow the original training script (SPEC section 7):
+Which features each uses, and the default beta, follow the original training script (docs/fidelity.md, "Distillers"):
 hint f[hint_layer=2] through ConvReg [100]; at f[1:-1] [1000]; sp f[-2] [3000]; pkt f[-1] [30000];
 rkd f[-1] [1]; vid f[1:-1] through per-layer regressors [1]. Where the student and teacher lists differ in
 length, the layers are paired in order and the extra ones dropped, as the original's ``zip`` does.
@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from kdjax.distillers import heads
-from kdjax.distillers.base import (Distiller, check_feature_list, check_map, l2_normalize, match_spatial,
+from kdjax.distillers.interface import (Distiller, check_feature_list, check_map, l2_normalize, match_spatial,
                                    shape_of, student_features, teacher_features)
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Building blocks shared by the zoo: PyTorch-semantics BatchNorm and the original's initialisers.
 
-Naming rule (it makes the PyTorch import architecture-agnostic, see ``kdjax.models.torch_names``): every flax
+Naming rule (it makes the PyTorch import architecture-agnostic, see ``kdjax.checkpoint.torch_names``): every flax
 submodule is named after the PyTorch module path, with a numeric path component glued to the one before it by
 ``_``. PyTorch ``layer1.0.conv1.weight`` is flax ``params/layer1_0/conv1/kernel``; ``blocks.0.0.conv.3`` is
 ``blocks_0_0/conv_3``. BatchNorm keeps ``scale``/``bias`` in ``params`` and ``mean``/``var`` in ``batch_stats``.
@@ -68,3 +68,23 @@ class BatchNorm(nn.Module):
         bshape = (self.groups,) + (1,) * (xg.ndim - 2) + (c,)
         y = xg * inv.reshape(bshape) + (bias - mean * inv).reshape(bshape)
         return y.reshape(x.shape).astype(self.dtype)
+
+
+def conv(features: int, kernel: int, stride: int, dtype, name: str, kernel_init=kaiming_normal_fan_out,
+         groups: int = 1):
+    """A bias-free conv with PyTorch's symmetric padding (kernel // 2). Flax's "SAME" would pad (0, 1) at stride 2
+    on even sizes and shift every strided output by one pixel relative to the original."""
+    pad = kernel // 2
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+                   feature_group_count=groups, use_bias=False, dtype=dtype, kernel_init=kernel_init, name=name)
+
+
+def torch_linear(features: int, fan_in: int, dtype, name: str):
+    """nn.Linear with PyTorch's default initialisation (weight and bias U(+-1/sqrt(fan_in)))."""
+    return nn.Dense(features, dtype=dtype, kernel_init=torch_default_kernel, bias_init=torch_default_bias(fan_in),
+                    name=name)
+
+
+def global_avg_pool(x, dtype):
+    """Mean over the spatial axes of NHWC, accumulated in float32 (also for bfloat16 compute)."""
+    return x.astype(jnp.float32).mean(axis=(1, 2)).astype(dtype)

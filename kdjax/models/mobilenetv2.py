@@ -33,10 +33,7 @@ def check_image_size(image_size: int) -> None:
 
 
 def _conv(features, kernel, stride, name, dtype, groups=1):
-    pad = kernel // 2
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-                   feature_group_count=groups, use_bias=False, dtype=dtype,
-                   kernel_init=layers.kaiming_normal_fan_out, name=name)
+    return layers.conv(features, kernel, stride, dtype, name, groups=groups)
 
 
 class InvertedResidual(nn.Module):

@@ -10,26 +10,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from kdjax.models import layers
+from kdjax.models.layers import conv, global_avg_pool, torch_linear
 from kdjax.models.registry import register
-
-def conv(features: int, kernel: int, stride: int, dtype, name: str, kernel_init=layers.kaiming_normal_fan_out):
-    """A bias-free conv with PyTorch's symmetric padding (kernel // 2). Flax's "SAME" would pad (0, 1) at stride 2
-    on even sizes and shift every strided output by one pixel relative to the original."""
-    pad = kernel // 2
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-                   use_bias=False, dtype=dtype, kernel_init=kernel_init, name=name)
-
-
-def torch_linear(features: int, fan_in: int, dtype, name: str):
-    """nn.Linear with PyTorch's default initialisation (weight and bias U(+-1/sqrt(fan_in)))."""
-    return nn.Dense(features, dtype=dtype, kernel_init=layers.torch_default_kernel,
-                    bias_init=layers.torch_default_bias(fan_in), name=name)
-
-
-def global_avg_pool(x, dtype):
-    """Mean over the spatial axes of NHWC, accumulated in float32 (also for bfloat16 compute)."""
-    return x.astype(jnp.float32).mean(axis=(1, 2)).astype(dtype)
-
 
 class BasicBlock(nn.Module):
     """conv3x3(stride)-BN-ReLU-conv3x3-BN, plus the identity or a 1x1 conv + BN projection, then ReLU."""

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from kdjax.models import layers
 from kdjax.models.registry import register
-from kdjax.models.resnet import conv, global_avg_pool, torch_linear
+from kdjax.models.layers import conv, global_avg_pool, torch_linear
 
 
 def _shortcut(x, out_planes: int, stride: int, dtype, bn_groups: int, train: bool):

@@ -31,19 +31,7 @@ def channel_shuffle(x, groups: int):
 
 
 def _conv(features, kernel, name, dtype, stride=1, groups=1):
-    pad = kernel // 2
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-                   feature_group_count=groups, use_bias=False, dtype=dtype,
-                   kernel_init=layers.torch_default_kernel, name=name)
-
-
-def _linear(num_classes, in_features, dtype):
-    return nn.Dense(num_classes, dtype=dtype, kernel_init=layers.torch_default_kernel,
-                    bias_init=layers.torch_default_bias(in_features), name="linear")
-
-
-def _global_pool(x, dtype):
-    return jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(dtype)
+    return layers.conv(features, kernel, stride, dtype, name, kernel_init=layers.torch_default_kernel, groups=groups)
 
 
 def _stem(module, x, train):
@@ -110,9 +98,9 @@ class ShuffleNetV1(nn.Module):
                 x = BottleneckV1(branch, 2 if j == 0 else 1, self.groups, dtype=self.dtype,
                                  bn_groups=self.bn_groups, name=f"layer{s + 1}_{j}")(x, train)
             feats.append(x)
-        x = _global_pool(x, self.dtype)
+        x = layers.global_avg_pool(x, self.dtype)
         feats.append(x)
-        logits = _linear(self.num_classes, x.shape[-1], self.dtype)(x).astype(jnp.float32)
+        logits = layers.torch_linear(self.num_classes, x.shape[-1], self.dtype, "linear")(x).astype(jnp.float32)
         return (feats, logits) if features else logits
 
 
@@ -188,9 +176,9 @@ class ShuffleNetV2(nn.Module):
             feats.append(x)
         x = _conv(self.out_channels[3], 1, "conv2", self.dtype)(x)
         x = nn.relu(layers.BatchNorm(groups=self.bn_groups, dtype=self.dtype, name="bn2")(x, train))
-        x = _global_pool(x, self.dtype)
+        x = layers.global_avg_pool(x, self.dtype)
         feats.append(x)
-        logits = _linear(self.num_classes, x.shape[-1], self.dtype)(x).astype(jnp.float32)
+        logits = layers.torch_linear(self.num_classes, x.shape[-1], self.dtype, "linear")(x).astype(jnp.float32)
         return (feats, logits) if features else logits
 
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from kdjax.models import layers
 from kdjax.models.registry import register
-from kdjax.models.resnet import conv, global_avg_pool
+from kdjax.models.layers import conv, global_avg_pool
 
 
 class WideBasic(nn.Module):

@@ -1,4 +1,4 @@
-"""Draw every augmentation scheme on real images into one PNG grid (``configs/augment_gallery.py``).
+"""Draw every augmentation scheme on real images into one PNG grid (``kdjax augment_gallery``).
 
 Row 1 shows the test images as stored, row 2 the base training transform x (per-sample crop+flip, as every
 step does before its scheme), the other rows x' = A(x) for each scheme, all from the same x. CutMixPick needs a
@@ -8,28 +8,25 @@ not what a trained student or teacher would pick.
 """
 import json
 import os
-import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from kdjax import augment
-from kdjax.augment import base
+from kdjax.augment import transforms
 from kdjax.tasks import common
 
 PROXY_NOTE = "scored by entropy of a fixed random linear classifier (untrained proxy)"
 
 
-def scheme_list(aug: str):
-    if aug == "all":
-        return augment.names()[:9]
-    # '+' inside the colon argument (its items are separated by ','); ',' works with --config.aug=...
-    wanted = [name.strip() for name in re.split(r"[+,]", aug) if name.strip()]
+def scheme_list(aug) -> list:
+    """The schemes of ``aug``: a tuple of names, ``('all',)`` for the paper's nine."""
+    wanted = list(augment.PAPER_SCHEMES) if tuple(aug) == ("all",) else list(aug)
     for name in wanted:
         augment.check_name(name)
     if not wanted:
-        raise ValueError("aug is empty; give 'all' or a list of schemes, e.g. aug=cutout+mixup")
+        raise ValueError("aug is empty; give all or a list of schemes, e.g. --config.aug=cutout,mixup")
     return wanted
 
 
@@ -61,7 +58,7 @@ def pick_test_images(dataset, count: int, seed: int):
 
 
 def to_display(images_normalized, mean, std) -> np.ndarray:
-    return np.clip(np.asarray(base.denormalize(jnp.asarray(images_normalized, jnp.float32), mean, std)), 0.0, 1.0)
+    return np.clip(np.asarray(transforms.denormalize(jnp.asarray(images_normalized, jnp.float32), mean, std)), 0.0, 1.0)
 
 
 def render(rows, path: str, title: str) -> None:
@@ -98,8 +95,7 @@ def run(config, workdir):
 
     key = jax.random.key(int(config.seed))
     key_base, key_aug = jax.random.split(key)
-    x = base.normalize(base.base_train_transform(key_base, jnp.asarray(images_uint8), base.default_pad(size)),
-                       mean, std)
+    x = transforms.base_train_batch(key_base, jnp.asarray(images_uint8), mean, std, transforms.default_pad(size))
     rows = [("original", np.asarray(images_uint8) / 255.0), ("base crop+flip (x)", to_display(x, mean, std))]
     scorers = {"student": proxy_score_fn(1, size, dataset.num_classes),
                "teacher": proxy_score_fn(2, size, dataset.num_classes)}

@@ -1,14 +1,11 @@
-"""Set-up shared by the tasks: checks that fail before any compile, data on the devices, model state."""
-import ast
-import dataclasses
+"""Set-up shared by the tasks: checks that fail before any compile, the dataset, checkpoints checked against it,
+model state and the closing results."""
 import os
 import time
 from typing import Any, Dict, Optional
 
 import jax
 import jax.numpy as jnp
-
-from kdjax import parallel
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -19,57 +16,89 @@ def compute_dtype(name: str):
     return DTYPES[name]
 
 
-_DISTRIBUTED_READY = False
+POSITIVE_FIELDS = ("epochs", "epoch_factor", "batch_size", "eval_batch_size", "keep_checkpoints", "checkpoint_every",
+                   "eval_every", "steps_per_dispatch", "steps_per_forward")
 
 
-def maybe_initialize_distributed() -> None:
-    """Multi-host runs: ``jax.distributed.initialize()`` when the launcher says so (KDJAX_DISTRIBUTED=1, or the
-    coordinator variables below for a manual localhost cluster); single-process runs skip it. Idempotent."""
-    global _DISTRIBUTED_READY
-    if _DISTRIBUTED_READY:
-        return
-    _DISTRIBUTED_READY = True
-    coordinator = os.environ.get("KDJAX_COORDINATOR")
-    if coordinator:
-        if os.environ.get("KDJAX_CPU_COLLECTIVES"):
-            jax.config.update("jax_cpu_collectives_implementation", os.environ["KDJAX_CPU_COLLECTIVES"])
-        jax.distributed.initialize(coordinator_address=coordinator,
-                                   num_processes=int(os.environ["KDJAX_NUM_PROCESSES"]),
-                                   process_id=int(os.environ["KDJAX_PROCESS_ID"]))
-    elif os.environ.get("KDJAX_DISTRIBUTED") == "1":
-        jax.distributed.initialize()
+def validate_run(config, *model_names) -> None:
+    """The run fields every task shares, checked before any data loading or compiling: counts >= 1 (``epochs=0``
+    would write a result for an untrained model, ``keep_checkpoints=0`` would delete every checkpoint), a known
+    dtype, and an image size each model can run at."""
+    for field in POSITIVE_FIELDS:
+        if field in config and (isinstance(config[field], bool) or int(config[field]) < 1):
+            raise ValueError(f"{field} must be >= 1, got {config[field]}: set --config.{field}=N with N >= 1")
+    if config.get("image_size") is not None and int(config.image_size) < 1:
+        raise ValueError(f"image_size must be >= 1, got {config.image_size}; leave it unset for the dataset's own size")
+    if "dtype" in config:
+        compute_dtype(config.dtype)
+    if config.get("image_size") is not None:
+        for name in model_names:
+            check_model_runs_at(name, int(config.image_size))
+
+
+def check_model_runs_at(name: str, image_size: int, num_classes: int = 10) -> None:
+    """Trace the model's forward at ``image_size`` (shapes only, nothing compiles): an architecture whose pooling
+    would shrink the image to nothing fails here in one line instead of inside compilation."""
+    from kdjax import models
+    model = models.create(name, num_classes, image_size)
+    x = jnp.zeros((2, image_size, image_size, 3))
+
+    def forward():
+        variables = model.init(jax.random.key(0), x)
+        return model.apply(variables, x, train=True, mutable=["batch_stats"])
+
+    try:
+        jax.eval_shape(forward)
+    except Exception as e:  # flax and XLA raise many types for impossible shapes
+        raise ValueError(f"model {name} cannot run at {image_size}x{image_size} pixels ({type(e).__name__}): use a "
+                         f"larger --config.image_size") from None
 
 
 def data_options(config) -> Dict[str, Any]:
-    options = {}
-    for field in ("data_dir", "manual_dir"):
-        if config.get(field):
-            options[field] = config[field]
-    if config.get("image_size"):
-        options["image_size"] = int(config.image_size)
-    options.update(parse_dataset_options(config.get("dataset_options", "")))
+    """The ``kdjax.data.load`` arguments a config sets: data_dir, manual_dir, image_size, dataset_options.*."""
+    options = {k: config[k] for k in ("data_dir", "manual_dir", "image_size") if config.get(k) is not None}
+    group = config.get("dataset_options")
+    options.update({k: v for k, v in (group.items() if group is not None else ()) if v is not None})
     return options
 
 
-def parse_dataset_options(text: str) -> Dict[str, Any]:
-    """"num_train=640;num_classes=10" -> {'num_train': 640, 'num_classes': 10} (Python literals, else strings)."""
-    options = {}
-    for item in filter(None, (text or "").split(";")):
-        if "=" not in item:
-            raise ValueError(f"dataset_options item {item!r} is not of the form key=value (items separated by ';')")
-        key, value = (s.strip() for s in item.split("=", 1))
-        try:
-            options[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            options[key] = value
-    return options
+def load_dataset(config):
+    from kdjax import data
+    return data.load(config.dataset, **data_options(config))
 
 
-def load_checkpoint(path: str, model: Optional[str] = None, role: str = "model"):
+DONE_MARKER = "results.json"
+
+
+def check_finished(path: str, role: str, field: Optional[str] = None) -> None:
+    """A run's workdir may only be consumed once the run finished (its results.json, written last and atomically);
+    a checkpoints folder or one step's directory named explicitly is taken as it is."""
+    from kdjax.checkpoint import CheckpointError, resolve_step_dir
+    from kdjax.checkpoint.store import CHECKPOINT_SUBDIR
+    path = os.path.abspath(os.path.expanduser(path))
+    step_dir = resolve_step_dir(path)
+    is_run_workdir = os.path.isdir(os.path.join(path, CHECKPOINT_SUBDIR))
+    if not is_run_workdir or os.path.exists(os.path.join(path, DONE_MARKER)):
+        return
+    raise CheckpointError(f"the {role} run in {path} is unfinished (no {DONE_MARKER}): let it finish, or name one "
+                          f"step explicitly, e.g. --config.{field or role + '_checkpoint'}={step_dir}")
+
+
+def input_record(path: str, meta: Dict[str, Any]) -> Dict[str, Any]:
+    """What a run consumed, for its results.json: the checkpoint's path, step directory and content digest."""
+    from kdjax.checkpoint import resolve_step_dir
+    return {"path": os.path.abspath(os.path.expanduser(path)), "step_dir": resolve_step_dir(path),
+            "digest": meta.get("digest")}
+
+
+def load_checkpoint(path: str, model: Optional[str] = None, role: str = "model", field: Optional[str] = None):
     """``(variables, meta, model_name)`` of a kdjax checkpoint checked against ``model`` (default: the model its
-    meta names); fails in one line, before anything compiles, when it is missing, damaged or for another model."""
+    meta names); fails in one line, before anything compiles, when it is missing, unfinished, damaged or for
+    another model."""
     from kdjax import models
     from kdjax.checkpoint import CheckpointError, check_meta, load_model
+    if path:
+        check_finished(path, role, field)
     variables, meta = load_model(path)
     name = model or meta.get("model")
     if not name:
@@ -79,18 +108,15 @@ def load_checkpoint(path: str, model: Optional[str] = None, role: str = "model")
     return variables, meta, name
 
 
-def load_dataset(config):
-    from kdjax import data
-    return data.load(config.dataset, **data_options(config))
-
-
-def init_variables(model, key, image_size: int):
-    x = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
-    return jax.jit(lambda k: model.init(k, x, train=False))(key)
+def check_against_dataset(meta: Dict[str, Any], path: str, dataset) -> None:
+    """A checkpoint must have the dataset's class count and image size (its meta says which it was made for)."""
+    from kdjax.checkpoint import check_meta
+    check_meta(meta, path, num_classes=dataset.num_classes, image_size=dataset.image_size)
 
 
 def init_state(model, tx, key, image_size: int) -> Dict[str, Any]:
-    variables = init_variables(model, key, image_size)
+    x = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
+    variables = jax.jit(lambda k: model.init(k, x, train=False))(key)
     params = variables["params"]
     return {"params": params, "batch_stats": variables.get("batch_stats", {}), "opt_state": tx.init(params),
             "step": jnp.zeros((), jnp.int32), "extra": {}}
@@ -103,48 +129,13 @@ def model_meta(model_name: str, dataset, extra: Optional[Dict[str, Any]] = None)
     return meta
 
 
-def make_mesh():
-    return parallel.make_mesh()
-
-
-
-
-def base_pad(image_size: int) -> int:
-    """Zero padding of the base random crop: 4 px at 32x32, 8 px at 64x64 (the original's loaders)."""
-    from kdjax.augment.base import default_pad
-    return default_pad(image_size)
-
-
-@dataclasses.dataclass(frozen=True)
-class Training:
-    """What a training task derives from its config before building the step: the recipe of SPEC section 4."""
-    epochs: int
-    plan: Any
-    base_lr: float
-    tx: Any
-    schedule: Any
-
-
-def training_recipe(config, dataset, mesh, model_name: str) -> Training:
-    """Epochs (x epoch_factor), the epoch plan, the lr rule and the SGD optimiser with its step decay."""
-    from kdjax.train import loop, optim
-    epochs = int(config.epochs) * max(int(config.epoch_factor), 1)
-    plan = loop.make_plan(dataset.num_train, int(config.batch_size), mesh.size,
-                          loop.steps_per_dispatch_for_backend(config.steps_per_dispatch), config.last_batch)
-    base_lr = optim.default_lr(model_name, config.optim.lr)
-    tx, schedule = optim.make_optimizer(base_lr, plan.steps_per_epoch,
-                                        optim.scaled_decay_epochs(config.optim.decay_epochs, config.epoch_factor),
-                                        config.optim.decay_rate, config.optim.momentum, config.optim.weight_decay)
-    return Training(epochs, plan, base_lr, tx, schedule)
-
-
-def finish_training(workdir: str, config, fields: Dict[str, Any], out: Dict[str, Any], training: Training,
+def finish_training(workdir: str, config, fields: Dict[str, Any], out: Dict[str, Any], recipe,
                     started: float, label: str) -> Dict[str, Any]:
-    """results.json (DESIGN's fields) of a training run, and its closing line."""
+    """results.json of a training run, and its closing line."""
     from kdjax import runlog
-    results = {**fields, "seed": int(config.seed), "epochs": training.epochs, "test_loss": out["test_loss"],
+    results = {**fields, "seed": int(config.seed), "epochs": recipe.epochs, "test_loss": out["test_loss"],
                "top1": out["top1"], "top5": out["top5"], "wall_s": time.time() - started,
-               "images_per_s": out["images_per_s"], "compile_s": out["compile_s"], "lr": training.base_lr}
+               "images_per_s": out["images_per_s"], "compile_s": out["compile_s"], "lr": recipe.base_lr}
     path = runlog.write_results(workdir, results, config)
     print(f"[{fields['task']}] {label} on {fields['dataset']}: test_loss {out['test_loss']:.4f} "
           f"top1 {out['top1']:.4f}; results in {path}", flush=True)

@@ -1,16 +1,16 @@
 """Task 'distill': train a student by KD (or labels only, ``teacher=none``) with one augmentation scheme, optionally
 with a feature distiller beside KD (``distiller=crd|hint|at|sp|pkt|rkd|vid``)."""
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
-from absl import logging
 
-from kdjax import augment, distillers, models, workdir as workdir_lib
-from kdjax.checkpoint import check_meta
+from kdjax import augment, distillers, models, parallel, workdir as workdir_lib
+from kdjax.augment import transforms
 from kdjax.data import DeviceDataset
 from kdjax.tasks import common
-from kdjax.train import loop, steps
+from kdjax.train import loop, recipe as recipe_lib, steps
 
 NO_TEACHER = "none"
 
@@ -46,13 +46,13 @@ def feature_shapes(model, variables, batch: int, image_size: int):
 def init_extra(distiller, tx, key, student, student_vars, teacher, teacher_vars, batch: int, dataset):
     """``state['extra']`` for ``distiller``: heads and state sized from the models' feature shapes; CRD's memory
     banks and class tables from the training labels in dataset order (the DeviceDataset's row order, which is
-    what the step's ``indices`` refer to)."""
-    if not steps.is_active(distiller):
+    what the batch's ``indices`` refer to)."""
+    if not distillers.is_active(distiller):
         return {}
     feats_s = feature_shapes(student, student_vars, batch, dataset.image_size)
     feats_t = feature_shapes(teacher, teacher_vars, batch, dataset.image_size)
-    return steps.make_distiller_extra(distiller, tx, key, feats_s, feats_t, num_train=dataset.num_train,
-                                      train_labels=dataset.train_labels)
+    return distillers.make_extra(distiller, tx, key, feats_s, feats_t, num_train=dataset.num_train,
+                                 train_labels=dataset.train_labels)
 
 
 def validate(config) -> None:
@@ -61,7 +61,7 @@ def validate(config) -> None:
         models.check_name(config.teacher)
     models.check_name(config.student)
     augment.check_name(config.aug)
-    common.compute_dtype(config.dtype)
+    common.validate_run(config, config.student, *([] if config.teacher == NO_TEACHER else [config.teacher]))
     distillers.check_name(config.distiller)
     make_distiller(config)  # option names and values
     if config.teacher == NO_TEACHER and config.distiller != "kd":
@@ -80,23 +80,27 @@ def validate(config) -> None:
 
 def run(config, workdir):
     validate(config)
+    workdir_lib.check_writable(workdir)
+    with workdir_lib.WorkdirLock(workdir):
+        return _train(config, workdir)
+
+
+def _train(config, workdir):
     teacher_vars, teacher_meta = (None, None)
     if config.teacher != NO_TEACHER:
         teacher_vars, teacher_meta, _ = common.load_checkpoint(config.teacher_checkpoint, config.teacher, "teacher")
-    workdir_lib.claim(workdir, config)
     started = time.time()
-
     dataset = common.load_dataset(config)
     if teacher_meta is not None:
-        check_meta(teacher_meta, config.teacher_checkpoint, num_classes=dataset.num_classes,
-                   image_size=dataset.image_size)
+        common.check_against_dataset(teacher_meta, config.teacher_checkpoint, dataset)
         if teacher_meta.get("dataset") not in (None, dataset.name):
-            logging.warning("teacher %s was trained on %s, the student on %s", config.teacher,
-                            teacher_meta.get("dataset"), dataset.name)
+            print(f"warning: teacher {config.teacher} was trained on {teacher_meta.get('dataset')}, the student "
+                  f"on {dataset.name}", file=sys.stderr, flush=True)
+    workdir_lib.claim(workdir, config)  # after every check that can refuse the launch
     dtype = common.compute_dtype(config.dtype)
-    mesh = common.make_mesh()
-    training = common.training_recipe(config, dataset, mesh, config.student)
-    tx, batch = training.tx, int(config.batch_size)
+    mesh = parallel.make_mesh()
+    recipe = recipe_lib.make_recipe(config, dataset.num_train, mesh.size, config.student)
+    batch = int(config.batch_size)
     student = models.create(config.student, dataset.num_classes, dataset.image_size, dtype)
     teacher = (models.create(config.teacher, dataset.num_classes, dataset.image_size, dtype)
                if teacher_vars is not None else None)
@@ -104,29 +108,24 @@ def run(config, workdir):
                             mix_n_run=int(config.augment.mix_n_run),
                             n_pick=config.augment.n_pick if config.augment.n_pick is not None else batch,
                             criterion=config.augment.criterion)
-    scorer = getattr(scheme, "scorer", None)
-    if config.augment.criterion == "kld" and scorer is not None:
-        scorer = "student"  # the kld score needs the student's train-mode pass, in the original's order
     distiller = make_distiller(config)
     weights = kd_weights(config, distiller)
-    step_fn = steps.make_kd_step(student, teacher, tx,
-                                 steps.make_prepare(dataset.mean, dataset.std, common.base_pad(dataset.image_size)),
-                                 scheme, weights, dataset.num_classes, scorer=scorer,
-                                 criterion=config.augment.criterion, distiller=distiller)
+    prepare = steps.make_prepare(dataset.mean, dataset.std, transforms.default_pad(dataset.image_size))
+    step_fn = steps.make_kd_step(student, teacher, recipe.tx, prepare, scheme, weights, dataset.num_classes,
+                                 distiller=distiller)
     run_key = jax.random.key(int(config.seed))
-    state = common.init_state(student, tx, jax.random.fold_in(run_key, 0), dataset.image_size)
-    state["extra"] = init_extra(distiller, tx, jax.random.fold_in(run_key, 3), student,
+    state = common.init_state(student, recipe.tx, jax.random.fold_in(run_key, 0), dataset.image_size)
+    state["extra"] = init_extra(distiller, recipe.tx, jax.random.fold_in(run_key, 3), student,
                                 {"params": state["params"], "batch_stats": state["batch_stats"]}, teacher,
                                 teacher_vars, batch, dataset)
-    data = DeviceDataset.create(dataset, mesh)
     meta = common.model_meta(config.student, dataset, {"teacher": config.teacher, "aug": config.aug})
-
-    out = loop.fit(workdir=workdir, config=config, epochs=training.epochs, mesh=mesh, data=data,
-                   plan=training.plan, step_fn=step_fn, state=state, teacher_vars=teacher_vars, eval_model=student,
-                   eval_mean=dataset.mean, eval_std=dataset.std, schedule=training.schedule, meta=meta,
-                   run_key=run_key, name="distill")
+    trainee = loop.Trainee(name="distill", step_fn=step_fn, state=state, teacher_vars=teacher_vars,
+                           eval_model=student, meta=meta, run_key=run_key)
+    out = loop.fit(workdir, config, recipe, trainee, DeviceDataset.create(dataset, mesh), mesh)
     fields = {"task": "distill", "teacher": config.teacher, "student": config.student, "dataset": dataset.name,
               "aug": config.aug, "distiller": config.distiller,
-              "loss_weights": {"gamma": weights.gamma, "alpha": weights.alpha, "beta": weights.beta}}
-    return common.finish_training(workdir, config, fields, out, training, started,
+              "loss_weights": {"gamma": weights.gamma, "alpha": weights.alpha, "beta": weights.beta},
+              "inputs": {} if teacher_meta is None else {
+                  "teacher": common.input_record(config.teacher_checkpoint, teacher_meta)}}
+    return common.finish_training(workdir, config, fields, out, recipe, started,
                                   f"{config.teacher}->{config.student} {config.aug}")

@@ -1,8 +1,8 @@
 """Task 'evaluate': test loss, top-1 and top-5 of a checkpoint (an imported teacher also shows its stored accuracy)."""
 import time
 
-from kdjax import models, runlog
-from kdjax.checkpoint import CheckpointError, check_meta
+from kdjax import models, parallel, runlog
+from kdjax.checkpoint import CheckpointError
 from kdjax.data import DeviceDataset
 from kdjax.tasks import common
 from kdjax.train.evaluate import eval_batch_size, make_evaluator
@@ -11,12 +11,12 @@ from kdjax.train.evaluate import eval_batch_size, make_evaluator
 def run(config, workdir):
     if not config.checkpoint:
         raise CheckpointError("give the checkpoint to evaluate: --config.checkpoint=DIR (a workdir or a step dir)")
-    variables, meta, model_name = common.load_checkpoint(config.checkpoint, config.model or None)
+    variables, meta, model_name = common.load_checkpoint(config.checkpoint, config.model or None, field="checkpoint")
     dtype = common.compute_dtype(config.dtype)
     started = time.time()
     dataset = common.load_dataset(config)
-    check_meta(meta, config.checkpoint, num_classes=dataset.num_classes, image_size=dataset.image_size)
-    mesh = common.make_mesh()
+    common.check_against_dataset(meta, config.checkpoint, dataset)
+    mesh = parallel.make_mesh()
     data = DeviceDataset.create(dataset, mesh)
     model = models.create(model_name, dataset.num_classes, dataset.image_size, dtype)
     evaluate = make_evaluator(model, dataset.mean, dataset.std,

@@ -1,19 +1,17 @@
-"""The report task: tables, correlations and plots of a results tree (see kdjax.analysis)."""
+"""Task 'report': tables, correlations and plots of a results tree (``kdjax.sweep.analysis``)."""
 import os
 
-from absl import logging
-
-from kdjax import analysis
+from kdjax.sweep import analysis
 
 
 def run(config, workdir: str) -> dict:
     root = os.path.abspath(os.path.expanduser(config.results_dir or workdir))
     out = analysis.write_report(root, workdir, error_bars=bool(config.get("error_bars", False)))
     paths = out["paths"]
-    logging.info("report over %d results files in %s: %s, %s, %d plots", out["num_records"], root,
-                 paths["markdown"], paths["summary_csv"], len(paths["plots"]))
+    print(f"[report] {out['num_records']} results files in {root}: {paths['markdown']}, {paths['summary_csv']}, "
+          f"{len(paths['plots'])} plot(s)", flush=True)
     for pair in out["summary"]["pairs"]:
         if pair["correlations"]:
-            logging.info("%s: %s", analysis.pair_title(pair),
-                         analysis.format_coefficients(pair["correlations"], sep="; "))
+            print(f"[report] {analysis.pair_title(pair)}: "
+                  f"{analysis.format_coefficients(pair['correlations'], sep='; ')}", flush=True)
     return out

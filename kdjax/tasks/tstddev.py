@@ -1,6 +1,6 @@
-"""Task 'tstddev': T. stddev and mean entropy of a teacher under one scheme or all nine (SPEC section 1).
+"""Task 'tstddev': T. stddev and mean entropy of a teacher under one scheme or all nine (docs/fidelity.md, "T. stddev").
 
-Checks every name, field and checkpoint before loading data or compiling; then runs ``kdjax.tstddev_eval``:
+Checks every name, field and checkpoint before loading data or compiling; then runs ``kdjax.tstddev.evaluator``:
 progress lines per dispatch, the original's ``Check T prob: ...`` line per scheme at every epoch end, and
 ``results.json`` per scheme plus a Markdown table ``tstddev.md``.
 
@@ -14,15 +14,12 @@ from typing import List, Optional
 from absl import logging
 
 from kdjax import augment, models, parallel, runlog, workdir as workdir_lib
-from kdjax.checkpoint import check_meta
+from kdjax.augment import transforms
 from kdjax.data import DeviceDataset
 from kdjax.tasks import common
-from kdjax.tstddev_eval import Evaluator, make_plan
+from kdjax.tstddev import Evaluator, make_plan
 
 ALL = "all"
-# The paper's nine, in the order of its tables.
-PAPER_SCHEMES = ("identity", "flip", "crop_flip", "cutout", "autoaugment", "mixup", "cutmix", "cutmix_pick_s",
-                 "cutmix_pick_t")
 BY_STUDENT = "cutmix_pick_s"
 STUDENT_HINT = ("--config.student_checkpoint=DIR (a trained student's workdir or checkpoint, e.g. the KD + "
                 "CutMixPick student of configs/distill.py; student=<model> if its checkpoint does not name it)")
@@ -31,10 +28,8 @@ STUDENT_HINT = ("--config.student_checkpoint=DIR (a trained student's workdir or
 def scheme_names(config) -> List[str]:
     """The schemes this run evaluates; CutMixPick (S. ent.) is left out of ``all`` when no student is given."""
     if config.aug == ALL:
-        names = list(PAPER_SCHEMES)
-        if not config.student_checkpoint:
-            names.remove(BY_STUDENT)
-        return names
+        return [name for name in augment.PAPER_SCHEMES
+                if config.student_checkpoint or augment.scorer_of(name) != "student"]
     augment.check_name(config.aug)
     return [config.aug]
 
@@ -47,10 +42,7 @@ def validate(config) -> None:
             augment.check_name(config.aug)
         except ValueError as e:
             raise ValueError(f"{e}, or '{ALL}' for the nine") from None
-    common.compute_dtype(config.dtype)
-    for field in ("epochs", "batch_size", "steps_per_dispatch", "steps_per_forward"):
-        if int(config[field]) < 1:
-            raise ValueError(f"{field} must be >= 1, got {config[field]}")
+    common.validate_run(config, config.teacher)
     if not config.teacher_checkpoint:
         raise ValueError(f"teacher={config.teacher} needs --config.teacher_checkpoint=DIR (a workdir of "
                          f"configs/teacher.py or a checkpoint written by configs/import_torch.py)")
@@ -78,15 +70,14 @@ def markdown_table(teacher: str, dataset: str, results: dict, student: Optional[
     return "\n".join(lines) + "\n"
 
 
-def _format_eta(seconds: float) -> str:
-    if seconds != seconds:  # NaN
-        return "?"
-    minutes, secs = divmod(int(max(seconds, 0)), 60)
-    return f"{minutes}:{secs:02d}"
-
-
 def run(config, workdir):
     validate(config)
+    workdir_lib.check_writable(workdir)
+    with workdir_lib.WorkdirLock(workdir):
+        return _evaluate(config, workdir)
+
+
+def _evaluate(config, workdir):
     names = scheme_names(config)
     skipped = [BY_STUDENT] if config.aug == ALL and BY_STUDENT not in names else []
     if skipped:
@@ -98,19 +89,16 @@ def run(config, workdir):
     if BY_STUDENT in names:
         student_vars, student_meta, student_name = common.load_checkpoint(config.student_checkpoint,
                                                                     config.student or None, "student")
-    # Dispatch layout changes the run's speed, not its values: a rerun in the same workdir may change it.
-    workdir_lib.claim(workdir, config, ignore=workdir_lib.RESUMABLE_FIELDS + ("steps_per_forward",))
     started = time.time()
-
     dataset = common.load_dataset(config)
     for meta, path in ((teacher_meta, config.teacher_checkpoint), (student_meta, config.student_checkpoint)):
         if meta is not None:
-            check_meta(meta, path, num_classes=dataset.num_classes, image_size=dataset.image_size)
+            common.check_against_dataset(meta, path, dataset)
+    # Dispatch layout changes the run's speed, not its values: a rerun in the same workdir may change it.
+    workdir_lib.claim(workdir, config, ignore=workdir_lib.RESUMABLE_FIELDS + ("steps_per_forward",))
     dtype = common.compute_dtype(config.dtype)
     batch = int(config.batch_size)
-    # one block of steps per dispatch where loops around convolutions are slow (XLA:CPU)
-    steps_per_dispatch = (int(config.steps_per_forward) if parallel.convolutions_in_loops_are_slow()
-                          else int(config.steps_per_dispatch))
+    steps_per_dispatch = parallel.steps_per_dispatch(config.steps_per_dispatch, unit=config.steps_per_forward)
     plan = make_plan(dataset.num_train, batch, int(config.epochs), steps_per_dispatch, int(config.steps_per_forward))
     n_pick = config.augment.n_pick if config.augment.n_pick is not None else batch
     schemes = [augment.create(name, dataset_stats=dataset, per_sample=bool(config.augment.per_sample),
@@ -120,9 +108,9 @@ def run(config, workdir):
     student = (models.create(student_name, dataset.num_classes, dataset.image_size, dtype)
                if student_name else None)
     evaluator = Evaluator(teacher, schemes, dataset.num_classes, plan, dataset.mean, dataset.std,
-                          common.base_pad(dataset.image_size), student=student,
+                          transforms.default_pad(dataset.image_size), student=student,
                           float32_exact=config.dtype == "float32")
-    mesh = common.make_mesh()
+    mesh = parallel.make_mesh()
     data = DeviceDataset.create(dataset, mesh)
     print(f"[tstddev] {config.teacher} on {dataset.name}: {len(names)} scheme(s), {plan.epochs} epochs x "
           f"{plan.steps_per_epoch} steps (short batch {plan.short_batch}), {plan.expected_groups()} groups; "
@@ -134,7 +122,7 @@ def run(config, workdir):
     def on_chunk(r):
         values = " ".join(f"{n} {v:.6f}" for n, v in zip(names, r.tstddev))
         line = (f"[tstddev] epoch {r.epoch}/{plan.epochs} step {r.global_step}/{r.total_steps} groups "
-                f"{r.groups[0]} T.stddev {values} | {r.images_per_s:,.0f} teacher img/s ETA {_format_eta(r.eta_s)}")
+                f"{r.groups[0]} T.stddev {values} | {r.images_per_s:,.0f} teacher img/s ETA {runlog.format_eta(r.eta_s)}")
         print(line, flush=True)
         logging.info(line)
         if r.epoch_end:
@@ -151,10 +139,12 @@ def run(config, workdir):
         results = {"task": "tstddev", "teacher": config.teacher, "dataset": dataset.name, "aug": name,
                    "seed": int(config.seed), "epochs": plan.epochs, **r, "wall_s": wall_s,
                    "eval_s": out["eval_s"], "compile_s": out["compile_s"], "images_per_s": out["images_per_s"],
-                   "schemes_in_run": len(names), "dtype": config.dtype}
+                   "schemes_in_run": len(names), "dtype": config.dtype,
+                   "inputs": {"teacher": common.input_record(config.teacher_checkpoint, teacher_meta)}}
         if name == BY_STUDENT:
             results["student"] = student_name
             results["student_checkpoint"] = config.student_checkpoint
+            results["inputs"]["student"] = common.input_record(config.student_checkpoint, student_meta)
         directory = workdir if config.aug != ALL else os.path.join(workdir, name)
         os.makedirs(directory, exist_ok=True)
         runlog.write_results(directory, results, config)

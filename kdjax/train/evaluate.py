@@ -1,5 +1,5 @@
 """Jitted evaluation over a device-resident test set: mean cross-entropy, top-1 and top-5 (one dispatch on
-accelerators, one per batch on CPU).
+accelerators, one per batch on CPU: ``kdjax.parallel.steps_per_dispatch``).
 
 The last batch is padded (indices clipped) and masked, so every batch has the same shape and nothing is dropped.
 """
@@ -9,7 +9,7 @@ import numpy as np
 import optax
 
 from kdjax import parallel
-from kdjax.augment import base as base_transform
+from kdjax.augment import transforms
 
 
 def make_evaluator(model, mean, std, batch_size: int, num_examples: int):
@@ -22,7 +22,7 @@ def make_evaluator(model, mean, std, batch_size: int, num_examples: int):
         idx = b * batch_size + jnp.arange(batch_size)
         mask = (idx < num_examples).astype(jnp.float32)
         images, y = data.gather("test", jnp.minimum(idx, num_examples - 1))
-        logits = model.apply(variables, base_transform.normalize(images, mean, std), train=False)
+        logits = model.apply(variables, transforms.normalize(images, mean, std), train=False)
         logits = logits.astype(jnp.float32)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
         topk = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
@@ -38,7 +38,7 @@ def make_evaluator(model, mean, std, batch_size: int, num_examples: int):
     one_batch = jax.jit(batch_sums)
 
     def evaluate(variables, data):
-        if parallel.convolutions_in_loops_are_slow():
+        if parallel.steps_per_dispatch(num_batches) == 1:
             sums = sum(np.asarray(one_batch(variables, data, b), np.float64) for b in range(num_batches))
         else:
             sums = np.asarray(jax.device_get(all_batches(variables, data)), np.float64)

@@ -1,0 +1,155 @@
+"""The fields the task configs share, with their defaults (the paper's recipe) and one line of help each.
+
+A field that is "not set" is a placeholder (``None``), never a sentinel such as ``0`` or ``""``: ``image_size``
+unset means the dataset's own size, ``data_dir`` unset means ``$KDJAX_DATA_DIR`` or ``~/tensorflow_datasets``.
+"""
+import ml_collections
+from ml_collections import config_dict
+
+# Top-level run fields of the training tasks (teacher, distill) with their defaults.
+RUN_FIELDS = dict(
+    dataset="cifar100",
+    epochs=240,
+    epoch_factor=1,
+    batch_size=64,
+    seed=0,
+    eval_every=1,
+    checkpoint_every=10,
+    keep_checkpoints=2,
+    steps_per_dispatch=100,
+    last_batch="keep",
+    dtype="float32",
+    image_size=config_dict.placeholder(int),
+    data_dir=config_dict.placeholder(str),
+    manual_dir=config_dict.placeholder(str),
+    eval_batch_size=500,
+)
+
+DATA_FIELDS = ("dataset", "image_size", "data_dir", "manual_dir")
+
+
+def dataset_options() -> ml_collections.ConfigDict:
+    """Extra arguments of the data source (those of ``synthetic``; a user source reads the ones it knows)."""
+    return ml_collections.ConfigDict(dict(
+        num_classes=config_dict.placeholder(int),
+        num_train=config_dict.placeholder(int),
+        num_test=config_dict.placeholder(int),
+        seed=config_dict.placeholder(int),
+    ))
+
+
+def optim_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        lr=config_dict.placeholder(float),
+        momentum=0.9,
+        weight_decay=5e-4,
+        decay_epochs=(150, 180, 210),
+        decay_rate=0.1,
+    ))
+
+
+def run_fields(*names) -> dict:
+    """A subset of ``RUN_FIELDS`` (placeholders copied, so configs never share a reference)."""
+    out = {}
+    for name in names:
+        value = RUN_FIELDS[name]
+        out[name] = config_dict.placeholder(value.get_type()) if isinstance(value, config_dict.FieldReference) \
+            else value
+    return out
+
+
+def training_config(task: str, **fields) -> ml_collections.ConfigDict:
+    """The config of a training task: ``fields``, the run fields, the dataset options and the optimiser."""
+    config = ml_collections.ConfigDict(dict(task=task, **fields, **run_fields(*RUN_FIELDS)))
+    config.dataset_options = dataset_options()
+    config.optim = optim_config()
+    return config
+
+
+# One line of help per field name (dotted for nested ones); `kdjax <task> --help` prints them with the defaults.
+HELP = {
+    "task": "the task this config runs (kdjax.tasks.<task>)",
+    "model": "architecture (a zoo name, see `kdjax.models.names()`)",
+    "teacher": "teacher architecture (a zoo name; 'none' in distill trains on labels only)",
+    "student": "student architecture (a zoo name)",
+    "dataset": "data source: cifar100, cifar10, tiny_imagenet, digits, synthetic, or a registered one",
+    "aug": "augmentation scheme: identity, flip, crop_flip, cutout, autoaugment, mixup, cutmix, cutmix_pick_s, "
+           "cutmix_pick_t ('all' = the nine, tstddev and gallery)",
+    "distiller": "loss beside KD: kd (none), crd, hint, at, sp, pkt, rkd, vid",
+    "teacher_checkpoint": "the teacher: a kdjax workdir (its latest step) or one step's directory",
+    "student_checkpoint": "the fixed student that scores CutMixPick (S. ent.) in tstddev",
+    "checkpoint": "the checkpoint to evaluate: a workdir or one step's directory",
+    "epochs": "training epochs (x epoch_factor)",
+    "epoch_factor": "the original's --epoch_factor: epochs and decay milestones x k (k=4: 960 epochs)",
+    "batch_size": "global batch size (a multiple of the device count)",
+    "seed": "the run's random seed",
+    "eval_every": "epochs between test evaluations (the last epoch is always evaluated)",
+    "checkpoint_every": "epochs between checkpoints (the last epoch is always saved)",
+    "keep_checkpoints": "checkpoints kept per run (>= 1)",
+    "steps_per_dispatch": "train steps per compiled dispatch on accelerators (one on CPU)",
+    "steps_per_forward": "T. stddev steps whose batches share one teacher forward",
+    "last_batch": "the short last batch: 'keep' (the original's drop_last=False) or 'drop'",
+    "dtype": "compute dtype: float32 or bfloat16 (parameters and BatchNorm statistics stay float32)",
+    "image_size": "image side in pixels; unset: the dataset's own size (any source can be resized)",
+    "data_dir": "TFDS data_dir; unset: $KDJAX_DATA_DIR or ~/tensorflow_datasets",
+    "manual_dir": "where the official archives (cifar-100-python.tar.gz, ...) are put for offline preparation",
+    "eval_batch_size": "test batch size",
+    "dataset_options": "extra arguments of the data source",
+    "dataset_options.num_classes": "synthetic: number of classes (10)",
+    "dataset_options.num_train": "synthetic: training examples (1024)",
+    "dataset_options.num_test": "synthetic: test examples (256)",
+    "dataset_options.seed": "synthetic: seed of the random pixels (0)",
+    "optim": "the optimiser (SGD with momentum, coupled weight decay, step decay)",
+    "optim.lr": "learning rate; unset: 0.05, or 0.01 for MobileNetV2/ShuffleV1/ShuffleV2",
+    "optim.momentum": "SGD momentum",
+    "optim.weight_decay": "coupled weight decay on every parameter",
+    "optim.decay_epochs": "epochs after which the lr is multiplied by decay_rate (x epoch_factor)",
+    "optim.decay_rate": "lr factor at each milestone",
+    "loss": "weights of the KD loss",
+    "loss.gamma": "CE weight; unset: 0.1 for KD (the paper), the distiller's own otherwise",
+    "loss.alpha": "weight of the KL block; unset: 0.9 for KD",
+    "loss.beta": "weight of the distiller's loss; unset: the method's",
+    "loss.temperature": "KD temperature",
+    "loss.lw_mix": "weights of KL on x, mixed-label CE on x', KL on x'",
+    "distill": "options of the distiller (unset: the method's default)",
+    "distill.with_kd": "the '+KD' variant (e.g. CRD+KD): alpha 1 under identity",
+    "distill.feat_dim": "crd: embedding size (128)",
+    "distill.nce_k": "crd: negatives per anchor (16384), drawn with replacement",
+    "distill.nce_t": "crd: temperature (0.07)",
+    "distill.nce_m": "crd: memory-bank momentum (0.5)",
+    "distill.hint_layer": "hint: feature index (2)",
+    "distill.p": "at: exponent of the attention map (2)",
+    "distill.w_d": "rkd: distance weight (25)",
+    "distill.w_a": "rkd: angle weight (50)",
+    "distill.init_pred_var": "vid: initial predicted variance (5)",
+    "distill.eps": "pkt / vid: numerical epsilon",
+    "augment": "options of the augmentation schemes",
+    "augment.per_sample": "each image gets its own draw (the original draws once per batch)",
+    "augment.mix_n_run": "CutMix draws pooled by CutMixPick",
+    "augment.n_pick": "images CutMixPick keeps; unset: the batch size, capped at the pool size",
+    "augment.criterion": "CutMixPick score: 'entropy' (the paper) or 'kld'",
+    "num_classes": "classes of the imported checkpoint",
+    "source": "the original's .pth checkpoint to import",
+    "results_dir": "directory of results.json files to report on; unset: the workdir",
+    "error_bars": "error bars in the plots (T. stddev s.e. or std over seeds; student loss std over seeds)",
+    "num_images": "gallery columns; also the batch the schemes see",
+    "per_sample": "each image gets its own draw (the original draws once per batch)",
+    "output": "file name of the gallery PNG in the workdir",
+    "pairs": "teacher:student pairs, comma-separated on the command line",
+    "augs": "schemes of the sweep ('all' = the nine)",
+    "seeds": "seeds of every student and T. stddev run",
+    "datasets": "datasets of the sweep",
+    "optional_datasets": "datasets used only when their data is present here",
+    "teacher_checkpoints": "trained teachers by model (--config.teacher_checkpoints.resnet56=DIR); others are trained",
+    "teacher_epochs": "epochs of the teachers the sweep trains",
+    "tstddev_epochs": "epochs of the T. stddev runs (10, the original's)",
+    "parallel": "runs at a time, each in its own process sharing the devices (1: one after another, in process)",
+    "report": "write the report after the runs",
+}
+
+
+def help_for(path: str) -> str:
+    """The help line of a dotted field name; fields of the teacher_checkpoints group share one."""
+    if path.startswith("teacher_checkpoints."):
+        return f"trained {path.split('.', 1)[1]} teacher (workdir or step directory)"
+    return HELP.get(path, "")

@@ -1,0 +1,142 @@
+"""The distiller interface and the helpers every distiller shares.
+
+A distiller adds ``beta * L(features_s, features_t, state)`` to the KD step, computed on the original
+(un-augmented) batch. It is a small frozen dataclass (hashable, so it can be closed over by a jitted step) with
+
+* ``init(key, feats_s, feats_t, num_train=None, train_labels=None) -> (params, state)``: ``params`` are the
+  trainable heads (a plain pytree, ``{}`` when none), optimised and checkpointed beside the student;
+  ``state`` is non-trainable (CRD's memory banks, BatchNorm statistics of a head), ``{}`` when none.
+* ``loss(params, state, feats_s, feats_t, *, labels=None, indices=None, key=None, train=True)
+  -> (loss, new_state)``: a float32 scalar, and the state to carry to the next step.
+* ``default_weights(aug) -> {'gamma', 'alpha', 'beta'}``: the weights of CE, of the KL block and of this loss.
+
+Feature lists are what ``model.apply(..., features=True)`` returns: ``[f0, ..., f_last]`` with NHWC maps and
+``f[-1]`` the pooled ``[B, D]`` vector. The teacher's features are constants inside every loss
+(``stop_gradient``), so a gradient can only reach the student and the heads.
+"""
+import dataclasses
+from typing import Any, ClassVar, Dict, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Schemes under which the KL block has nothing to add beyond the distiller: the original's setting (alpha 0).
+IDENTITY_AUGS = (None, "", "none", "identity")
+
+
+@dataclasses.dataclass(frozen=True)
+class Distiller:
+    """Base class; the ``kd`` distiller is this class itself (no extra loss)."""
+
+    name: ClassVar[str] = "kd"
+    # True when ``loss`` needs the dataset indices of the batch rows and a key (CRD's memory and negatives).
+    needs_indices: ClassVar[bool] = False
+    # False only for ``kd``: the step can then skip asking the models for their feature lists.
+    uses_features: ClassVar[bool] = False
+
+    beta: float = 0.0
+    # The "+KD" variant of the original (e.g. CRD+KD: -a 1): the KL block keeps weight 1 at identity.
+    with_kd: bool = False
+
+    def default_weights(self, aug: str | None = None) -> Dict[str, float]:
+        """The weights of ``gamma*CE + alpha*KL-block + beta*L`` for a run with scheme ``aug``.
+
+        The original's feature-distiller runs use gamma 1, alpha 0 (1 for the "+KD" variants) and the method's
+        beta. With alpha 0 a DA scheme would do nothing, since the scheme only enters through the KL block
+        (docs/fidelity.md, "Distillers"), so under any scheme other than identity alpha becomes 0.9 and gamma 0.1, the paper's
+        KD weights. Plain ``kd`` always uses the paper's 0.1 / 0.9.
+        """
+        if self.name == "kd" or aug not in IDENTITY_AUGS:
+            return dict(gamma=0.1, alpha=0.9, beta=float(self.beta))
+        return dict(gamma=1.0, alpha=1.0 if self.with_kd else 0.0, beta=float(self.beta))
+
+    def init(self, key, feats_s: Sequence[Any], feats_t: Sequence[Any], num_train: int | None = None,
+             train_labels=None) -> Tuple[Any, Any]:
+        return {}, {}
+
+    def loss(self, params, state, feats_s, feats_t, *, labels=None, indices=None, key=None,
+             train: bool = True):
+        return jnp.zeros((), jnp.float32), state
+
+
+def resolve_weights(distiller: Distiller, aug: str | None = None, gamma=None, alpha=None, beta=None):
+    """``distiller.default_weights(aug)`` with every weight that is not None replaced (config overrides)."""
+    weights = distiller.default_weights(aug)
+    for name, value in (("gamma", gamma), ("alpha", alpha), ("beta", beta)):
+        if value is not None:
+            weights[name] = float(value)
+    return weights
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Feature helpers
+
+
+def student_features(feats):
+    """float32 copies of the student's features (heads and losses run in float32 whatever the model's dtype)."""
+    return [jnp.asarray(f).astype(jnp.float32) for f in feats]
+
+
+def teacher_features(feats):
+    """float32, gradient-free copies of the teacher's features: the teacher is data, never differentiated."""
+    return [jax.lax.stop_gradient(jnp.asarray(f).astype(jnp.float32)) for f in feats]
+
+
+def shape_of(f) -> Tuple[int, ...]:
+    """Shape of an array or a ShapeDtypeStruct (``init`` accepts either)."""
+    return tuple(int(d) for d in f.shape)
+
+
+def check_feature_list(feats, who: str, minimum: int) -> None:
+    if not isinstance(feats, (list, tuple)) or len(feats) < minimum:
+        raise ValueError(f"{who} features must be the list from model.apply(..., features=True) with at least "
+                         f"{minimum} entries; got {type(feats).__name__} of length "
+                         f"{len(feats) if isinstance(feats, (list, tuple)) else 'n/a'}")
+
+
+def check_map(shape, who: str) -> None:
+    if len(shape) != 4:
+        raise ValueError(f"{who} must be an NHWC feature map, got shape {shape}; pass the list from "
+                         "model.apply(..., features=True)")
+
+
+def l2_normalize(x, axis: int = -1, eps: float = 1e-12):
+    """PyTorch's ``F.normalize``: x / max(||x||, eps).
+
+    The norm is taken as sqrt(max(sum x², eps²)) (same value) so that an all-zero row, such as the diagonal of
+    RKD's pairwise differences, has a zero gradient instead of the nan of d||x|| at x = 0.
+    """
+    sq = jnp.sum(x * x, axis=axis, keepdims=True)
+    return x / jnp.sqrt(jnp.maximum(sq, eps * eps))
+
+
+def _adaptive_pool_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """[out, in] averaging matrix of PyTorch's adaptive_avg_pool along one axis (bins floor/ceil of i*in/out)."""
+    m = np.zeros((size_out, size_in), np.float32)
+    for i in range(size_out):
+        lo = (i * size_in) // size_out
+        hi = -((-(i + 1) * size_in) // size_out)
+        m[i, lo:hi] = 1.0 / (hi - lo)
+    return m
+
+
+def adaptive_avg_pool(x, out_hw: Tuple[int, int]):
+    """``F.adaptive_avg_pool2d`` on an NHWC map, as two small matmuls with static averaging matrices."""
+    h, w = x.shape[1], x.shape[2]
+    if (h, w) == tuple(out_hw):
+        return x
+    ph = jnp.asarray(_adaptive_pool_matrix(h, out_hw[0]))
+    pw = jnp.asarray(_adaptive_pool_matrix(w, out_hw[1]))
+    return jnp.einsum("ih,bhwc,jw->bijc", ph, x, pw, precision=jax.lax.Precision.HIGHEST)
+
+
+def match_spatial(f_s, f_t):
+    """The original's size matching for AT and VID: the map with the larger height is adaptively average-pooled
+    to the other's (H, H)-square size (both are square in the zoo)."""
+    hs, ht = f_s.shape[1], f_t.shape[1]
+    if hs > ht:
+        f_s = adaptive_avg_pool(f_s, (ht, ht))
+    elif hs < ht:
+        f_t = adaptive_avg_pool(f_t, (hs, hs))
+    return f_s, f_t

@@ -1,0 +1,367 @@
+"""The paper's analysis: tables over seeds, T. stddev vs S. test loss correlations, scatter plots (docs/fidelity.md, "Correlation analysis").
+
+Input is a tree of ``results.json`` files, one per run (any depth; the sweep writes KD runs to
+``<teacher>-<student>/<aug>/seed<k>/`` and T. stddev runs to ``tstddev/<teacher>/<aug>/seed<k>/``). Only the
+fields inside the files matter, never the directory names, so trees may be merged or rearranged freely.
+
+Per (teacher, student, dataset, distiller) every scheme gives one point: x = the teacher's T. stddev under that
+scheme (mean over seeds), y = the student's final test loss (mean over seeds). The T. stddev of a scheme depends
+only on the teacher, except for CutMixPick (S. ent.), where the student picks the samples: there the runs measured
+with the pair's own student are preferred, and runs with another (or no recorded) student are used only when none
+exists, which the tables flag. Coefficients are scipy's pearsonr, spearmanr and kendalltau with their defaults
+(kendall tau-b; exact two-sided p-values for 9 points without ties), which reproduce the published numbers.
+
+All functions are pure except ``scatter_plot`` and ``write_report``, which write files.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import warnings
+from typing import Iterable, Sequence
+
+import numpy as np
+import scipy.stats
+
+from kdjax import augment
+
+# The plots' colours, one per scheme of the paper in its order (kdjax.augment.PAPER_SCHEMES).
+PAPER_COLOURS = ("blue", "red", "black", "green", "cyan", "orange", "magenta", "lightskyblue", "olive")
+SCHEME_COLOURS = dict(zip(augment.PAPER_SCHEMES, PAPER_COLOURS))
+DATASET_LABELS = {"cifar100": "CIFAR100", "cifar10": "CIFAR10", "tiny_imagenet": "Tiny ImageNet",
+                  "digits": "Digits", "synthetic": "Synthetic"}
+METRICS = ("test_loss", "top1", "top5")
+
+
+def scheme_label(aug: str) -> str:
+    return augment.label(aug)
+
+
+def scheme_order(aug: str) -> tuple:
+    """Sort key: the paper's order first, then any other scheme by name."""
+    order = augment.PAPER_SCHEMES
+    return (order.index(aug), "") if aug in order else (len(order), aug)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading the results tree
+
+
+def collect_results(root: str) -> list[dict]:
+    """Every ``results.json`` under ``root`` (sorted by path), each with its path added as ``_path``."""
+    if not os.path.isdir(root):
+        raise ValueError(f"results directory {root!r} does not exist; pass the sweep's workdir (results_dir=...)")
+    records = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        if "results.json" not in filenames:
+            continue
+        path = os.path.join(dirpath, "results.json")
+        try:
+            with open(path) as f:
+                record = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read {path}: {e}; fix or delete the file") from e
+        if not isinstance(record, dict) or "task" not in record:
+            raise ValueError(f"{path} is not a kdjax results file (a JSON object with a 'task' field)")
+        record["_path"] = path
+        records.append(record)
+    return records
+
+
+def _teacher_of(record: dict):
+    return record.get("teacher", record.get("model"))
+
+
+def _check_fields(record: dict) -> None:
+    """The fields the tables are keyed on; a run missing one would otherwise vanish from them silently."""
+    need = {"distill": ("teacher", "student", "aug"), "tstddev": ("aug",)}.get(record.get("task"), ())
+    missing = [f for f in need if record.get(f) is None]
+    if record.get("task") == "tstddev" and _teacher_of(record) is None:
+        missing.append("teacher (or model)")
+    if missing:
+        where = record.get("_path", "a results record")
+        raise ValueError(f"{where} (task {record['task']!r}) lacks {', '.join(missing)}; rewrite it with these fields")
+
+
+def _is_distill(record: dict) -> bool:
+    return record.get("task") == "distill" and record.get("test_loss") is not None
+
+
+def _is_tstddev(record: dict) -> bool:
+    return record.get("task") == "tstddev" and record.get("tstddev") is not None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Statistics
+
+
+def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
+    """(mean, sample std with ddof=1, n) over seeds; the std is NaN for a single seed, both are NaN for none."""
+    v = np.asarray([x for x in values if x is not None], np.float64)
+    if v.size == 0:
+        return math.nan, math.nan, 0
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else math.nan, int(v.size)
+
+
+def correlations(x: Sequence[float], y: Sequence[float]) -> dict:
+    """Pearson, Spearman and Kendall (tau-b) coefficients with their two-sided p-values, scipy's defaults."""
+    x = np.asarray(x, np.float64)
+    y = np.asarray(y, np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"x and y must be 1-D of equal length, got shapes {x.shape} and {y.shape}")
+    out = {"n": int(x.size)}
+    if x.size < 3:
+        raise ValueError(f"correlations need at least 3 points, got {x.size}")
+    with warnings.catch_warnings():
+        # Constant input gives NaN coefficients; the tables show them as such.
+        warnings.simplefilter("ignore", scipy.stats.ConstantInputWarning)
+        for name, fn in (("pearson", scipy.stats.pearsonr), ("spearman", scipy.stats.spearmanr),
+                         ("kendall", scipy.stats.kendalltau)):
+            res = fn(x, y)
+            out[name], out[f"{name}_p"] = float(res.statistic), float(res.pvalue)
+    return out
+
+
+def format_coefficients(corr: dict, sep: str = "\n") -> str:
+    """'Pearson: 0.9742 (p = 0.00%)' etc.: coefficients to 4 decimals, p-values in percent, as the paper."""
+    return sep.join(f"{name.capitalize()}: {corr[name]:.4f} (p = {100 * corr[name + '_p']:.2f}%)"
+                    for name in ("pearson", "spearman", "kendall"))
+
+
+def summarize(records: Sequence[dict]) -> dict:
+    """Tables from run records.
+
+    Returns a dict with
+      ``runs``: one row per (teacher, student, dataset, distiller, aug) of KD runs: mean/std/n over seeds of
+        test_loss, top1, top5, and the T. stddev assigned to that scheme (x of the plots);
+      ``tstddev``: one row per (teacher, student or '', dataset, aug) of T. stddev runs;
+      ``pairs``: one entry per (teacher, student, dataset, distiller) with its plotted points (schemes having both
+        x and y) and, for 3 points or more, its correlations.
+    """
+    distill, tstd = {}, {}
+    for r in records:
+        _check_fields(r)
+        if _is_distill(r):
+            key = (r["teacher"], r["student"], r.get("dataset", "cifar100"), r.get("distiller", "kd"), r["aug"])
+            distill.setdefault(key, []).append(r)
+        elif _is_tstddev(r):
+            key = (_teacher_of(r), r.get("student") or "", r.get("dataset", "cifar100"), r["aug"])
+            tstd.setdefault(key, []).append(r)
+
+    tstddev_rows = []
+    for (teacher, student, dataset, aug), runs in sorted(
+            tstd.items(), key=lambda kv: (*kv[0][:3], scheme_order(kv[0][3]))):
+        row = {"teacher": teacher, "student": student, "dataset": dataset, "aug": aug, "label": scheme_label(aug)}
+        for field in ("tstddev", "tstddev_se", "mean_entropy"):
+            row[f"{field}_mean"], row[f"{field}_std"], row[f"{field}_n"] = mean_std(r.get(field) for r in runs)
+        row["seeds"] = sorted(r.get("seed") for r in runs if r.get("seed") is not None)
+        tstddev_rows.append(row)
+
+    run_rows = []
+    for (teacher, student, dataset, distiller, aug), runs in sorted(
+            distill.items(), key=lambda kv: (*kv[0][:4], scheme_order(kv[0][4]))):
+        row = {"teacher": teacher, "student": student, "dataset": dataset, "distiller": distiller, "aug": aug,
+               "label": scheme_label(aug)}
+        for field in METRICS:
+            row[f"{field}_mean"], row[f"{field}_std"], row[f"{field}_n"] = mean_std(r.get(field) for r in runs)
+        row["seeds"] = sorted(r.get("seed") for r in runs if r.get("seed") is not None)
+        x_runs, x_student = _tstddev_runs_for(tstd, teacher, student, dataset, aug)
+        row["tstddev_mean"], row["tstddev_std"], row["tstddev_n"] = mean_std(r["tstddev"] for r in x_runs)
+        row["tstddev_student"] = x_student
+        run_rows.append(row)
+
+    pairs = {}
+    for row in run_rows:
+        key = (row["teacher"], row["student"], row["dataset"], row["distiller"])
+        pair = pairs.setdefault(key, {"teacher": key[0], "student": key[1], "dataset": key[2],
+                                      "distiller": key[3], "points": []})
+        if row["tstddev_n"] and row["test_loss_n"]:
+            pair["points"].append({"aug": row["aug"], "label": row["label"], "x": row["tstddev_mean"],
+                                   "y": row["test_loss_mean"], "x_std": row["tstddev_std"],
+                                   "y_std": row["test_loss_std"]})
+    for pair in pairs.values():
+        pts = pair["points"]
+        pair["correlations"] = (correlations([p["x"] for p in pts], [p["y"] for p in pts])
+                                if len(pts) >= 3 else None)
+    return {"runs": run_rows, "tstddev": tstddev_rows, "pairs": list(pairs.values())}
+
+
+def _tstddev_runs_for(tstd: dict, teacher, student, dataset, aug) -> tuple[list, str]:
+    """The T. stddev runs that give x for one scheme of one pair, and which student measured them.
+
+    The returned student is '' when none needs to be named, the pair's student when matched, and
+    'other:<names>' when a student-dependent scheme had to fall back to runs of other students.
+    """
+    candidates = {s: runs for (t, s, d, a), runs in tstd.items() if (t, d, a) == (teacher, dataset, aug)}
+    if aug in augment.names() and augment.scorer_of(aug) == "student":
+        if student in candidates:
+            return candidates[student], student
+        others = sorted(candidates)
+        return [r for s in others for r in candidates[s]], ("other:" + "+".join(s or "none" for s in others)
+                                                            if others else "")
+    return [r for s in sorted(candidates) for r in candidates[s]], ""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Output
+
+
+def pair_title(pair: dict) -> str:
+    dataset = DATASET_LABELS.get(pair["dataset"], pair["dataset"])
+    extra = "" if pair["distiller"] == "kd" else f" ({pair['distiller'].upper()})"
+    return f"{pair['teacher']}/{pair['student']}, {dataset}{extra}"
+
+
+def pair_slug(pair: dict) -> str:
+    extra = "" if pair["distiller"] == "kd" else f"_{pair['distiller']}"
+    return f"{pair['teacher']}-{pair['student']}_{pair['dataset']}{extra}"
+
+
+def scatter_plot(points: Sequence[dict], title: str, path: str, corr: dict | None = None,
+                 error_bars: bool = False) -> str:
+    """The paper's figure: one marker per scheme (x = T. stddev, y = S. test loss), legend, coefficients box.
+
+    ``points``: dicts with aug, x, y (and x_std, y_std for ``error_bars``). Writes a PNG to ``path``.
+    """
+    # An Agg canvas on a bare Figure, not pyplot: no display is needed, and the global backend of an
+    # interactive session calling this function is left alone.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.4, 4.2), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for p in sorted(points, key=lambda p: scheme_order(p["aug"])):
+        colour = SCHEME_COLOURS.get(p["aug"], "grey")
+        if error_bars and (np.isfinite(p.get("x_std", np.nan)) or np.isfinite(p.get("y_std", np.nan))):
+            ax.errorbar(p["x"], p["y"], xerr=_finite_or_none(p.get("x_std")),
+                        yerr=_finite_or_none(p.get("y_std")), fmt="none", ecolor=colour, alpha=0.5, lw=1)
+        ax.scatter(p["x"], p["y"], s=60, c=colour, edgecolors="dimgrey", linewidths=0.5,
+                   label=scheme_label(p["aug"]), zorder=3)
+    ax.set_xlabel("T. stddev")
+    ax.set_ylabel("S. test loss")
+    ax.set_title(title)
+    ax.grid(True, ls=":", lw=0.5)
+    ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 3))
+    ax.margins(0.08)
+    # Legend and coefficients sit to the right of the axes, so that they never hide a point.
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    if corr is not None:
+        ax.text(1.02, 0.0, format_coefficients(corr), transform=ax.transAxes, fontsize=8, va="bottom", ha="left",
+                bbox=dict(boxstyle="round", facecolor="white", edgecolor="grey"))
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    return path
+
+
+def _finite_or_none(v):
+    return v if v is not None and np.isfinite(v) else None
+
+
+def _fmt(mean: float, std: float, digits: int) -> str:
+    if not np.isfinite(mean):
+        return "–"
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if np.isfinite(std) else "")
+
+
+def _csv_value(v):
+    if isinstance(v, float):
+        return "" if math.isnan(v) else repr(v)
+    if isinstance(v, list):
+        return " ".join(str(x) for x in v)
+    return v
+
+
+def _write_csv(path: str, rows: Sequence[dict], columns: Sequence[str]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([_csv_value(row.get(c, "")) for c in columns])
+
+
+RUN_COLUMNS = ("teacher", "student", "dataset", "distiller", "aug", "label", "seeds",
+               "test_loss_mean", "test_loss_std", "test_loss_n", "top1_mean", "top1_std", "top1_n",
+               "top5_mean", "top5_std", "top5_n", "tstddev_mean", "tstddev_std", "tstddev_n", "tstddev_student")
+TSTDDEV_COLUMNS = ("teacher", "student", "dataset", "aug", "label", "seeds", "tstddev_mean", "tstddev_std",
+                   "tstddev_n", "tstddev_se_mean", "mean_entropy_mean", "mean_entropy_std")
+CORRELATION_COLUMNS = ("teacher", "student", "dataset", "distiller", "n", "pearson", "pearson_p", "spearman",
+                       "spearman_p", "kendall", "kendall_p")
+
+
+def _markdown(summary: dict, plot_paths: dict, out_dir: str, root: str) -> str:
+    lines = ["# T. stddev vs S. test loss", "",
+             f"Results from `{root}`. Mean ± std over seeds (sample std, ddof 1); n = number of seeds. "
+             "Coefficients: scipy pearsonr / spearmanr / kendalltau (tau-b), two-sided p-values in percent.", ""]
+    pairs = summary["pairs"]
+    if pairs:
+        lines += ["## Correlations", "", "| pair | dataset | distiller | points | Pearson (p) | Spearman (p) | "
+                  "Kendall (p) |", "|---|---|---|---|---|---|---|"]
+        for pair in pairs:
+            c = pair["correlations"]
+            cells = ([f"{c[k]:.4f} ({100 * c[k + '_p']:.2f}%)" for k in ("pearson", "spearman", "kendall")]
+                     if c else ["–"] * 3)
+            lines.append(f"| {pair['teacher']}/{pair['student']} | {pair['dataset']} | {pair['distiller']} | "
+                         f"{len(pair['points'])} | " + " | ".join(cells) + " |")
+        lines.append("")
+    for pair in pairs:
+        lines += [f"## {pair_title(pair)}", "",
+                  "| scheme | T. stddev | n | S. test loss | top-1 | top-5 | n |", "|---|---|---|---|---|---|---|"]
+        for row in summary["runs"]:
+            if (row["teacher"], row["student"], row["dataset"], row["distiller"]) != (
+                    pair["teacher"], pair["student"], pair["dataset"], pair["distiller"]):
+                continue
+            fallback = row["tstddev_student"].startswith("other:")
+            flag = f" (measured with {row['tstddev_student'][6:]})" if fallback else ""
+            lines.append(f"| {row['label']} | {_fmt(row['tstddev_mean'], row['tstddev_std'], 6)}{flag} | "
+                         f"{row['tstddev_n']} | {_fmt(row['test_loss_mean'], row['test_loss_std'], 4)} | "
+                         f"{_fmt(row['top1_mean'], row['top1_std'], 4)} | {_fmt(row['top5_mean'], row['top5_std'], 4)}"
+                         f" | {row['test_loss_n']} |")
+        if pair["correlations"]:
+            lines += ["", format_coefficients(pair["correlations"], sep="; ")]
+        key = pair_slug(pair)
+        if key in plot_paths:
+            lines += ["", f"![{pair_title(pair)}]({os.path.relpath(plot_paths[key], out_dir)})"]
+        lines.append("")
+    if summary["tstddev"]:
+        lines += ["## T. stddev runs", "", "| teacher | student | dataset | scheme | T. stddev | n | SE (mean) | "
+                  "mean entropy |", "|---|---|---|---|---|---|---|---|"]
+        for row in summary["tstddev"]:
+            lines.append(f"| {row['teacher']} | {row['student'] or '–'} | {row['dataset']} | {row['label']} | "
+                         f"{_fmt(row['tstddev_mean'], row['tstddev_std'], 6)} | {row['tstddev_n']} | "
+                         f"{_fmt(row['tstddev_se_mean'], math.nan, 6)} | "
+                         f"{_fmt(row['mean_entropy_mean'], row['mean_entropy_std'], 4)} |")
+        lines.append("")
+    if not pairs and not summary["tstddev"]:
+        lines += ["No distillation or T. stddev results were found.", ""]
+    return "\n".join(lines)
+
+
+def write_report(root: str, out_dir: str, error_bars: bool = False) -> dict:
+    """Read every results.json under ``root``; write to ``out_dir``: report.md, summary.csv (KD runs per scheme
+    with their x), tstddev.csv, correlations.csv and plots/<teacher>-<student>_<dataset>.png. Returns the paths
+    and the summary."""
+    records = collect_results(root)
+    summary = summarize(records)
+    os.makedirs(out_dir, exist_ok=True)
+    plot_paths = {}
+    for pair in summary["pairs"]:
+        if len(pair["points"]) >= 1:
+            path = os.path.join(out_dir, "plots", pair_slug(pair) + ".png")
+            plot_paths[pair_slug(pair)] = scatter_plot(pair["points"], pair_title(pair), path,
+                                                       pair["correlations"], error_bars=error_bars)
+    paths = {"markdown": os.path.join(out_dir, "report.md"), "summary_csv": os.path.join(out_dir, "summary.csv"),
+             "tstddev_csv": os.path.join(out_dir, "tstddev.csv"),
+             "correlations_csv": os.path.join(out_dir, "correlations.csv"), "plots": plot_paths}
+    _write_csv(paths["summary_csv"], summary["runs"], RUN_COLUMNS)
+    _write_csv(paths["tstddev_csv"], summary["tstddev"], TSTDDEV_COLUMNS)
+    _write_csv(paths["correlations_csv"],
+               [{**{k: p[k] for k in ("teacher", "student", "dataset", "distiller")}, **p["correlations"]}
+                for p in summary["pairs"] if p["correlations"]], CORRELATION_COLUMNS)
+    with open(paths["markdown"], "w") as f:
+        f.write(_markdown(summary, plot_paths, out_dir, root))
+    return {"paths": paths, "summary": summary, "num_records": len(records)}

@@ -1,0 +1,130 @@
+"""Running a sweep's planned runs: in this process one after the other (no start-up per run: the tests and the
+demo), or as ``python -m kdjax`` subprocesses, ``parallel`` at a time (several runs share one accelerator, each
+with a fraction of its memory). A run whose done marker exists is skipped; an interrupted one resumes from its
+checkpoints.
+
+The executor knows nothing of the tasks: the in-process one calls the ``run_task(task, config, workdir)`` it is
+given (``kdjax.tasks.run``), the subprocess one starts the command line.
+"""
+import concurrent.futures
+import os
+import subprocess
+import sys
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from kdjax import configs
+from kdjax.sweep.grid import Run
+
+
+class SweepFailed(RuntimeError):
+    """Some runs of a sweep failed (the others ran, and their results are kept)."""
+
+
+def build_config(run: Run):
+    """The run's ConfigDict: its task's defaults with the run's fields set (fields a task lacks are skipped)."""
+    config = configs.task_config(run.task)
+    for name, value in run.fields:
+        node, parts = config, name.split(".")
+        for part in parts[:-1]:
+            node = node[part] if part in node else None
+            if node is None:
+                break
+        if node is not None and parts[-1] in node:
+            node[parts[-1]] = value
+    return config
+
+
+def _text(value) -> str:
+    return ",".join(str(v) for v in value) if isinstance(value, (tuple, list)) else str(value)
+
+
+def command_line(run: Run) -> List[str]:
+    """``python -m kdjax <task> --config.<field>=<value> ... --workdir=<run's workdir>``."""
+    config = build_config(run)
+    args = [sys.executable, "-m", "kdjax", run.task, f"--workdir={run.workdir}"]
+    for name, value in run.fields:
+        if name.split(".")[0] in config:
+            args.append(f"--config.{name}={_text(value)}")
+    return args
+
+
+def run_subprocess(run: Run, memory_fraction: Optional[float]) -> int:
+    env = dict(os.environ)
+    if memory_fraction:
+        env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{memory_fraction:.3f}"
+        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    os.makedirs(run.workdir, exist_ok=True)
+    with open(os.path.join(run.workdir, "launch.log"), "a") as log:
+        return subprocess.call(command_line(run), env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def execute(runs: Sequence[Run], run_task: Callable[[str, Any, str], Dict[str, Any]], parallel: int = 1,
+            log=print) -> List[Run]:
+    """Run every unfinished run, stage by stage; returns the runs that failed (a failure does not stop the
+    others, and the next stage's runs that depend on a failed one fail on their own missing inputs)."""
+    failed: List[Run] = []
+    for run in runs:
+        if run.done and stale(run):
+            set_aside(run, log)
+    todo = [r for r in runs if not r.done]
+    log(f"[sweep] {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to go "
+        f"({'in this process' if parallel <= 1 else f'{parallel} processes at a time'})")
+    for stage in sorted({r.stage for r in todo}):
+        batch = [r for r in todo if r.stage == stage]
+        if parallel <= 1:
+            for i, run in enumerate(batch):
+                log(f"[sweep] stage {stage} run {i + 1}/{len(batch)}: {run.describe()}")
+                try:
+                    os.makedirs(run.workdir, exist_ok=True)
+                    run_task(run.task, build_config(run), run.workdir)
+                except Exception as e:  # one failed run must not lose the others; reported at the end
+                    log(f"[sweep] FAILED: {run.describe()}: {type(e).__name__}: {e}")
+                    failed.append(run)
+            continue
+        with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
+            codes = pool.map(lambda r: (r, run_subprocess(r, 0.9 / parallel)), batch)
+            for run, code in codes:
+                log(f"[sweep] {'done' if code == 0 else f'FAILED ({code})'}: {run.describe()}")
+                if code:
+                    failed.append(run)
+    return failed
+
+
+def _recorded_inputs(run: Run) -> List[Dict[str, Any]]:
+    """The inputs a finished run recorded in its results.json files (an all-schemes T. stddev run has one per
+    scheme, all with the same inputs)."""
+    import glob
+    import json
+    paths = [os.path.join(run.workdir, "results.json")] + sorted(glob.glob(os.path.join(run.workdir, "*",
+                                                                                        "results.json")))
+    for path in paths:
+        if os.path.exists(path):
+            with open(path) as f:
+                return list(json.load(f).get("inputs", {}).values())
+    return []
+
+
+def _current_digest(path: str) -> Optional[str]:
+    from kdjax.checkpoint import CheckpointError, read_meta
+    try:
+        return read_meta(path).get("digest")
+    except CheckpointError:
+        return None
+
+
+def stale(run: Run) -> bool:
+    """A finished run whose recorded input no longer matches (a teacher retrained or resumed since): its results
+    were built on something else, so it must be run again from scratch."""
+    return any(rec.get("digest") is not None and _current_digest(rec["path"]) != rec["digest"]
+               for rec in _recorded_inputs(run))
+
+
+def set_aside(run: Run, log=print) -> str:
+    """Move a stale run's outputs out of the way (kept, never deleted) so that it reruns from scratch."""
+    n = 1
+    while os.path.exists(f"{run.workdir}.stale-{n}"):
+        n += 1
+    target = f"{run.workdir}.stale-{n}"
+    os.replace(run.workdir, target)
+    log(f"[sweep] {run.describe()}: its recorded input changed; old outputs moved to {target}, rerunning")
+    return target

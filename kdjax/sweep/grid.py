@@ -1,0 +1,153 @@
+"""The sweep's grid: teacher/student pairs x schemes x seeds, planned as ``Run``s in dependency order.
+
+Stages: teachers (unless given as checkpoints), teacher-only T. stddev, students, then the T. stddev of the
+schemes scored by the student (CutMixPick S. ent.), which scores with that pair's trained student.
+
+Layout under the sweep's workdir (one dataset; with several, each gets ``<dataset>/`` with this inside):
+
+    teachers/<teacher>/                         trained teachers (unless given as checkpoints)
+    <teacher>-<student>/<aug>/seed<k>/          KD students
+    tstddev/<teacher>/seed<k>/<aug>/            T. stddev of the teacher-only schemes (one run, all of them)
+    tstddev/<teacher>-<student>/cutmix_pick_s/seed<k>/   T. stddev of CutMixPick (S. ent.) with that student
+"""
+import dataclasses
+import os
+from typing import Any, Dict, List, Tuple
+
+import ml_collections
+from ml_collections import config_dict
+
+from kdjax import augment, models
+from kdjax.configs import fields
+
+# The paper's nine pairs.
+PAPER_PAIRS = ("vgg13:vgg8", "vgg13:MobileNetV2", "resnet56:resnet20", "resnet56:ShuffleV2", "wrn_40_2:wrn_16_2",
+               "wrn_40_2:vgg8", "resnet32x4:resnet8x4", "resnet32x4:ShuffleV2", "ResNet50:vgg8")
+ALL = "all"
+
+# Fields every run of the sweep inherits from the sweep's config; training runs also get TRAIN_FIELDS.
+COMMON_FIELDS = ("batch_size", "dtype", "image_size", "data_dir", "manual_dir")
+TRAIN_FIELDS = ("steps_per_dispatch", "last_batch", "eval_every", "epoch_factor")
+
+
+def sweep_config(**fields_) -> ml_collections.ConfigDict:
+    """A sweep's config: ``fields_`` over the sweep defaults (one teacher_checkpoints field per zoo model)."""
+    defaults = dict(task="sweep", pairs=PAPER_PAIRS, augs=augment.PAPER_SCHEMES, seeds=(0,), datasets=("cifar100",),
+                    optional_datasets=(), epochs=240, teacher_epochs=240, tstddev_epochs=10, parallel=1,
+                    report=True, **fields.run_fields(*COMMON_FIELDS, *TRAIN_FIELDS))
+    for key, value in fields_.items():
+        defaults[key] = value
+    config = ml_collections.ConfigDict(defaults)
+    config.dataset_options = fields.dataset_options()
+    config.teacher_checkpoints = ml_collections.ConfigDict({name: config_dict.placeholder(str)
+                                                            for name in models.names()})
+    return config
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    task: str                    # kdjax.configs.<task> and kdjax.tasks.<task>
+    workdir: str
+    fields: Tuple[Tuple[str, Any], ...]  # config overrides, dotted names for nested fields ("optim.lr")
+    stage: int                   # runs of a stage may run together; a stage starts when the previous one is done
+    done_marker: str = "results.json"
+
+    @property
+    def done(self) -> bool:
+        return os.path.exists(os.path.join(self.workdir, self.done_marker))
+
+    def describe(self) -> str:
+        short = {k: v for k, v in self.fields if k in ("model", "teacher", "student", "aug", "seed", "dataset")}
+        return f"{self.task} {' '.join(f'{k}={v}' for k, v in short.items())} -> {self.workdir}"
+
+
+def parse_pairs(pairs) -> List[Tuple[str, str]]:
+    out = []
+    for item in pairs:
+        if str(item).count(":") != 1:
+            raise ValueError(f"pair {item!r} is not of the form teacher:student (e.g. --config.pairs="
+                             f"resnet56:resnet20,vgg13:vgg8)")
+        teacher, student = item.split(":")
+        models.check_name(teacher)
+        models.check_name(student)
+        out.append((teacher, student))
+    if not out:
+        raise ValueError("the sweep has no pairs: set --config.pairs=teacher:student[,teacher:student...]")
+    return out
+
+
+def parse_schemes(augs) -> List[str]:
+    names = list(augment.PAPER_SCHEMES) if tuple(augs) == (ALL,) else list(augs)
+    for name in names:
+        augment.check_name(name)
+    return names
+
+
+def given_teachers(config) -> Dict[str, str]:
+    """The teachers that need no training: {model: checkpoint} of the teacher_checkpoints that are set."""
+    return {name: path for name, path in config.teacher_checkpoints.items() if path}
+
+
+def run_fields(common: Dict[str, Any], **fields_) -> Tuple[Tuple[str, Any], ...]:
+    return tuple(sorted(dict(common, **fields_).items()))
+
+
+def _inherited(config, names) -> Dict[str, Any]:
+    out = {k: config[k] for k in names if k in config and config[k] is not None}
+    out.update({f"dataset_options.{k}": v for k, v in config.dataset_options.items() if v is not None})
+    return out
+
+
+def plan(config, root: str) -> List[Run]:
+    """Every run of the sweep, in dependency order (see the module docstring for the layout)."""
+    pairs = parse_pairs(config.pairs)
+    schemes = parse_schemes(config.augs)
+    seeds = [int(s) for s in config.seeds]
+    given = given_teachers(config)
+    datasets = list(config.datasets)
+    teachers = list(dict.fromkeys(t for t, _ in pairs))
+    common = _inherited(config, COMMON_FIELDS)
+    train_common = dict(common, **_inherited(config, TRAIN_FIELDS))
+    by_student = [s for s in schemes if augment.scorer_of(s) == "student"]
+    teacher_only = [s for s in schemes if s not in by_student]
+    all_at_once = set(teacher_only) == {s for s in augment.PAPER_SCHEMES if augment.scorer_of(s) != "student"}
+    runs: List[Run] = []
+    for dataset in datasets:
+        base = root if len(datasets) == 1 else os.path.join(root, dataset)
+        teacher_ckpt = {}
+        for teacher in teachers:
+            if teacher in given:
+                teacher_ckpt[teacher] = given[teacher]
+                continue
+            workdir = os.path.join(base, "teachers", teacher)
+            teacher_ckpt[teacher] = workdir
+            runs.append(Run("teacher", workdir, run_fields(train_common, model=teacher, dataset=dataset,
+                                                           epochs=config.teacher_epochs, seed=0), stage=0))
+        for teacher in teachers:
+            for seed in seeds:
+                workdir = os.path.join(base, "tstddev", teacher, f"seed{seed}")
+                tstd = dict(common, teacher=teacher, dataset=dataset, seed=seed,
+                            teacher_checkpoint=teacher_ckpt[teacher], epochs=config.tstddev_epochs)
+                if all_at_once:  # one program for the eight teacher-only schemes, one base batch stream
+                    runs.append(Run("tstddev", workdir, run_fields(tstd, aug=ALL), stage=1, done_marker="tstddev.md"))
+                    continue
+                for aug in teacher_only:
+                    runs.append(Run("tstddev", os.path.join(workdir, aug), run_fields(tstd, aug=aug), stage=1))
+        for teacher, student in pairs:
+            for aug in schemes:
+                for seed in seeds:
+                    runs.append(Run("distill", os.path.join(base, f"{teacher}-{student}", aug, f"seed{seed}"),
+                                    run_fields(train_common, teacher=teacher, student=student, dataset=dataset,
+                                               aug=aug, seed=seed, epochs=config.epochs,
+                                               teacher_checkpoint=teacher_ckpt[teacher]), stage=2))
+        for aug in by_student:
+            for teacher, student in pairs:
+                for seed in seeds:
+                    runs.append(Run("tstddev", os.path.join(base, "tstddev", f"{teacher}-{student}", aug,
+                                                            f"seed{seed}"),
+                                    run_fields(common, teacher=teacher, student=student, dataset=dataset, seed=seed,
+                                               aug=aug, teacher_checkpoint=teacher_ckpt[teacher],
+                                               student_checkpoint=os.path.join(base, f"{teacher}-{student}", aug,
+                                                                               f"seed{seed}"),
+                                               epochs=config.tstddev_epochs), stage=3))
+    return runs

@@ -1,0 +1,56 @@
+"""kdjax.train.recipe: the paper's optimiser and its per-epoch step decay."""
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from kdjax.train import recipe
+
+
+def test_step_decay_schedule_is_per_epoch_with_strict_milestones():
+    schedule = recipe.step_decay_schedule(0.05, steps_per_epoch=3, decay_epochs=(2, 4), decay_rate=0.1)
+    lrs = [float(schedule(c)) for c in range(15)]
+    # epochs 1-2 (counts 0-5) at 0.05, epochs 3-4 at 0.005, from epoch 5 on 0.0005
+    np.testing.assert_allclose(lrs, [0.05] * 6 + [0.005] * 6 + [0.0005] * 3, rtol=1e-6)
+
+
+def test_paper_milestones_and_epoch_factor():
+    assert recipe.scaled_decay_epochs((150, 180, 210), 4) == (600, 720, 840)
+    schedule = recipe.step_decay_schedule(0.05, 782, (150, 180, 210))
+    assert float(schedule(150 * 782 - 1)) == pytest.approx(0.05)  # last step of epoch 150
+    assert float(schedule(150 * 782)) == pytest.approx(0.005)     # first step of epoch 151
+
+
+def test_default_lr_rule_and_explicit_value_wins():
+    assert recipe.default_lr("resnet20", None) == 0.05
+    assert recipe.default_lr("ShuffleV2", None) == 0.01
+    assert recipe.default_lr("MobileNetV2", 0.2) == 0.2
+
+
+def test_optimizer_matches_pytorch_sgd():
+    """PyTorch SGD: d = g + wd p; buf = d (first step) then m buf + d; p -= lr buf; lr from the schedule."""
+    A = np.array([[2.0, 0.3], [0.3, 1.0]], np.float32)
+    tx, schedule = recipe.make_optimizer(0.1, steps_per_epoch=2, decay_epochs=(1,), momentum=0.9, weight_decay=0.01)
+    p = jnp.array([1.0, -2.0])
+    state = tx.init(p)
+    ref_p, buf = np.array([1.0, -2.0]), None
+    for count in range(5):
+        g = A @ np.asarray(p)
+        updates, state = tx.update(jnp.asarray(g), state, p)
+        p = optax.apply_updates(p, updates)
+        d = A @ ref_p + 0.01 * ref_p
+        buf = d if buf is None else 0.9 * buf + d
+        ref_p = ref_p - (0.1 if count < 2 else 0.01) * buf
+        np.testing.assert_allclose(np.asarray(p), ref_p, rtol=1e-5)
+
+
+def test_schedule_is_bit_identical_to_the_per_epoch_rule():
+    """optax's piecewise schedule gives, in float32, exactly what the per-epoch rule base_lr * rate ** passed
+    gives (passed = milestones with epoch > m), at every boundary of the paper's milestones."""
+    milestones = jnp.asarray((150, 180, 210), jnp.int32)
+    for base_lr in (0.05, 0.01, 0.1):
+        schedule = recipe.step_decay_schedule(base_lr, 23, (150, 180, 210))
+        for count in (0, 150 * 23 - 1, 150 * 23, 180 * 23 - 1, 180 * 23, 210 * 23 - 1, 210 * 23, 240 * 23):
+            passed = jnp.sum(jnp.int32(count) // 23 + 1 > milestones)
+            want = np.float32(base_lr * 0.1 ** passed)
+            assert np.float32(schedule(jnp.int32(count))).tobytes() == want.tobytes(), (base_lr, count)
