@@ -134,7 +134,8 @@ def _user_errors():
 
 
 def _fail(message: str, status: int):
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    for line in str(message).splitlines() or [""]:  # a few problems at once: one line each
+        print(f"error: {line}", file=sys.stderr, flush=True)
     sys.exit(status)
 
 
@@ -166,8 +167,13 @@ def run(config, workdir: str, debug: bool = False) -> None:
     parallel.maybe_initialize_distributed()  # before anything touches a device
     from kdjax import workdir as workdir_lib
     workdir = os.path.abspath(os.path.expanduser(workdir))
+    from kdjax.train.loop import RunInterrupted
     try:
         tasks.run(config.task, config, workdir)
+    except RunInterrupted as e:
+        _fail(str(e), 130)
+    except KeyboardInterrupt:
+        _fail(f"interrupted before training started: nothing of this launch was saved in {workdir}", 130)
     except _user_errors() as e:  # bad input: one line that names the fix, no traceback
         if debug:
             raise

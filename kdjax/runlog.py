@@ -71,6 +71,21 @@ class RunLog:
                 f.writelines(kept)
             os.replace(tmp, self.path)
 
+    def evaluations(self) -> list:
+        """The evaluation rows logged so far (those with a ``top1``), e.g. of the epochs before a resume."""
+        if not self.main or not os.path.exists(self.path):
+            return []
+        rows = []
+        with open(self.path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if "top1" in row and "epoch" in row:
+                    rows.append(row)
+        return rows
+
     def write(self, step: int, record: Mapping[str, Any]) -> None:
         if not self.main:
             return
@@ -123,6 +138,7 @@ def write_results(workdir: str, results: Mapping[str, Any], config: Optional[Any
         out["config"] = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     path = os.path.join(workdir, "results.json")
     if is_main_process():
+        os.makedirs(workdir, exist_ok=True)
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(out, f, indent=1, sort_keys=True, default=str)

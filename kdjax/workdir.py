@@ -51,7 +51,23 @@ def upgrade_recorded(recorded: dict) -> dict:
             key, _, value = item.partition("=")
             options[key.strip()] = json.loads(value) if value.strip().lstrip("-").isdigit() else value.strip()
         out["dataset_options"] = options
+    optim = out.get("optim")
+    if isinstance(optim, dict) and "decay_fractions" not in optim:  # absolute milestones were the only kind
+        out["optim"] = dict(optim, decay_fractions=None)
     return out
+
+
+def _adopt_recorded_schedule(config, recorded: dict) -> None:
+    """A run started with absolute milestones resumes with them when the command leaves the schedule unset: the
+    default became fractions of the run, which would change a resumed run's learning rate half way."""
+    optim = recorded.get("optim") or {}
+    if optim.get("decay_epochs") is None or "optim" not in config:
+        return
+    if config.optim.get("decay_epochs") is None and config.optim.get("decay_fractions") is None:
+        with config.unlocked():
+            config.optim.decay_epochs = tuple(int(e) for e in optim["decay_epochs"])
+        print(f"note: resuming with the run's recorded absolute lr milestones {tuple(optim['decay_epochs'])}",
+              flush=True)
 
 
 LOCK_FILE = ".kdjax.lock"
@@ -175,12 +191,39 @@ def check_writable(workdir: str) -> None:
 
 def write_config(workdir: str, config) -> None:
     """``workdir/config.json``: the resolved config of the run that holds the workdir."""
+    os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "config.json")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(config.to_dict() if hasattr(config, "to_dict") else dict(config), f, indent=1, sort_keys=True,
                   default=str)
     os.replace(tmp, path)
+
+
+def _differences(workdir: str, config, ignore: Iterable[str]):
+    """None when ``workdir`` records no run yet, else the fields in which its recorded config differs from
+    ``config`` (a run started with absolute milestones keeps them, see ``_adopt_recorded_schedule``)."""
+    path = os.path.join(workdir, RUN_CONFIG)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        upgraded = upgrade_recorded(json.load(f))
+    _adopt_recorded_schedule(config, upgraded)
+    current = _flatten(_normalise(config.to_dict() if hasattr(config, "to_dict") else dict(config)))
+    recorded = _flatten(upgraded)
+    skip = set(ignore)
+    return {k: (recorded.get(k, "<absent>"), current.get(k, "<absent>")) for k in set(recorded) | set(current)
+            if k not in skip and recorded.get(k, "<absent>") != current.get(k, "<absent>")}
+
+
+def finished_results(workdir: str, config, ignore: Iterable[str] = RESUMABLE_FIELDS):
+    """The results of the run in ``workdir`` when it finished with this same config, else None: a finished run
+    started again is answered from its results.json, without restoring or re-evaluating anything."""
+    results = os.path.join(workdir, "results.json")
+    if not os.path.exists(results) or _differences(workdir, config, ignore) != {}:
+        return None
+    with open(results) as f:
+        return json.load(f)
 
 
 def claim(workdir: str, config, ignore: Iterable[str] = RESUMABLE_FIELDS) -> None:
@@ -190,22 +233,14 @@ def claim(workdir: str, config, ignore: Iterable[str] = RESUMABLE_FIELDS) -> Non
     workdir's lock, so that a refused launch records nothing. Raises ValueError naming every differing field:
     resuming a different run would mix two experiments.
     """
-    path = os.path.join(workdir, RUN_CONFIG)
-    current = _flatten(_normalise(config.to_dict() if hasattr(config, "to_dict") else dict(config)))
-    if os.path.exists(path):
-        with open(path) as f:
-            recorded = _flatten(upgrade_recorded(json.load(f)))
-        skip = set(ignore)
-        diff = sorted(k for k in set(recorded) | set(current)
-                      if k not in skip and recorded.get(k, "<absent>") != current.get(k, "<absent>"))
-        if diff:
-            details = ", ".join(f"{k}: {recorded.get(k, '<absent>')!r} -> {current.get(k, '<absent>')!r}" for k in diff)
-            raise ValueError(f"workdir {workdir} holds a run with a different config ({details}); use a new "
-                             f"--workdir, or repeat the recorded config to resume it")
-        write_config(workdir, config)
-        return
-    os.makedirs(workdir, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(_normalise(config.to_dict() if hasattr(config, "to_dict") else dict(config)), f, indent=1,
-                  sort_keys=True)
+    diff = _differences(workdir, config, ignore)
+    if diff:
+        details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(diff.items()))
+        raise ValueError(f"workdir {workdir} holds a run with a different config ({details}); use a new "
+                         f"--workdir, or repeat the recorded config to resume it")
+    if diff is None:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, RUN_CONFIG), "w") as f:
+            json.dump(_normalise(config.to_dict() if hasattr(config, "to_dict") else dict(config)), f, indent=1,
+                      sort_keys=True)
     write_config(workdir, config)

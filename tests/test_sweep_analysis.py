@@ -228,3 +228,32 @@ def test_mean_std_matches_numpy():
     mean, std, n = analysis.mean_std(values + [None])
     assert (mean, n) == (2.5, 3) and math.isclose(std, np.std(values, ddof=1))
     assert math.isnan(analysis.mean_std([3.0])[1]) and analysis.mean_std([])[2] == 0
+
+
+def test_report_states_its_provenance_error_bars_and_unique_columns(tmp_path):
+    fabricate_sweep(tmp_path / "results")
+    write_result(tmp_path / "results", "teachers/vgg13", {"task": "teacher", "model": "vgg13", "dataset": "cifar100",
+                                                          "top1": 0.7436, "epochs": 240})
+    out = analysis.write_report(str(tmp_path / "results"), str(tmp_path / "out"))
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "Computed from: CIFAR100 at the dataset's own size; students trained 240 epochs; seeds 0, 1, 2; " \
+           "teacher top-1 0.7436." in text
+    assert "Caveat" not in text  # full-length runs
+    assert "Error bars: t. stddev ± std over seeds" in text or "error bars: T. stddev ± std over seeds" in text.lower()
+    assert "Results from `../results`" in text  # relative to the report
+    for line in text.splitlines():
+        if line.startswith("| scheme |") or line.startswith("| teacher |") or line.startswith("| pair |"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            assert len(cells) == len(set(cells)), line
+    assert len(set(analysis.SCHEME_MARKERS.values())) == 9
+    assert out["paths"]["plots"]
+
+
+def test_short_runs_carry_a_caveat(tmp_path):
+    fabricate_sweep(tmp_path / "results")
+    for path in (tmp_path / "results").rglob("results.json"):
+        record = json.loads(path.read_text())
+        if record["task"] == "distill":
+            path.write_text(json.dumps(dict(record, epochs=10)))
+    analysis.write_report(str(tmp_path / "results"), str(tmp_path / "out"))
+    assert "Caveat: these runs are shorter than the paper's 240 epochs" in (tmp_path / "out" / "report.md").read_text()

@@ -54,3 +54,35 @@ def test_schedule_is_bit_identical_to_the_per_epoch_rule():
             passed = jnp.sum(jnp.int32(count) // 23 + 1 > milestones)
             want = np.float32(base_lr * 0.1 ** passed)
             assert np.float32(schedule(jnp.int32(count))).tobytes() == want.tobytes(), (base_lr, count)
+
+
+def _optim(**fields):
+    from kdjax.configs import fields as config_fields
+    optim = config_fields.optim_config()
+    for key, value in fields.items():
+        optim[key] = value
+    return optim
+
+
+@pytest.mark.parametrize("epochs, factor, want", [(240, 1, (150, 180, 210)), (240, 4, (600, 720, 840)),
+                                                  (10, 1, (6, 8, 9)), (2, 1, (1, 2, 2)), (1, 1, (1, 1, 1))])
+def test_milestones_are_fractions_of_the_run_by_default(epochs, factor, want):
+    assert recipe.decay_milestones(_optim(), epochs, factor) == want
+
+
+def test_absolute_milestones_and_the_error_for_both():
+    assert recipe.decay_milestones(_optim(decay_epochs=(150, 180, 210)), 10, 2) == (300, 360, 420)
+    assert recipe.decay_milestones(_optim(decay_fractions=(0.5,)), 10, 1) == (5,)
+    with pytest.raises(ValueError, match="either optim.decay_fractions .* or optim.decay_epochs"):
+        recipe.decay_milestones(_optim(decay_epochs=(5,), decay_fractions=(0.5,)), 10, 1)
+
+
+def test_a_shortened_run_anneals():
+    schedule = recipe.step_decay_schedule(0.05, 4, recipe.decay_milestones(_optim(), 10, 1))
+    lrs = [float(schedule(epoch * 4)) for epoch in range(10)]  # first step of each epoch
+    np.testing.assert_allclose(lrs, [0.05] * 6 + [0.005] * 2 + [0.0005] + [0.00005], rtol=1e-6)
+
+
+def test_a_milestone_given_twice_decays_twice():
+    schedule = recipe.step_decay_schedule(0.1, 5, (2, 2, 3))
+    np.testing.assert_allclose([float(schedule(e * 5)) for e in range(4)], [0.1, 0.1, 0.001, 0.0001], rtol=1e-6)

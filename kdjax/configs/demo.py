@@ -13,5 +13,5 @@ from kdjax.sweep.grid import sweep_config
 def get_config(arg=None):
     config = sweep_config(pairs=("resnet14:resnet8",), seeds=(0,), datasets=("digits",), optional_datasets=(),
                           epochs=10, teacher_epochs=12, image_size=16, steps_per_dispatch=100, last_batch="drop",
-                          eval_every=100)
+                          eval_every=1)
     return apply_arg(config, arg)

@@ -44,4 +44,4 @@ def get_config(arg=None):
         n_pick=config_dict.placeholder(int),
         criterion="entropy",
     ))
-    return apply_arg(config, arg)
+    return apply_arg(fields.from_checkpoint(config), arg)

@@ -14,4 +14,4 @@ def get_config(arg=None):
         task="evaluate", checkpoint=config_dict.placeholder(str), model=config_dict.placeholder(str),
         **fields.run_fields(*fields.DATA_FIELDS, "eval_batch_size", "dtype")))
     config.dataset_options = fields.dataset_options()
-    return apply_arg(config, arg)
+    return apply_arg(fields.from_checkpoint(config), arg)

@@ -43,9 +43,19 @@ def optim_config() -> ml_collections.ConfigDict:
         lr=config_dict.placeholder(float),
         momentum=0.9,
         weight_decay=5e-4,
-        decay_epochs=(150, 180, 210),
+        decay_fractions=config_dict.placeholder(tuple),
+        decay_epochs=config_dict.placeholder(tuple),
         decay_rate=0.1,
     ))
+
+
+def from_checkpoint(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``dataset`` and ``image_size`` unset: a task that reads a checkpoint takes them from the checkpoint's meta
+    (the dataset it was trained on, at its image size), so "not set" is not the default cifar100."""
+    with config.unlocked():
+        config.dataset = config_dict.placeholder(str)
+        config.image_size = config_dict.placeholder(int)
+    return config
 
 
 def run_fields(*names) -> dict:
@@ -72,7 +82,8 @@ HELP = {
     "model": "architecture (a zoo name, see `kdjax.models.names()`)",
     "teacher": "teacher architecture (a zoo name; 'none' in distill trains on labels only)",
     "student": "student architecture (a zoo name)",
-    "dataset": "data source: cifar100, cifar10, tiny_imagenet, digits, synthetic, or a registered one",
+    "dataset": "data source: cifar100, cifar10, tiny_imagenet, digits, synthetic, or a registered one (tasks that "
+               "read a checkpoint: unset takes the checkpoint's)",
     "aug": "augmentation scheme: identity, flip, crop_flip, cutout, autoaugment, mixup, cutmix, cutmix_pick_s, "
            "cutmix_pick_t ('all' = the nine, tstddev and gallery)",
     "distiller": "loss beside KD: kd (none), crd, hint, at, sp, pkt, rkd, vid",
@@ -103,7 +114,8 @@ HELP = {
     "optim.lr": "learning rate; unset: 0.05, or 0.01 for MobileNetV2/ShuffleV1/ShuffleV2",
     "optim.momentum": "SGD momentum",
     "optim.weight_decay": "coupled weight decay on every parameter",
-    "optim.decay_epochs": "epochs after which the lr is multiplied by decay_rate (x epoch_factor)",
+    "optim.decay_fractions": "milestones as fractions of the run; unset: 150/240, 180/240, 210/240 (the paper's)",
+    "optim.decay_epochs": "absolute milestones instead (x epoch_factor), e.g. 150,180,210; not with decay_fractions",
     "optim.decay_rate": "lr factor at each milestone",
     "loss": "weights of the KD loss",
     "loss.gamma": "CE weight; unset: 0.1 for KD (the paper), the distiller's own otherwise",
@@ -131,7 +143,9 @@ HELP = {
     "num_classes": "classes of the imported checkpoint",
     "source": "the original's .pth checkpoint to import",
     "results_dir": "directory of results.json files to report on; unset: the workdir",
-    "error_bars": "error bars in the plots (T. stddev s.e. or std over seeds; student loss std over seeds)",
+    "error_bars": "error bars in the plots (T. stddev: jackknife s.e. with one seed, else std over seeds; student "
+                  "loss: std over seeds)",
+    "fit_line": "draw the least-squares line in the plots",
     "num_images": "gallery columns; also the batch the schemes see",
     "per_sample": "each image gets its own draw (the original draws once per batch)",
     "output": "file name of the gallery PNG in the workdir",
@@ -145,6 +159,8 @@ HELP = {
     "tstddev_epochs": "epochs of the T. stddev runs (10, the original's)",
     "parallel": "runs at a time, each in its own process sharing the devices (1: one after another, in process)",
     "report": "write the report after the runs",
+    "verbose": "also print the original code's per-epoch 'Check T prob' lines",
+    "note_skipped": "say when aug=all leaves out CutMixPick (S. ent.) for want of a student",
 }
 
 

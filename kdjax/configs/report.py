@@ -13,5 +13,6 @@ def get_config(arg=None):
     return apply_arg(ml_collections.ConfigDict(dict(
         task="report",
         results_dir=config_dict.placeholder(str),
-        error_bars=False,
+        error_bars=True,
+        fit_line=False,
     )), arg)

@@ -28,4 +28,6 @@ def get_config(arg=None):
         mix_n_run=2,
         n_pick=config_dict.placeholder(int),
     ))
-    return apply_arg(config, arg)
+    config.verbose = False
+    config.note_skipped = True
+    return apply_arg(fields.from_checkpoint(config), arg)

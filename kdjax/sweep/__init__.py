@@ -1,4 +1,5 @@
 """Sweeps: the paper's grid (``grid``), the executors that run it (``executor``) and the analysis of its results
 (``analysis``: tables over seeds, correlations, plots)."""
-from kdjax.sweep.executor import SweepFailed, build_config, command_line, execute  # noqa: F401
+from kdjax.sweep import grid  # noqa: F401
+from kdjax.sweep.executor import Outcome, SweepFailed, build_config, command_line, execute  # noqa: F401
 from kdjax.sweep.grid import ALL, PAPER_PAIRS, Run, plan, sweep_config  # noqa: F401

@@ -32,7 +32,11 @@ PAPER_COLOURS = ("blue", "red", "black", "green", "cyan", "orange", "magenta", "
 SCHEME_COLOURS = dict(zip(augment.PAPER_SCHEMES, PAPER_COLOURS))
 DATASET_LABELS = {"cifar100": "CIFAR100", "cifar10": "CIFAR10", "tiny_imagenet": "Tiny ImageNet",
                   "digits": "Digits", "synthetic": "Synthetic"}
-METRICS = ("test_loss", "top1", "top5")
+METRICS = ("test_loss", "top1", "top5", "best_top1")
+# One marker per scheme of the paper, so that schemes stay apart without the legend (and without colour).
+PAPER_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h")
+SCHEME_MARKERS = dict(zip(augment.PAPER_SCHEMES, PAPER_MARKERS))
+FULL_RUN_EPOCHS = 240  # the paper's schedule, x epoch_factor
 
 
 def scheme_label(aug: str) -> str:
@@ -170,7 +174,11 @@ def summarize(records: Sequence[dict]) -> dict:
         row["seeds"] = sorted(r.get("seed") for r in runs if r.get("seed") is not None)
         x_runs, x_student = _tstddev_runs_for(tstd, teacher, student, dataset, aug)
         row["tstddev_mean"], row["tstddev_std"], row["tstddev_n"] = mean_std(r["tstddev"] for r in x_runs)
+        row["tstddev_se"] = mean_std(r.get("tstddev_se") for r in x_runs)[0]
         row["tstddev_student"] = x_student
+        row["epochs"] = sorted({int(r["epochs"]) for r in runs if r.get("epochs") is not None})
+        row["epoch_factor"] = max([int((r.get("config") or {}).get("epoch_factor") or 1) for r in runs] or [1])
+        row["image_size"] = sorted({(r.get("config") or {}).get("image_size") for r in runs} - {None})
         run_rows.append(row)
 
     pairs = {}
@@ -179,10 +187,22 @@ def summarize(records: Sequence[dict]) -> dict:
         pair = pairs.setdefault(key, {"teacher": key[0], "student": key[1], "dataset": key[2],
                                       "distiller": key[3], "points": []})
         if row["tstddev_n"] and row["test_loss_n"]:
+            # x error: the std over seeds when there are several, else the run's own jackknife s.e.
+            x_err = row["tstddev_std"] if row["tstddev_n"] > 1 else row["tstddev_se"]
             pair["points"].append({"aug": row["aug"], "label": row["label"], "x": row["tstddev_mean"],
-                                   "y": row["test_loss_mean"], "x_std": row["tstddev_std"],
-                                   "y_std": row["test_loss_std"]})
+                                   "y": row["test_loss_mean"], "x_std": x_err, "y_std": row["test_loss_std"],
+                                   "x_err_kind": "std over seeds" if row["tstddev_n"] > 1 else "jackknife s.e."})
+    teachers = {(r.get("model"), r.get("dataset", "cifar100")): r for r in records if r.get("task") == "teacher"}
     for pair in pairs.values():
+        rows = [r for r in run_rows if (r["teacher"], r["student"], r["dataset"], r["distiller"]) == (
+            pair["teacher"], pair["student"], pair["dataset"], pair["distiller"])]
+        trained = teachers.get((pair["teacher"], pair["dataset"]))
+        pair["provenance"] = {
+            "epochs": sorted({e for r in rows for e in r["epochs"]}),
+            "full_epochs": FULL_RUN_EPOCHS * max([r["epoch_factor"] for r in rows] or [1]),
+            "seeds": sorted({s for r in rows for s in r["seeds"]}),
+            "image_size": sorted({s for r in rows for s in r["image_size"]}),
+            "teacher_top1": None if trained is None else trained.get("top1")}
         pts = pair["points"]
         pair["correlations"] = (correlations([p["x"] for p in pts], [p["y"] for p in pts])
                                 if len(pts) >= 3 else None)
@@ -220,9 +240,15 @@ def pair_slug(pair: dict) -> str:
     return f"{pair['teacher']}-{pair['student']}_{pair['dataset']}{extra}"
 
 
+def error_caption(points: Sequence[dict]) -> str:
+    kinds = sorted({p.get("x_err_kind", "std over seeds") for p in points})
+    return (f"error bars: T. stddev ± {' / '.join(kinds)}; S. test loss ± std over seeds (none with one seed)")
+
+
 def scatter_plot(points: Sequence[dict], title: str, path: str, corr: dict | None = None,
-                 error_bars: bool = False) -> str:
-    """The paper's figure: one marker per scheme (x = T. stddev, y = S. test loss), legend, coefficients box.
+                 error_bars: bool = True, fit_line: bool = False) -> str:
+    """The paper's figure: one marker per scheme (x = T. stddev, y = S. test loss), legend, coefficients box;
+    error bars (``error_caption`` says which) and, with ``fit_line``, the least-squares line.
 
     ``points``: dicts with aug, x, y (and x_std, y_std for ``error_bars``). Writes a PNG to ``path``.
     """
@@ -239,11 +265,18 @@ def scatter_plot(points: Sequence[dict], title: str, path: str, corr: dict | Non
         if error_bars and (np.isfinite(p.get("x_std", np.nan)) or np.isfinite(p.get("y_std", np.nan))):
             ax.errorbar(p["x"], p["y"], xerr=_finite_or_none(p.get("x_std")),
                         yerr=_finite_or_none(p.get("y_std")), fmt="none", ecolor=colour, alpha=0.5, lw=1)
-        ax.scatter(p["x"], p["y"], s=60, c=colour, edgecolors="dimgrey", linewidths=0.5,
-                   label=scheme_label(p["aug"]), zorder=3)
+        ax.scatter(p["x"], p["y"], s=70, c=colour, marker=SCHEME_MARKERS.get(p["aug"], "o"), edgecolors="black",
+                   linewidths=0.6, label=scheme_label(p["aug"]), zorder=3)
+    if fit_line and len(points) >= 2:
+        xs, ys = np.asarray([p["x"] for p in points]), np.asarray([p["y"] for p in points])
+        slope, intercept = np.polyfit(xs, ys, 1)
+        grid = np.linspace(xs.min(), xs.max(), 50)
+        ax.plot(grid, slope * grid + intercept, ls="--", lw=1, color="grey", zorder=2, label="least squares")
     ax.set_xlabel("T. stddev")
     ax.set_ylabel("S. test loss")
     ax.set_title(title)
+    if error_bars:
+        ax.text(0.0, -0.2, error_caption(points), transform=ax.transAxes, fontsize=7, va="top", ha="left")
     ax.grid(True, ls=":", lw=0.5)
     ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 3))
     ax.margins(0.08)
@@ -286,20 +319,36 @@ def _write_csv(path: str, rows: Sequence[dict], columns: Sequence[str]) -> None:
 
 RUN_COLUMNS = ("teacher", "student", "dataset", "distiller", "aug", "label", "seeds",
                "test_loss_mean", "test_loss_std", "test_loss_n", "top1_mean", "top1_std", "top1_n",
-               "top5_mean", "top5_std", "top5_n", "tstddev_mean", "tstddev_std", "tstddev_n", "tstddev_student")
+               "top5_mean", "top5_std", "top5_n", "best_top1_mean", "best_top1_std", "best_top1_n", "tstddev_mean",
+               "tstddev_std", "tstddev_n", "tstddev_se", "tstddev_student")
 TSTDDEV_COLUMNS = ("teacher", "student", "dataset", "aug", "label", "seeds", "tstddev_mean", "tstddev_std",
                    "tstddev_n", "tstddev_se_mean", "mean_entropy_mean", "mean_entropy_std")
 CORRELATION_COLUMNS = ("teacher", "student", "dataset", "distiller", "n", "pearson", "pearson_p", "spearman",
                        "spearman_p", "kendall", "kendall_p")
 
 
+def _provenance(pair: dict) -> list:
+    p = pair["provenance"]
+    epochs = ", ".join(map(str, p["epochs"])) or "?"
+    size = ", ".join(f"{s}px" for s in p["image_size"]) or "the dataset's own size"
+    teacher = "not in these results" if p["teacher_top1"] is None else f"{p['teacher_top1']:.4f}"
+    lines = [f"Computed from: {DATASET_LABELS.get(pair['dataset'], pair['dataset'])} at {size}; students trained "
+             f"{epochs} epochs; seeds {', '.join(map(str, p['seeds'])) or '?'}; teacher top-1 {teacher}."]
+    if p["epochs"] and max(p["epochs"]) < p["full_epochs"]:
+        lines.append(f"Caveat: these runs are shorter than the paper's {p['full_epochs']} epochs, so their "
+                     f"correlation is illustrative, not a reproduction.")
+    return lines + [""]
+
+
 def _markdown(summary: dict, plot_paths: dict, out_dir: str, root: str) -> str:
+    where = os.path.relpath(root, out_dir)
     lines = ["# T. stddev vs S. test loss", "",
-             f"Results from `{root}`. Mean ± std over seeds (sample std, ddof 1); n = number of seeds. "
-             "Coefficients: scipy pearsonr / spearmanr / kendalltau (tau-b), two-sided p-values in percent.", ""]
+             f"Results from `{where}` (relative to this report). Mean ± std over seeds (sample std, ddof 1). "
+             "Coefficients: scipy pearsonr / spearmanr / kendalltau (tau-b), two-sided p-values in percent. "
+             "T. stddev s.e. is the jackknife standard error of one run (mean over seeds).", ""]
     pairs = summary["pairs"]
     if pairs:
-        lines += ["## Correlations", "", "| pair | dataset | distiller | points | Pearson (p) | Spearman (p) | "
+        lines += ["## Correlations", "", "| pair | dataset | distiller | schemes | Pearson (p) | Spearman (p) | "
                   "Kendall (p) |", "|---|---|---|---|---|---|---|"]
         for pair in pairs:
             c = pair["correlations"]
@@ -309,8 +358,9 @@ def _markdown(summary: dict, plot_paths: dict, out_dir: str, root: str) -> str:
                          f"{len(pair['points'])} | " + " | ".join(cells) + " |")
         lines.append("")
     for pair in pairs:
-        lines += [f"## {pair_title(pair)}", "",
-                  "| scheme | T. stddev | n | S. test loss | top-1 | top-5 | n |", "|---|---|---|---|---|---|---|"]
+        lines += [f"## {pair_title(pair)}", ""] + _provenance(pair) + [
+                  "| scheme | T. stddev | T. stddev seeds | S. test loss | top-1 (last) | top-1 (best) | top-5 | "
+                  "student seeds |", "|---|---|---|---|---|---|---|---|"]
         for row in summary["runs"]:
             if (row["teacher"], row["student"], row["dataset"], row["distiller"]) != (
                     pair["teacher"], pair["student"], pair["dataset"], pair["distiller"]):
@@ -319,17 +369,19 @@ def _markdown(summary: dict, plot_paths: dict, out_dir: str, root: str) -> str:
             flag = f" (measured with {row['tstddev_student'][6:]})" if fallback else ""
             lines.append(f"| {row['label']} | {_fmt(row['tstddev_mean'], row['tstddev_std'], 6)}{flag} | "
                          f"{row['tstddev_n']} | {_fmt(row['test_loss_mean'], row['test_loss_std'], 4)} | "
-                         f"{_fmt(row['top1_mean'], row['top1_std'], 4)} | {_fmt(row['top5_mean'], row['top5_std'], 4)}"
-                         f" | {row['test_loss_n']} |")
+                         f"{_fmt(row['top1_mean'], row['top1_std'], 4)} | "
+                         f"{_fmt(row['best_top1_mean'], row['best_top1_std'], 4)} | "
+                         f"{_fmt(row['top5_mean'], row['top5_std'], 4)} | {row['test_loss_n']} |")
         if pair["correlations"]:
             lines += ["", format_coefficients(pair["correlations"], sep="; ")]
         key = pair_slug(pair)
         if key in plot_paths:
-            lines += ["", f"![{pair_title(pair)}]({os.path.relpath(plot_paths[key], out_dir)})"]
+            lines += ["", f"![{pair_title(pair)}]({os.path.relpath(plot_paths[key], out_dir)})", "",
+                      error_caption(pair["points"]).capitalize() + "."]
         lines.append("")
     if summary["tstddev"]:
-        lines += ["## T. stddev runs", "", "| teacher | student | dataset | scheme | T. stddev | n | SE (mean) | "
-                  "mean entropy |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["## T. stddev runs", "", "| teacher | student | dataset | scheme | T. stddev | seeds | "
+                  "T. stddev s.e. | mean entropy |", "|---|---|---|---|---|---|---|---|"]
         for row in summary["tstddev"]:
             lines.append(f"| {row['teacher']} | {row['student'] or '–'} | {row['dataset']} | {row['label']} | "
                          f"{_fmt(row['tstddev_mean'], row['tstddev_std'], 6)} | {row['tstddev_n']} | "
@@ -341,7 +393,7 @@ def _markdown(summary: dict, plot_paths: dict, out_dir: str, root: str) -> str:
     return "\n".join(lines)
 
 
-def write_report(root: str, out_dir: str, error_bars: bool = False) -> dict:
+def write_report(root: str, out_dir: str, error_bars: bool = True, fit_line: bool = False) -> dict:
     """Read every results.json under ``root``; write to ``out_dir``: report.md, summary.csv (KD runs per scheme
     with their x), tstddev.csv, correlations.csv and plots/<teacher>-<student>_<dataset>.png. Returns the paths
     and the summary."""
@@ -353,7 +405,8 @@ def write_report(root: str, out_dir: str, error_bars: bool = False) -> dict:
         if len(pair["points"]) >= 1:
             path = os.path.join(out_dir, "plots", pair_slug(pair) + ".png")
             plot_paths[pair_slug(pair)] = scatter_plot(pair["points"], pair_title(pair), path,
-                                                       pair["correlations"], error_bars=error_bars)
+                                                       pair["correlations"], error_bars=error_bars,
+                                                       fit_line=fit_line)
     paths = {"markdown": os.path.join(out_dir, "report.md"), "summary_csv": os.path.join(out_dir, "summary.csv"),
              "tstddev_csv": os.path.join(out_dir, "tstddev.csv"),
              "correlations_csv": os.path.join(out_dir, "correlations.csv"), "plots": plot_paths}

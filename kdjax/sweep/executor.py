@@ -7,9 +7,11 @@ The executor knows nothing of the tasks: the in-process one calls the ``run_task
 given (``kdjax.tasks.run``), the subprocess one starts the command line.
 """
 import concurrent.futures
+import dataclasses
 import os
 import subprocess
 import sys
+import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from kdjax import configs
@@ -58,36 +60,77 @@ def run_subprocess(run: Run, memory_fraction: Optional[float]) -> int:
         return subprocess.call(command_line(run), env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
+class Progress:
+    """"run 14/290, ETA 3:10:00" across all stages: the mean wall time of the runs finished in this session
+    times the runs left (the first run's compile is in it; later runs of a pair compile the same programs)."""
+
+    def __init__(self, total: int, log):
+        self.total, self.log, self.done, self.seconds = total, log, 0, 0.0
+
+    def eta(self) -> str:
+        from kdjax.runlog import format_eta
+        return format_eta(self.seconds / self.done * (self.total - self.done)) if self.done else "?"
+
+    def start(self, run: Run) -> None:
+        self.log(f"[sweep] run {self.done + 1}/{self.total}, ETA {self.eta()}: {run.describe()}")
+
+    def finish(self, seconds: float) -> None:
+        self.done += 1
+        self.seconds += seconds
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What ``execute`` did: runs completed now, skipped (finished before), failed; and its wall time."""
+    completed: List[Run]
+    skipped: List[Run]
+    failed: List[Run]
+    wall_s: float
+
+    def summary(self) -> str:
+        return (f"{len(self.completed)} done, {len(self.skipped)} skipped (finished before), {len(self.failed)} "
+                f"failed, in {self.wall_s / 60:.1f} min")
+
+
 def execute(runs: Sequence[Run], run_task: Callable[[str, Any, str], Dict[str, Any]], parallel: int = 1,
-            log=print) -> List[Run]:
-    """Run every unfinished run, stage by stage; returns the runs that failed (a failure does not stop the
-    others, and the next stage's runs that depend on a failed one fail on their own missing inputs)."""
-    failed: List[Run] = []
+            log=print) -> Outcome:
+    """Run every unfinished run, stage by stage (a finished run whose input changed is set aside and rerun). A
+    failure does not stop the others; a run that consumes a failed one fails on its own, in one line, because
+    it refuses unfinished inputs."""
+    started = time.time()
     for run in runs:
         if run.done and stale(run):
             set_aside(run, log)
+    skipped = [r for r in runs if r.done]
     todo = [r for r in runs if not r.done]
-    log(f"[sweep] {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to go "
+    log(f"[sweep] {len(runs)} runs, {len(skipped)} already finished, {len(todo)} to go "
         f"({'in this process' if parallel <= 1 else f'{parallel} processes at a time'})")
+    progress, completed, failed = Progress(len(todo), log), [], []
     for stage in sorted({r.stage for r in todo}):
         batch = [r for r in todo if r.stage == stage]
         if parallel <= 1:
-            for i, run in enumerate(batch):
-                log(f"[sweep] stage {stage} run {i + 1}/{len(batch)}: {run.describe()}")
+            for run in batch:
+                progress.start(run)
+                t0 = time.time()
                 try:
                     os.makedirs(run.workdir, exist_ok=True)
                     run_task(run.task, build_config(run), run.workdir)
+                    completed.append(run)
                 except Exception as e:  # one failed run must not lose the others; reported at the end
                     log(f"[sweep] FAILED: {run.describe()}: {type(e).__name__}: {e}")
                     failed.append(run)
+                progress.finish(time.time() - t0)
             continue
         with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
-            codes = pool.map(lambda r: (r, run_subprocess(r, 0.9 / parallel)), batch)
-            for run, code in codes:
-                log(f"[sweep] {'done' if code == 0 else f'FAILED ({code})'}: {run.describe()}")
-                if code:
-                    failed.append(run)
-    return failed
+            def timed(run):
+                t0 = time.time()
+                return run, run_subprocess(run, 0.9 / parallel), time.time() - t0
+            for run, code, seconds in pool.map(timed, batch):
+                progress.finish(seconds / parallel)
+                log(f"[sweep] {'done' if code == 0 else f'FAILED ({code})'} ({progress.done}/{progress.total}, "
+                    f"ETA {progress.eta()}): {run.describe()}")
+                (failed if code else completed).append(run)
+    return Outcome(completed, skipped, failed, time.time() - started)
 
 
 def _recorded_inputs(run: Run) -> List[Dict[str, Any]]:

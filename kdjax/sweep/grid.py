@@ -129,7 +129,9 @@ def plan(config, root: str) -> List[Run]:
                 tstd = dict(common, teacher=teacher, dataset=dataset, seed=seed,
                             teacher_checkpoint=teacher_ckpt[teacher], epochs=config.tstddev_epochs)
                 if all_at_once:  # one program for the eight teacher-only schemes, one base batch stream
-                    runs.append(Run("tstddev", workdir, run_fields(tstd, aug=ALL), stage=1, done_marker="tstddev.md"))
+                    # the student-scored scheme is the sweep's own later stage: no note about skipping it
+                    runs.append(Run("tstddev", workdir, run_fields(tstd, aug=ALL, note_skipped=False), stage=1,
+                                    done_marker="tstddev.md"))
                     continue
                 for aug in teacher_only:
                     runs.append(Run("tstddev", os.path.join(workdir, aug), run_fields(tstd, aug=aug), stage=1))

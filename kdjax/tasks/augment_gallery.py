@@ -87,6 +87,7 @@ def render(rows, path: str, title: str) -> None:
 
 def run(config, workdir):
     names = scheme_list(config.aug)
+    os.makedirs(workdir, exist_ok=True)
     if int(config.num_images) < 2:
         raise ValueError(f"num_images must be >= 2 (mixing schemes pair images); got {config.num_images}")
     dataset = common.load_dataset(config)

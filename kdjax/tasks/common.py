@@ -108,6 +108,17 @@ def load_checkpoint(path: str, model: Optional[str] = None, role: str = "model",
     return variables, meta, name
 
 
+def resolve_data(config, meta: Optional[Dict[str, Any]]) -> None:
+    """Fill an unset ``dataset`` / ``image_size`` from a checkpoint's meta (else cifar100 at its own size); the
+    resolved values are what the run records."""
+    meta = meta or {}
+    with config.unlocked():
+        if config.get("dataset") is None:
+            config.dataset = meta.get("dataset") or "cifar100"
+        if config.get("image_size") is None and meta.get("image_size") and meta.get("dataset") == config.dataset:
+            config.image_size = int(meta["image_size"])
+
+
 def check_against_dataset(meta: Dict[str, Any], path: str, dataset) -> None:
     """A checkpoint must have the dataset's class count and image size (its meta says which it was made for)."""
     from kdjax.checkpoint import check_meta
@@ -129,13 +140,28 @@ def model_meta(model_name: str, dataset, extra: Optional[Dict[str, Any]] = None)
     return meta
 
 
+def already_finished(task: str, workdir: str, config) -> Optional[Dict[str, Any]]:
+    """The results of a finished run of this same config in ``workdir`` (printed), else None."""
+    from kdjax import workdir as workdir_lib
+    results = workdir_lib.finished_results(workdir, config)
+    if results is not None:
+        best = (f" (best top1 {results['best_top1']:.4f} at epoch {results['best_epoch']})"
+                if "best_top1" in results else "")
+        print(f"[{task}] already finished: test_loss {results.get('test_loss', float('nan')):.4f} top1 "
+              f"{results.get('top1', float('nan')):.4f}{best}; results in {os.path.join(workdir, 'results.json')}",
+              flush=True)
+    return results
+
+
 def finish_training(workdir: str, config, fields: Dict[str, Any], out: Dict[str, Any], recipe,
                     started: float, label: str) -> Dict[str, Any]:
     """results.json of a training run, and its closing line."""
     from kdjax import runlog
     results = {**fields, "seed": int(config.seed), "epochs": recipe.epochs, "test_loss": out["test_loss"],
-               "top1": out["top1"], "top5": out["top5"], "wall_s": time.time() - started,
-               "images_per_s": out["images_per_s"], "compile_s": out["compile_s"], "lr": recipe.base_lr}
+               "top1": out["top1"], "top5": out["top5"], "best_top1": out["best_top1"],
+               "best_epoch": out["best_epoch"], "best_test_loss": out["best_test_loss"], "wall_s": time.time() - started,
+               "images_per_s": out["images_per_s"], "compile_s": out["compile_s"], "lr": recipe.base_lr,
+               "decay_epochs": list(recipe.decay_epochs)}
     path = runlog.write_results(workdir, results, config)
     print(f"[{fields['task']}] {label} on {fields['dataset']}: test_loss {out['test_loss']:.4f} "
           f"top1 {out['top1']:.4f}; results in {path}", flush=True)

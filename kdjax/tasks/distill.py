@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from kdjax import augment, distillers, models, parallel, workdir as workdir_lib
 from kdjax.augment import transforms
+from kdjax.checkpoint import read_meta
 from kdjax.data import DeviceDataset
 from kdjax.tasks import common
 from kdjax.train import loop, recipe as recipe_lib, steps
@@ -80,6 +81,11 @@ def validate(config) -> None:
 
 def run(config, workdir):
     validate(config)
+    if config.teacher != NO_TEACHER:  # the teacher's dataset and size, where the config leaves them unset
+        common.resolve_data(config, read_meta(config.teacher_checkpoint))
+    done = common.already_finished("distill", workdir, config)
+    if done is not None:
+        return done
     workdir_lib.check_writable(workdir)
     with workdir_lib.WorkdirLock(workdir):
         return _train(config, workdir)
@@ -89,6 +95,7 @@ def _train(config, workdir):
     teacher_vars, teacher_meta = (None, None)
     if config.teacher != NO_TEACHER:
         teacher_vars, teacher_meta, _ = common.load_checkpoint(config.teacher_checkpoint, config.teacher, "teacher")
+    common.resolve_data(config, teacher_meta)
     started = time.time()
     dataset = common.load_dataset(config)
     if teacher_meta is not None:

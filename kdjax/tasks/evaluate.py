@@ -12,6 +12,7 @@ def run(config, workdir):
     if not config.checkpoint:
         raise CheckpointError("give the checkpoint to evaluate: --config.checkpoint=DIR (a workdir or a step dir)")
     variables, meta, model_name = common.load_checkpoint(config.checkpoint, config.model or None, field="checkpoint")
+    common.resolve_data(config, meta)
     dtype = common.compute_dtype(config.dtype)
     started = time.time()
     dataset = common.load_dataset(config)

@@ -11,7 +11,6 @@ import os
 import time
 from typing import List, Optional
 
-from absl import logging
 
 from kdjax import augment, models, parallel, runlog, workdir as workdir_lib
 from kdjax.augment import transforms
@@ -80,7 +79,7 @@ def run(config, workdir):
 def _evaluate(config, workdir):
     names = scheme_names(config)
     skipped = [BY_STUDENT] if config.aug == ALL and BY_STUDENT not in names else []
-    if skipped:
+    if skipped and config.get("note_skipped", True):
         message = (f"aug=all without a student checkpoint: {BY_STUDENT} is skipped (it scores by a fixed student's "
                    f"entropy); to include it set {STUDENT_HINT}")
         print(f"[tstddev] note: {message}", flush=True)
@@ -89,6 +88,7 @@ def _evaluate(config, workdir):
     if BY_STUDENT in names:
         student_vars, student_meta, student_name = common.load_checkpoint(config.student_checkpoint,
                                                                     config.student or None, "student")
+    common.resolve_data(config, teacher_meta)
     started = time.time()
     dataset = common.load_dataset(config)
     for meta, path in ((teacher_meta, config.teacher_checkpoint), (student_meta, config.student_checkpoint)):
@@ -119,13 +119,17 @@ def _evaluate(config, workdir):
     print(f"[tstddev] compiled in {compile_s:.1f} s; {evaluator.teacher_rows_per_step()} teacher rows per step",
           flush=True)
 
+    last_print = [0.0]
+
     def on_chunk(r):
-        values = " ".join(f"{n} {v:.6f}" for n, v in zip(names, r.tstddev))
-        line = (f"[tstddev] epoch {r.epoch}/{plan.epochs} step {r.global_step}/{r.total_steps} groups "
-                f"{r.groups[0]} T.stddev {values} | {r.images_per_s:,.0f} teacher img/s ETA {runlog.format_eta(r.eta_s)}")
-        print(line, flush=True)
-        logging.info(line)
-        if r.epoch_end:
+        """One throttled progress line (at most one per 5 s, and one per epoch end), as training prints; the
+        original's per-scheme 'Check T prob' lines only with verbose."""
+        now = time.time()
+        if r.epoch_end or now - last_print[0] >= 5.0:
+            last_print[0] = now
+            print(f"[tstddev] epoch {r.epoch}/{plan.epochs} step {r.global_step}/{r.total_steps} groups "
+                  f"{r.groups[0]} | {r.images_per_s:,.0f} teacher img/s ETA {runlog.format_eta(r.eta_s)}", flush=True)
+        if r.epoch_end and config.get("verbose", False):
             for n, g, v, h in zip(names, r.groups, r.tstddev, r.mean_entropy):
                 print(f"[tstddev:{n}] Check T prob: NumOfSampledStd {g} Epoch {r.epoch} Step "
                       f"{plan.steps_per_epoch - 1} TotalStep {r.global_step - 1} MeanStd {v:.6f} MeanEntropy "
@@ -149,7 +153,8 @@ def _evaluate(config, workdir):
         os.makedirs(directory, exist_ok=True)
         runlog.write_results(directory, results, config)
         all_results[name] = r
-    table = markdown_table(config.teacher, dataset.name, all_results, student_name, skipped)
+    table = markdown_table(config.teacher, dataset.name, all_results, student_name,
+                           skipped if config.get("note_skipped", True) else [])
     if runlog.is_main_process():
         with open(os.path.join(workdir, "tstddev.md"), "w") as f:
             f.write(table)

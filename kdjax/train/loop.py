@@ -18,11 +18,16 @@ from kdjax import runlog
 from kdjax.checkpoint.store import TrainCheckpointer
 from kdjax.data import epochs as epochs_lib
 from kdjax.train.evaluate import eval_batch_size, make_evaluator
+from kdjax.train import recipe as recipe_lib
 from kdjax.train.recipe import Recipe
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+class RunInterrupted(RuntimeError):
+    """Ctrl-C (SIGINT) during training; the message says what was saved and how to resume."""
 
 
 @dataclasses.dataclass
@@ -90,8 +95,8 @@ def fit(workdir: str, config, recipe: Recipe, trainee: Trainee, data, mesh) -> D
 
     if runlog.is_main_process():
         print(f"[{name}] {data.name}: {data.num_train} train / {data.num_test} test images, {data.placement} on "
-              f"{mesh.size} device(s); {plan.steps_per_epoch} steps per epoch, {recipe.chunk} per dispatch",
-              flush=True)
+              f"{mesh.size} device(s); {epochs} epochs of {plan.steps_per_epoch} steps, {recipe.chunk} per dispatch; "
+              f"{recipe_lib.describe_schedule(recipe.base_lr, recipe.decay_epochs, recipe.decay_rate)}", flush=True)
     latest = ckpt.latest_step()
     if latest is not None:
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
@@ -110,6 +115,9 @@ def fit(workdir: str, config, recipe: Recipe, trainee: Trainee, data, mesh) -> D
                               eval_batch_size(int(config.get("eval_batch_size", 500)), mesh.size), data.num_test)
     log = runlog.RunLog(workdir, total_steps, name)
     log.forget_after(global_step)
+    best = None  # the evaluated epoch with the highest top-1 (later KD papers report it; the paper the last)
+    for row in log.evaluations():
+        best = _better(best, row)
     eval_every = max(int(config.get("eval_every", 1)), 1)
     ckpt_every = max(int(config.get("checkpoint_every", 10)), 1)
     last_eval: Dict[str, Any] = {}
@@ -144,12 +152,14 @@ def fit(workdir: str, config, recipe: Recipe, trainee: Trainee, data, mesh) -> D
                                         "images_per_s": seg.steps * seg.rows / dt})
                 # ETA from the wall time per step so far (evaluation and checkpoints included, compiles not)
                 per_step = ((time.perf_counter() - loop_started - executables.compile_s)
-                            / (global_step - first_step))
+                            / (global_step - first_step)) if k or epoch > start_epoch else float("nan")
+                # (no ETA from the first dispatch alone: a program's first execution is slower than the rest)
                 log.progress(global_step, epoch + 1, epochs, means["loss"], lr, seg.steps * seg.rows / dt, per_step,
                              force=k == len(segments) - 1)
             if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
                 last_eval = evaluate({"params": state["params"], "batch_stats": state["batch_stats"]}, data)
                 log.write(global_step, {"epoch": epoch + 1, **last_eval})
+                best = _better(best, {"epoch": epoch + 1, **last_eval})
                 if log.main:
                     print(f"[{name}] epoch {epoch + 1} test_loss {last_eval['test_loss']:.6f} "
                           f"top1 {last_eval['top1']:.4f} top5 {last_eval['top5']:.4f}", flush=True)
@@ -158,9 +168,21 @@ def fit(workdir: str, config, recipe: Recipe, trainee: Trainee, data, mesh) -> D
                 last_saved = global_step
         if not last_eval:  # resumed a finished run: evaluate its final state
             last_eval = evaluate({"params": state["params"], "batch_stats": state["batch_stats"]}, data)
+            best = _better(best, {"epoch": epochs, **last_eval})
+    except KeyboardInterrupt:
+        saved = (f"the last checkpoint is step {last_saved} (epoch {last_saved // plan.steps_per_epoch}) in "
+                 f"{ckpt.directory}" if last_saved is not None else "no checkpoint was written yet")
+        raise RunInterrupted(f"interrupted at step {global_step} of {total_steps}; {saved}; run the same command "
+                             f"to resume") from None
     finally:
         ckpt.close()
         log.close()
     throughput = train_images / train_seconds if train_seconds > 0 else float("nan")
     return {**last_eval, "images_per_s": throughput, "steps": global_step, "compile_s": executables.compile_s,
+            "best_top1": best["top1"], "best_epoch": int(best["epoch"]), "best_test_loss": best["test_loss"],
             "state": state}
+
+
+def _better(best: Optional[Dict[str, Any]], row: Dict[str, Any]) -> Dict[str, Any]:
+    """The row with the higher top-1; on a tie the earlier epoch."""
+    return row if best is None or row["top1"] > best["top1"] else best

@@ -7,11 +7,18 @@ from kdjax import sweep, tasks
 from kdjax.sweep import grid
 
 
-def test_demo_pipeline_end_to_end(tmp_path):
+def test_demo_pipeline_end_to_end(tmp_path, capsys):
     """The demo's sweep on digits, shrunk: teacher, T. stddev of the nine schemes, nine students, report."""
     from kdjax.tasks import sweep as sweep_task
     config = load_config("demo", "pairs=tiny_cnn:tiny_cnn,epochs=1,teacher_epochs=2,tstddev_epochs=1,image_size=8")
     sweep_task.run(config, str(tmp_path))
+    out = capsys.readouterr().out
+    assert "[sweep] run 1/12, ETA ?:" in out and "[sweep] run 12/12, ETA " in out  # one counter across stages
+    assert "[sweep] 12 runs: 12 done, 0 skipped (finished before), 0 failed" in out
+    assert f"report: {tmp_path / 'report.md'}" in out and "[report] tiny_cnn/tiny_cnn" in out
+    assert "student_checkpoint" not in out  # no advice about a scheme the sweep computes later
+    assert "Check T prob" not in out and "nan" not in out
+    assert max(len(line) for line in out.splitlines() if line.startswith("[tstddev]")) < 200
     for aug in ("identity", "cutmix_pick_s", "cutmix_pick_t"):
         assert (tmp_path / "tiny_cnn-tiny_cnn" / aug / "seed0" / "results.json").exists()
     cmp_s = json.loads((tmp_path / "tstddev/tiny_cnn-tiny_cnn/cutmix_pick_s/seed0/results.json").read_text())
@@ -23,6 +30,7 @@ def test_demo_pipeline_end_to_end(tmp_path):
     before = (tmp_path / "tiny_cnn-tiny_cnn/cutmix/seed0/results.json").stat().st_mtime
     sweep_task.run(config, str(tmp_path))
     assert (tmp_path / "tiny_cnn-tiny_cnn/cutmix/seed0/results.json").stat().st_mtime == before
+    assert "[sweep] 12 runs: 0 done, 12 skipped (finished before), 0 failed" in capsys.readouterr().out
 
 
 def test_parallel_executor_runs_launch_subprocesses(tmp_path, monkeypatch):
@@ -35,7 +43,7 @@ def test_parallel_executor_runs_launch_subprocesses(tmp_path, monkeypatch):
     runs = [sweep.Run("distill", str(tmp_path / aug), grid.run_fields(common, aug=aug), stage=0)
             for aug in ("mixup", "cutmix")]
     runs.append(sweep.Run("distill", str(tmp_path / "bad"), grid.run_fields(common, aug="cutmix_pick_t"), stage=0))
-    failed = sweep.execute(runs, tasks.run, parallel=2, log=lambda line: None)
+    failed = sweep.execute(runs, tasks.run, parallel=2, log=lambda line: None).failed
     assert [r.workdir for r in failed] == [str(tmp_path / "bad")]
     assert "needs a teacher" in (tmp_path / "bad" / "launch.log").read_text()
     for aug in ("mixup", "cutmix"):

@@ -52,7 +52,7 @@ def test_launch_end_to_end_on_digits(tmp_path):
     proc = launch("tstddev.py:teacher=tiny_cnn,dataset=digits,aug=all,epochs=1", workdir,
                   "--config.image_size=16", f"--config.teacher_checkpoint={tmp_path / 'teacher'}",
                   f"--config.student_checkpoint={tmp_path / 'student'}", "--config.steps_per_dispatch=8",
-                  "--config.steps_per_forward=2")
+                  "--config.steps_per_forward=2", "--config.verbose=true")
 
     groups = te.expected_groups(digits.num_train, 64, 1)
     values = {}
