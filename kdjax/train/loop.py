@@ -15,7 +15,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kdjax import runlog
-from kdjax.checkpoint.store import TrainCheckpointer
+from kdjax.checkpoint.store import CheckpointError, TrainCheckpointer
 from kdjax.data import epochs as epochs_lib
 from kdjax.train.evaluate import eval_batch_size, make_evaluator
 from kdjax.train import recipe as recipe_lib
@@ -164,7 +164,7 @@ def fit(workdir: str, config, recipe: Recipe, trainee: Trainee, data, mesh) -> D
                     print(f"[{name}] epoch {epoch + 1} test_loss {last_eval['test_loss']:.6f} "
                           f"top1 {last_eval['top1']:.4f} top5 {last_eval['top5']:.4f}", flush=True)
             if (epoch + 1) % ckpt_every == 0 or epoch + 1 == epochs:
-                ckpt.save(global_step, state, trainee.meta)
+                _save_or_explain(ckpt, global_step, state, trainee.meta, last_saved)
                 last_saved = global_step
         if not last_eval:  # resumed a finished run: evaluate its final state
             last_eval = evaluate({"params": state["params"], "batch_stats": state["batch_stats"]}, data)
@@ -181,6 +181,18 @@ def fit(workdir: str, config, recipe: Recipe, trainee: Trainee, data, mesh) -> D
     return {**last_eval, "images_per_s": throughput, "steps": global_step, "compile_s": executables.compile_s,
             "best_top1": best["top1"], "best_epoch": int(best["epoch"]), "best_test_loss": best["test_loss"],
             "state": state}
+
+
+def _save_or_explain(ckpt: TrainCheckpointer, step: int, state, meta, last_saved: Optional[int]) -> None:
+    """A failed save (a full disk, a vanished mount) ends the run in one line that says which step is intact;
+    orbax writes each step to a temporary directory first, so the earlier steps are untouched."""
+    try:
+        ckpt.save(step, state, meta)
+    except Exception as e:  # orbax and the OS raise many types; the message matters, not the type
+        intact = f"step {last_saved} is intact" if last_saved is not None else "no earlier checkpoint exists"
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0][:160]
+        raise CheckpointError(f"could not write checkpoint step {step} to {ckpt.directory} ({reason}); {intact}: "
+                              f"free space and run the same command to resume") from None
 
 
 def _better(best: Optional[Dict[str, Any]], row: Dict[str, Any]) -> Dict[str, Any]:

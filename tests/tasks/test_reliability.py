@@ -135,3 +135,21 @@ def test_a_refused_launch_claims_nothing(tmp_path):
     assert proc.returncode == 1 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
     leftovers = {p.name for p in workdir.iterdir()} if workdir.exists() else set()
     assert not leftovers & {"run_config.json", "config.json", "checkpoints"}, leftovers
+
+
+def test_a_failed_save_is_one_line_naming_the_intact_step(tmp_path, monkeypatch):
+    from kdjax.checkpoint.store import TrainCheckpointer
+    saves = []
+    original = TrainCheckpointer.save
+
+    def save(self, step, state, meta):
+        if saves:
+            raise OSError(28, "No space left on device")
+        saves.append(step)
+        return original(self, step, state, meta)
+
+    monkeypatch.setattr(TrainCheckpointer, "save", save)
+    with pytest.raises(CheckpointError, match=r"could not write checkpoint step \d+ .*No space left on device.*"
+                                              r"step \d+ is intact: free space and run the same command"):
+        _teacher(tmp_path, epochs=2, checkpoint_every=1)
+    assert len(saves) == 1
