@@ -33,23 +33,70 @@ def steps_per_dispatch(requested: int, unit: int = 1) -> int:
     return int(unit) if convolutions_in_loops_are_slow() else max(int(requested), int(unit))
 
 
+_CACHE_EVENTS = {"/jax/compilation_cache/cache_hits": "hits", "/jax/compilation_cache/cache_misses": "misses"}
+_cache_counts = {"hits": 0, "misses": 0}
+_cache_dir = None
+
+
+def _count_cache_event(event: str, **kwargs) -> None:
+    if event in _CACHE_EVENTS:
+        _cache_counts[_CACHE_EVENTS[event]] += 1
+
+
+def enable_compilation_cache(directory) -> None:
+    """JAX's persistent compilation cache in ``directory/<device kind>``: runs that differ only in seed compile
+    the same programs, so all but the first read them from disk. Every program is cached, however small or quick
+    to compile (JAX skips programs under 1 s by default, which on CPU is most of them). Idempotent; None: off."""
+    global _cache_dir
+    if directory is None or _cache_dir is not None:
+        return
+    import os
+    import re
+    kind = re.sub(r"[^A-Za-z0-9_.-]+", "_", jax.devices()[0].device_kind) or "device"
+    _cache_dir = os.path.join(os.path.abspath(os.path.expanduser(directory)), kind)
+    os.makedirs(_cache_dir, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", _cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    jax.monitoring.register_event_listener(_count_cache_event)
+
+
+def compilation_cache_counts() -> dict:
+    """Persistent-cache hits and misses of this process so far (counted from JAX's own events)."""
+    return dict(_cache_counts)
+
+
 _DISTRIBUTED_READY = False
 
 
 def maybe_initialize_distributed() -> None:
-    """Multi-host runs: ``jax.distributed.initialize()`` when the launcher says so (KDJAX_DISTRIBUTED=1, or the
-    coordinator variables below for a manual localhost cluster); single-process runs skip it. Idempotent."""
+    """Multi-host runs: ``jax.distributed.initialize()`` before anything touches a device, when
+
+    * the run is a SLURM step of several tasks (``srun --ntasks=N`` with N > 1: ``SLURM_NTASKS`` and
+      ``SLURM_STEP_NODELIST`` set); JAX reads the coordinator, process count and id from SLURM itself;
+    * ``KDJAX_COORDINATOR`` (+ ``KDJAX_NUM_PROCESSES``, ``KDJAX_PROCESS_ID``) name a cluster by hand;
+    * ``KDJAX_DISTRIBUTED=1`` asks for JAX's own auto-detection on another cluster manager.
+
+    On CPU (tests, CPU clusters) the processes talk through gloo collectives (``KDJAX_CPU_COLLECTIVES`` chooses
+    another). Single-process runs skip it. Idempotent."""
     import os
     global _DISTRIBUTED_READY
     if _DISTRIBUTED_READY:
         return
     _DISTRIBUTED_READY = True
+    slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
+    in_slurm_step = slurm_tasks > 1 and "SLURM_STEP_NODELIST" in os.environ
     coordinator = os.environ.get("KDJAX_COORDINATOR")
+    if not (coordinator or in_slurm_step or os.environ.get("KDJAX_DISTRIBUTED") == "1"):
+        return
+    collectives = os.environ.get("KDJAX_CPU_COLLECTIVES")
+    if collectives is None and os.environ.get("JAX_PLATFORMS", "").strip() == "cpu":
+        collectives = "gloo"
+    if collectives:
+        jax.config.update("jax_cpu_collectives_implementation", collectives)
     if coordinator:
-        if os.environ.get("KDJAX_CPU_COLLECTIVES"):
-            jax.config.update("jax_cpu_collectives_implementation", os.environ["KDJAX_CPU_COLLECTIVES"])
         jax.distributed.initialize(coordinator_address=coordinator,
                                    num_processes=int(os.environ["KDJAX_NUM_PROCESSES"]),
                                    process_id=int(os.environ["KDJAX_PROCESS_ID"]))
-    elif os.environ.get("KDJAX_DISTRIBUTED") == "1":
+    else:
         jax.distributed.initialize()

@@ -18,7 +18,8 @@ from flax import traverse_util
 
 RUN_CONFIG = "run_config.json"
 # Fields that may change between a run and its resumption without changing its results.
-RESUMABLE_FIELDS = ("eval_every", "log_every", "checkpoint_every", "steps_per_dispatch", "keep_checkpoints")
+RESUMABLE_FIELDS = ("eval_every", "log_every", "checkpoint_every", "steps_per_dispatch", "keep_checkpoints",
+                    "compile_cache_dir")
 
 
 def _flatten(d: dict) -> dict:

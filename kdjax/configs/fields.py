@@ -23,6 +23,7 @@ RUN_FIELDS = dict(
     data_dir=config_dict.placeholder(str),
     manual_dir=config_dict.placeholder(str),
     eval_batch_size=500,
+    compile_cache_dir=config_dict.placeholder(str),
 )
 
 DATA_FIELDS = ("dataset", "image_size", "data_dir", "manual_dir")
@@ -105,6 +106,8 @@ HELP = {
     "data_dir": "TFDS data_dir; unset: $KDJAX_DATA_DIR or ~/tensorflow_datasets",
     "manual_dir": "where the official archives (cifar-100-python.tar.gz, ...) are put for offline preparation",
     "eval_batch_size": "test batch size",
+    "compile_cache_dir": "JAX's persistent compilation cache (per device kind below it); unset: none, in a "
+                         "sweep <workdir>/compile_cache",
     "dataset_options": "extra arguments of the data source",
     "dataset_options.num_classes": "synthetic: number of classes (10)",
     "dataset_options.num_train": "synthetic: training examples (1024)",

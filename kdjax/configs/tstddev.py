@@ -21,7 +21,7 @@ def get_config(arg=None):
         task="tstddev", teacher="resnet56", aug="all", teacher_checkpoint=config_dict.placeholder(str),
         student=config_dict.placeholder(str), student_checkpoint=config_dict.placeholder(str),
         epochs=10, batch_size=64, seed=0, dtype="float32", steps_per_dispatch=200, steps_per_forward=8,
-        **fields.run_fields(*fields.DATA_FIELDS)))
+        **fields.run_fields(*fields.DATA_FIELDS, "compile_cache_dir")))
     config.dataset_options = fields.dataset_options()
     config.augment = ml_collections.ConfigDict(dict(
         per_sample=False,

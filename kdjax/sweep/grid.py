@@ -26,7 +26,7 @@ PAPER_PAIRS = ("vgg13:vgg8", "vgg13:MobileNetV2", "resnet56:resnet20", "resnet56
 ALL = "all"
 
 # Fields every run of the sweep inherits from the sweep's config; training runs also get TRAIN_FIELDS.
-COMMON_FIELDS = ("batch_size", "dtype", "image_size", "data_dir", "manual_dir")
+COMMON_FIELDS = ("batch_size", "dtype", "image_size", "data_dir", "manual_dir", "compile_cache_dir")
 TRAIN_FIELDS = ("steps_per_dispatch", "last_batch", "eval_every", "epoch_factor")
 
 
@@ -107,6 +107,8 @@ def plan(config, root: str) -> List[Run]:
     datasets = list(config.datasets)
     teachers = list(dict.fromkeys(t for t, _ in pairs))
     common = _inherited(config, COMMON_FIELDS)
+    # one compilation cache for the whole grid: the seeds of a pair and scheme compile the same programs
+    common.setdefault("compile_cache_dir", os.path.join(root, "compile_cache"))
     train_common = dict(common, **_inherited(config, TRAIN_FIELDS))
     by_student = [s for s in schemes if augment.scorer_of(s) == "student"]
     teacher_only = [s for s in schemes if s not in by_student]

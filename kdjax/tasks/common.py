@@ -153,11 +153,26 @@ def already_finished(task: str, workdir: str, config) -> Optional[Dict[str, Any]
     return results
 
 
+def start_compilation_cache(config) -> Dict[str, int]:
+    """Turn on the persistent compilation cache the config names; returns the hit/miss counts so far, so that a
+    run can report its own (``cache_counts_since``)."""
+    from kdjax import parallel
+    parallel.enable_compilation_cache(config.get("compile_cache_dir"))
+    return parallel.compilation_cache_counts()
+
+
+def cache_counts_since(before: Dict[str, int]) -> Dict[str, int]:
+    from kdjax import parallel
+    now = parallel.compilation_cache_counts()
+    return {key: now[key] - before.get(key, 0) for key in now}
+
+
 def finish_training(workdir: str, config, fields: Dict[str, Any], out: Dict[str, Any], recipe,
                     started: float, label: str) -> Dict[str, Any]:
     """results.json of a training run, and its closing line."""
     from kdjax import runlog
     results = {**fields, "seed": int(config.seed), "epochs": recipe.epochs, "test_loss": out["test_loss"],
+               "compile_cache": cache_counts_since(out.get("cache_before", {})),
                "top1": out["top1"], "top5": out["top5"], "best_top1": out["best_top1"],
                "best_epoch": out["best_epoch"], "best_test_loss": out["best_test_loss"], "wall_s": time.time() - started,
                "images_per_s": out["images_per_s"], "compile_s": out["compile_s"], "lr": recipe.base_lr,

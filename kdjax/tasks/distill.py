@@ -97,6 +97,7 @@ def _train(config, workdir):
         teacher_vars, teacher_meta, _ = common.load_checkpoint(config.teacher_checkpoint, config.teacher, "teacher")
     common.resolve_data(config, teacher_meta)
     started = time.time()
+    cache_before = common.start_compilation_cache(config)
     dataset = common.load_dataset(config)
     if teacher_meta is not None:
         common.check_against_dataset(teacher_meta, config.teacher_checkpoint, dataset)
@@ -128,7 +129,8 @@ def _train(config, workdir):
     meta = common.model_meta(config.student, dataset, {"teacher": config.teacher, "aug": config.aug})
     trainee = loop.Trainee(name="distill", step_fn=step_fn, state=state, teacher_vars=teacher_vars,
                            eval_model=student, meta=meta, run_key=run_key)
-    out = loop.fit(workdir, config, recipe, trainee, DeviceDataset.create(dataset, mesh), mesh)
+    out = dict(loop.fit(workdir, config, recipe, trainee, DeviceDataset.create(dataset, mesh), mesh),
+               cache_before=cache_before)
     fields = {"task": "distill", "teacher": config.teacher, "student": config.student, "dataset": dataset.name,
               "aug": config.aug, "distiller": config.distiller,
               "loss_weights": {"gamma": weights.gamma, "alpha": weights.alpha, "beta": weights.beta},

@@ -24,6 +24,7 @@ def run(config, workdir):
 def _train(config, workdir):
     dtype = common.compute_dtype(config.dtype)
     started = time.time()
+    cache_before = common.start_compilation_cache(config)
     dataset = common.load_dataset(config)
     workdir_lib.claim(workdir, config)  # after every check that can refuse the launch
     mesh = parallel.make_mesh()
@@ -35,6 +36,7 @@ def _train(config, workdir):
         name="teacher", step_fn=steps.make_ce_step(model, recipe.tx, prepare),
         state=common.init_state(model, recipe.tx, jax.random.fold_in(run_key, 0), dataset.image_size),
         teacher_vars=None, eval_model=model, meta=common.model_meta(config.model, dataset), run_key=run_key)
-    out = loop.fit(workdir, config, recipe, trainee, DeviceDataset.create(dataset, mesh), mesh)
+    out = dict(loop.fit(workdir, config, recipe, trainee, DeviceDataset.create(dataset, mesh), mesh),
+               cache_before=cache_before)
     fields = {"task": "teacher", "model": config.model, "dataset": dataset.name}
     return common.finish_training(workdir, config, fields, out, recipe, started, config.model)

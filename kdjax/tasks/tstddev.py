@@ -90,6 +90,7 @@ def _evaluate(config, workdir):
                                                                     config.student or None, "student")
     common.resolve_data(config, teacher_meta)
     started = time.time()
+    cache_before = common.start_compilation_cache(config)
     dataset = common.load_dataset(config)
     for meta, path in ((teacher_meta, config.teacher_checkpoint), (student_meta, config.student_checkpoint)):
         if meta is not None:
@@ -144,7 +145,8 @@ def _evaluate(config, workdir):
                    "seed": int(config.seed), "epochs": plan.epochs, **r, "wall_s": wall_s,
                    "eval_s": out["eval_s"], "compile_s": out["compile_s"], "images_per_s": out["images_per_s"],
                    "schemes_in_run": len(names), "dtype": config.dtype,
-                   "inputs": {"teacher": common.input_record(config.teacher_checkpoint, teacher_meta)}}
+                   "inputs": {"teacher": common.input_record(config.teacher_checkpoint, teacher_meta)},
+                   "compile_cache": common.cache_counts_since(cache_before)}
         if name == BY_STUDENT:
             results["student"] = student_name
             results["student_checkpoint"] = config.student_checkpoint
