@@ -147,8 +147,9 @@ def already_finished(task: str, workdir: str, config) -> Optional[Dict[str, Any]
     if results is not None:
         best = (f" (best top1 {results['best_top1']:.4f} at epoch {results['best_epoch']})"
                 if "best_top1" in results else "")
-        print(f"[{task}] already finished: test_loss {results.get('test_loss', float('nan')):.4f} top1 "
-              f"{results.get('top1', float('nan')):.4f}{best}; results in {os.path.join(workdir, 'results.json')}",
+        figures = (f"T. stddev {results['tstddev']:.6f}" if "tstddev" in results else
+                   f"test_loss {results.get('test_loss', float('nan')):.4f} top1 {results.get('top1', float('nan')):.4f}")
+        print(f"[{task}] already finished: {figures}{best}; results in {os.path.join(workdir, 'results.json')}",
               flush=True)
     return results
 
@@ -165,6 +166,18 @@ def cache_counts_since(before: Dict[str, int]) -> Dict[str, int]:
     from kdjax import parallel
     now = parallel.compilation_cache_counts()
     return {key: now[key] - before.get(key, 0) for key in now}
+
+
+def run_once(task: str, workdir: str, config, body):
+    """A run's frame, after its checks: answered from its results when it finished with this config before;
+    otherwise ``body(config, workdir)`` runs with the workdir checked writable and locked."""
+    from kdjax import workdir as workdir_lib
+    done = already_finished(task, workdir, config)
+    if done is not None:
+        return done
+    workdir_lib.check_writable(workdir)
+    with workdir_lib.WorkdirLock(workdir):
+        return body(config, workdir)
 
 
 def finish_training(workdir: str, config, fields: Dict[str, Any], out: Dict[str, Any], recipe,

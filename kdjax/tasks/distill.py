@@ -83,12 +83,7 @@ def run(config, workdir):
     validate(config)
     if config.teacher != NO_TEACHER:  # the teacher's dataset and size, where the config leaves them unset
         common.resolve_data(config, read_meta(config.teacher_checkpoint))
-    done = common.already_finished("distill", workdir, config)
-    if done is not None:
-        return done
-    workdir_lib.check_writable(workdir)
-    with workdir_lib.WorkdirLock(workdir):
-        return _train(config, workdir)
+    return common.run_once("distill", workdir, config, _train)
 
 
 def _train(config, workdir):

@@ -13,12 +13,7 @@ from kdjax.train import loop, recipe as recipe_lib, steps
 def run(config, workdir):
     models.check_name(config.model)  # every name and field is checked before data loading and compiling
     common.validate_run(config, config.model)
-    done = common.already_finished("teacher", workdir, config)
-    if done is not None:
-        return done
-    workdir_lib.check_writable(workdir)
-    with workdir_lib.WorkdirLock(workdir):
-        return _train(config, workdir)
+    return common.run_once("teacher", workdir, config, _train)
 
 
 def _train(config, workdir):

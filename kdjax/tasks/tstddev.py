@@ -71,9 +71,7 @@ def markdown_table(teacher: str, dataset: str, results: dict, student: Optional[
 
 def run(config, workdir):
     validate(config)
-    workdir_lib.check_writable(workdir)
-    with workdir_lib.WorkdirLock(workdir):
-        return _evaluate(config, workdir)
+    return common.run_once("tstddev", workdir, config, _evaluate)
 
 
 def _evaluate(config, workdir):
