@@ -99,9 +99,23 @@ class TrainCheckpointer:
     def save(self, step: int, state: Any, meta: Mapping[str, Any]) -> None:
         _save(self._mngr, step, state, meta)
 
+    def _verifies(self, step: int) -> bool:
+        """Whether a kept step restores and matches its digest (asked only once another step failed)."""
+        try:
+            out = self._mngr.restore(int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                                        meta=ocp.args.JsonRestore()))
+            digest = dict(out.meta).get(DIGEST_KEY)
+            return digest is not None and state_digest(out.state) == digest
+        except Exception:  # a damaged step of any kind simply does not verify
+            return False
+
     def _earlier_note(self, step: int) -> str:
         earlier = [s for s in self._mngr.all_steps() if s < step]
-        return f" (earlier steps: {', '.join(map(str, earlier))})" if earlier else " (no earlier step is kept)"
+        if not earlier:
+            return " (no earlier step is kept)"
+        good = [s for s in earlier if self._verifies(s)]
+        return (f" (earlier steps that verify: {', '.join(map(str, good))})" if good else
+                f" (no earlier step verifies: {', '.join(map(str, earlier))})")
 
     def restore(self, step: int, abstract_state: Any) -> Tuple[Any, dict]:
         """The state of ``step`` (placed as ``abstract_state`` says) and its meta, verified against its digest."""

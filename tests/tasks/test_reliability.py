@@ -153,3 +153,29 @@ def test_a_failed_save_is_one_line_naming_the_intact_step(tmp_path, monkeypatch)
                                               r"step \d+ is intact: free space and run the same command"):
         _teacher(tmp_path, epochs=2, checkpoint_every=1)
     assert len(saves) == 1
+
+
+def test_a_resume_from_a_corrupted_step_names_the_steps_that_verify(tmp_path):
+    import shutil
+    workdir = _teacher(tmp_path, epochs=2, checkpoint_every=1)
+    os.remove(workdir / "run_config.json")  # a longer run of the same workdir, so that it resumes
+    os.remove(workdir / "results.json")
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    last = workdir / "checkpoints" / str(steps[-1])
+    state = ocp.StandardCheckpointer().restore(str(last / "state"))
+    state["params"]["fc"]["bias"] = np.asarray(state["params"]["fc"]["bias"]) + 1e-3
+    shutil.rmtree(last / "state")
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(str(last / "state"), state)
+    checkpointer.wait_until_finished()
+    with pytest.raises(CheckpointError, match=rf"checkpoints/{steps[-1]} is corrupted.*earlier steps that verify: "
+                                              rf"{steps[0]}\)"):
+        _teacher(tmp_path, epochs=3, checkpoint_every=1)
+
+
+def test_an_unwritable_workdir_is_one_line_at_the_start(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    config = load_config("teacher", "model=tiny_cnn,dataset=digits,image_size=8")
+    with pytest.raises(ValueError, match="is not writable.*choose another --workdir"):
+        teacher.run(config, str(blocker / "w"))
