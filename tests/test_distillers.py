@@ -1,4 +1,6 @@
-"""The feature distillers and kdjax.losses against NumPy restatements of the original formulas (float64)."""
+"""The feature distillers and kdjax.losses against NumPy restatements of the original formulas (float64); the
+registry (names, aliases), the default weights of every distiller, and the interface every feature distiller keeps
+(gradients, jit, state structure, real feature shapes)."""
 import dataclasses
 
 import jax
@@ -191,8 +193,11 @@ def np_crd_call(p, mem_s, mem_t, z, f_s, f_t, ind, idx, n_data, T=0.07, momentum
 
 
 def test_registry_names_and_errors():
-    assert distillers.names() == ["at", "crd", "hint", "kd", "pkt", "rkd", "sp", "vid"]
-    with pytest.raises(ValueError, match="valid distillers: at, crd, hint"):
+    assert distillers.names() == ["at", "cc", "crd", "dist", "dkd", "hint", "kd", "kdsvd", "nst", "pkt", "rkd",
+                                  "sp", "vid"]
+    assert distillers.logit_names() == ["dist", "dkd"]
+    assert "kd" not in distillers.feature_names() and "dkd" not in distillers.feature_names()
+    with pytest.raises(ValueError, match="valid distillers: at, cc, crd, dist, dkd, hint"):
         distillers.create("fitnet")
     with pytest.raises(ValueError, match="valid options: .*nce_k"):
         distillers.create("crd", nce_kk=5)
@@ -204,8 +209,42 @@ def test_registry_names_and_errors():
         d.beta = 1.0
 
 
+def test_aliases_give_the_canonical_distiller():
+    """The original's --distill spellings: an alias creates the canonical class (whose name the results record)."""
+    for alias, name in (("correlation", "cc"), ("attention", "at"), ("similarity", "sp")):
+        assert distillers.canonical(alias) == name
+        assert distillers.create(alias) == distillers.create(name) and distillers.create(alias).name == name
+    assert distillers.create("attention", p=4.0).p == 4.0
+    for alias, name in (("abound", "ab"), ("factor", "ft")):  # init-stage methods, not built yet
+        with pytest.raises(ValueError, match=f"original's spelling of '{name}'.*not built"):
+            distillers.create(alias)
+    with pytest.raises(ValueError, match="aliases: attention \\(at\\), correlation \\(cc\\), similarity"):
+        distillers.canonical("corelation")
+
+
+def test_logit_distillers_options():
+    dkd = distillers.create("dkd")
+    assert (dkd.dkd_alpha, dkd.dkd_beta, dkd.warmup) == (1.0, 8.0, 20)
+    assert dkd.replaces_kl and not dkd.uses_features and dkd.needs_teacher
+    assert distillers.create("dkd", dkd_beta=2.0, warmup=0) == distillers.create("dkd", dkd_beta=2.0, warmup=0)
+    with pytest.raises(ValueError, match="warmup must be >= 0"):
+        distillers.create("dkd", warmup=-1)
+    with pytest.raises(ValueError, match="no '\\+KD' variant"):
+        distillers.create("dist", with_kd=True)
+    dist = distillers.create("dist")
+    assert (dist.dist_beta, dist.dist_gamma) == (1.0, 1.0)
+    assert not distillers.create("kd").needs_teacher and distillers.create("nst").needs_teacher
+    distillers.check_logit_stand(None)
+    distillers.check_logit_stand(dkd)
+    for name in ("dist", "crd", "at"):
+        with pytest.raises(ValueError, match=f"standardises the logits of kd and dkd, not distiller={name}"):
+            distillers.check_logit_stand(distillers.create(name))
+
+
 def test_default_weights():
-    betas = dict(kd=0.0, crd=0.8, hint=100.0, at=1000.0, sp=3000.0, pkt=30000.0, rkd=1.0, vid=1.0)
+    betas = dict(kd=0.0, crd=0.8, hint=100.0, at=1000.0, sp=3000.0, pkt=30000.0, rkd=1.0, vid=1.0, nst=50.0,
+                 kdsvd=1.0, cc=0.02)
+    assert sorted(betas) == sorted(distillers.feature_names() + ["kd"])
     for name, beta in betas.items():
         d = distillers.create(name)
         assert d.beta == beta
@@ -220,6 +259,16 @@ def test_default_weights():
     assert crd_kd.default_weights("mixup") == dict(gamma=0.1, alpha=0.9, beta=0.8)
     w = distillers.resolve_weights(distillers.create("crd"), "identity", alpha=1, beta=None)
     assert w == dict(gamma=1.0, alpha=1.0, beta=0.8)
+    # logit distillers: the official CE and loss weights whatever the scheme; LS: weight 9 on the logit block
+    for aug in ("identity", "cutmix_pick_t"):
+        assert distillers.create("dkd").default_weights(aug) == dict(gamma=1.0, alpha=1.0, beta=0.0)
+        assert distillers.create("dist").default_weights(aug) == dict(gamma=1.0, alpha=2.0, beta=0.0)
+        assert distillers.create("dkd").default_weights(aug, logit_stand=True) == dict(gamma=1.0, alpha=9.0,
+                                                                                        beta=0.0)
+        assert distillers.create("kd").default_weights(aug, logit_stand=True) == dict(gamma=0.1, alpha=9.0,
+                                                                                       beta=0.0)
+    assert distillers.resolve_weights(distillers.create("kd"), "cutmix", alpha=3.0, logit_stand=True) == dict(
+        gamma=0.1, alpha=3.0, beta=0.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -440,13 +489,15 @@ def test_crd_errors():
 def all_setups():
     rng = np.random.default_rng(9)
     fs, ft = feature_lists(rng)
+    ft_same = [rand(rng, *f.shape) for f in fs]  # KD-SVD compares layers of equal channel counts
     train_labels = np.arange(30) % 3
     out = []
-    for name in distillers.names():
+    for name in ["kd"] + distillers.feature_names():
         d = distillers.create(name, **({"nce_k": 12, "feat_dim": 8} if name == "crd" else {}))
-        params, state = d.init(jax.random.PRNGKey(1), fs, ft, num_train=30, train_labels=train_labels)
+        t = ft_same if name == "kdsvd" else ft
+        params, state = d.init(jax.random.PRNGKey(1), fs, t, num_train=30, train_labels=train_labels)
         kw = dict(labels=jnp.asarray(train_labels[:B]), indices=jnp.arange(B), key=jax.random.PRNGKey(2))
-        out.append((name, d, params, state, fs, ft, kw))
+        out.append((name, d, params, state, fs, t, kw))
     return out
 
 
@@ -489,12 +540,16 @@ def test_real_feature_lists_from_the_zoo():
         variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(x.shape), train=False))
         return jax.eval_shape(lambda v, im: model.apply(v, im, train=False, features=True)[0], variables, x)
 
-    shapes_t, shapes_s = feature_shapes("resnet32x4"), feature_shapes("ShuffleV2")
+    pairs = {name: ("resnet32x4", "ShuffleV2") for name in ["kd"] + distillers.feature_names()}
+    pairs["kdsvd"] = ("resnet14", "resnet8")  # KD-SVD needs equal channels per layer (its original pairs)
     rng = np.random.default_rng(10)
-    fs = [rand(rng, *s.shape) for s in shapes_s]
-    ft = [rand(rng, *s.shape) for s in shapes_t]
     labels = np.arange(20) % 10
-    for name in distillers.names():
+    for name, (teacher, student) in pairs.items():
+        shapes_t, shapes_s = feature_shapes(teacher), feature_shapes(student)
+        fs = [rand(rng, *s.shape) for s in shapes_s]
+        ft = [rand(rng, *s.shape) for s in shapes_t]
+        if name == "kdsvd":  # non-negative maps, as after a ReLU, so that the singular vectors are well separated
+            fs, ft = [np.abs(f) for f in fs], [np.abs(f) for f in ft]
         d = distillers.create(name, **({"nce_k": 16} if name == "crd" else {}))
         params, state = d.init(jax.random.PRNGKey(0), shapes_s, shapes_t, num_train=20, train_labels=labels)
         loss, _ = jitted(d)(params, state, fs, ft, labels=jnp.asarray(labels[:4]), indices=jnp.arange(4),

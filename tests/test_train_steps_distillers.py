@@ -196,6 +196,61 @@ def test_hint_step_with_student_scoring_keeps_the_pass_order():
     assert jax.tree.structure(new_state["extra"]["opt_state"]) == jax.tree.structure(extra["opt_state"])
 
 
+# ~15 s each (a resnet8 step compiles): CC, the one with heads, in the default suite; NST and KD-SVD, which share
+# its wiring, behind slow (tests/tasks/test_distillers_learn.py trains all three in the default suite).
+@pytest.mark.parametrize("name", [pytest.param("nst", marks=pytest.mark.slow),
+                                  pytest.param("kdsvd", marks=pytest.mark.slow), "cc"])
+def test_relational_distillers_compose_with_kd(name):
+    """NST, KD-SVD and CC in the KD step (resnet8 pair: they read f[1:-1], which tiny_cnn lacks) under flip:
+    loss = the KD loss of the separate passes + beta * the distiller's term on s(x), t(x); CC's heads train."""
+    from kdjax import models
+    student, teacher = models.create("resnet8", NUM_CLASSES, SIZE), models.create("resnet8", NUM_CLASSES, SIZE)
+    x0 = jnp.zeros((2, SIZE, SIZE, 3))
+    svars = jax.jit(student.init)(jax.random.key(1), x0)
+    tvars = jax.jit(teacher.init)(jax.random.key(2), x0)
+    d = distillers.create(name)
+    images = jax.random.randint(jax.random.key(3), (BATCH, SIZE, SIZE, 3), 0, 256).astype(jnp.uint8)
+    labels = jnp.arange(BATCH, dtype=jnp.int32) % NUM_CLASSES
+    tx, _ = recipe.make_optimizer(LR, steps_per_epoch=10, decay_epochs=(), momentum=0.9, weight_decay=WD)
+    shape = jax.ShapeDtypeStruct((BATCH, SIZE, SIZE, 3), jnp.float32)
+    feats_s = jax.eval_shape(lambda x: student.apply(svars, x, features=True)[0], shape)
+    feats_t = jax.eval_shape(lambda x: teacher.apply(tvars, x, features=True)[0], shape)
+    extra = distillers.make_extra(d, tx, jax.random.key(4), feats_s, feats_t)
+    state = {"params": svars["params"], "batch_stats": svars["batch_stats"], "opt_state": tx.init(svars["params"]),
+             "step": jnp.zeros((), jnp.int32), "extra": extra}
+    stats = augment.DatasetStats(mean=MEAN, std=STD, image_size=SIZE, num_classes=NUM_CLASSES)
+    scheme = augment.create("flip", dataset_stats=stats)
+    w = distillers.resolve_weights(d, "flip")
+    weights = steps.KDWeights(gamma=w["gamma"], alpha=w["alpha"], beta=w["beta"])
+    prepare = lambda key, im: transforms.normalize(im, MEAN, STD)  # noqa: E731
+    step = steps.make_kd_step(student, teacher, tx, prepare, scheme, weights, NUM_CLASSES, distiller=d,
+                              steps_per_epoch=10)
+    key = jax.random.key(7)
+    new_state, metrics = jax.jit(step)(state, tvars, {"images": images, "labels": labels}, key)
+
+    @jax.jit
+    def reference(images):
+        x = prepare(None, images)
+        x_aug, _ = scheme(jax.random.split(key)[1], x, labels)
+        (fs, ls), upd = student.apply(svars, x, train=True, features=True, mutable=["batch_stats"])
+        lsa, _ = student.apply({"params": svars["params"], **upd}, x_aug, train=True, mutable=["batch_stats"])
+        ft, lt = teacher.apply(tvars, x, features=True)
+        term, _ = d.loss(extra.get("params", {}), extra.get("state", {}), fs, ft)
+        return ls, lsa, lt, teacher.apply(tvars, x_aug), term
+
+    ls, lsa, lt, lta, term = reference(images)
+    assert float(term) > 0
+    ref = np_kd_loss(ls, lsa, lt, lta, labels, w["gamma"], w["alpha"]) + w["beta"] * float(term)
+    assert float(metrics["loss"]) == pytest.approx(ref, rel=1e-5)
+    assert float(metrics["distill"]) == pytest.approx(float(term), rel=1e-5)
+    if name == "cc":  # the two embedding heads are optimised with the student
+        moved = [float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(new_state["extra"]["params"]),
+                                                             jax.tree.leaves(extra["params"]))]
+        assert min(moved) > 0
+    else:
+        assert extra["params"] == {} and extra["state"] == {}
+
+
 def test_kd_distiller_is_the_plain_kd_program():
     """distiller=kd traces to exactly the program without a distiller: no feature outputs, no extra state."""
     s = setup("cutmix", distillers.create("kd"))
@@ -239,7 +294,7 @@ def test_config_weights_options_and_errors():
     config.distill.nce_k = 100
     assert distill.make_distiller(config).nce_k == 100
 
-    with pytest.raises(ValueError, match="unknown distiller 'crdd'; valid distillers: at, crd, hint, kd"):
+    with pytest.raises(ValueError, match="unknown distiller 'crdd'; valid distillers: at, cc, crd, dist, dkd, hint, kd"):
         distill.validate(distill_config(distiller="crdd", teacher_dir="t"))
     config = distill_config(teacher_dir="t")
     config.distill.hint_layer = 1

@@ -4,8 +4,10 @@
         --config.teacher_checkpoint=runs/t_resnet56 --workdir=runs/kd_r56_r20_cmp_t
 
 ``teacher=none`` trains the student on labels only (cross-entropy on x and x'), the paper's KD-versus-CE baseline.
-``distiller=crd`` (or hint, at, sp, pkt, rkd, vid) adds a feature distiller's loss beside KD; its options are under
-``--config.distill.*`` and its weights default to the method's (``--config.loss.beta`` etc. override them).
+``distiller=crd`` (or hint, at, sp, pkt, rkd, vid, nst, kdsvd, cc) adds a feature distiller's loss beside KD;
+``distiller=dkd`` (or dist) replaces KD's KL terms on x and x' by that logit loss. Their options are under
+``--config.distill.*`` and their weights default to the method's (``--config.loss.beta`` etc. override them).
+``--config.loss.logit_stand=true`` z-scores the logits of the kd or dkd terms (logit standardisation, CVPR'24).
 """
 import ml_collections
 from ml_collections import config_dict
@@ -23,6 +25,10 @@ def get_config(arg=None):
         beta=config_dict.placeholder(float),
         temperature=4.0,
         lw_mix=(1.0, 0.0, 1.0),
+        # logit standardisation: the kd/dkd terms on z-scored logits at ls_temperature (the official base
+        # temperature 2) with its weight (alpha 9 unless set); CE and the CutMixPick 'kld' score keep temperature
+        logit_stand=False,
+        ls_temperature=2.0,
     ))
     # Setting an option that the chosen distiller does not have is an error that lists the valid ones.
     config.distill = ml_collections.ConfigDict(dict(
@@ -37,6 +43,12 @@ def get_config(arg=None):
         w_a=config_dict.placeholder(float),
         init_pred_var=config_dict.placeholder(float),
         eps=config_dict.placeholder(float),
+        k=config_dict.placeholder(int),             # kdsvd: singular vectors kept per layer (1)
+        dkd_alpha=config_dict.placeholder(float),   # dkd: weight of TCKD (the paper's alpha, 1)
+        dkd_beta=config_dict.placeholder(float),    # dkd: weight of NCKD (the paper's beta, 8)
+        warmup=config_dict.placeholder(int),        # dkd: epochs over which its loss ramps in (20; 0: none)
+        dist_beta=config_dict.placeholder(float),   # dist: inter-class relation weight (1)
+        dist_gamma=config_dict.placeholder(float),  # dist: intra-class relation weight (1)
     ))
     config.augment = ml_collections.ConfigDict(dict(
         per_sample=False,

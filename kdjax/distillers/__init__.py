@@ -1,26 +1,37 @@
-"""Feature distillers beside KD: ``kd`` (nothing extra), ``crd``, ``hint``, ``at``, ``sp``, ``pkt``, ``rkd``, ``vid``.
+"""The distillers of the KD step: ``kd`` (plain KD), the feature distillers beside KD (``crd``, ``hint``, ``at``,
+``sp``, ``pkt``, ``rkd``, ``vid``, ``nst``, ``kdsvd``, ``cc``) and the logit distillers that replace KD's KL terms
+(``dkd``, ``dist``).
 
 ``create(name, **options)`` returns a ``Distiller`` (see ``kdjax.distillers.interface`` for the interface);
-``names()`` lists the registered names. Wiring into a KD step::
+``names()`` lists the registered names; the original code's ``--distill`` spellings (``correlation``, ``attention``,
+...) are accepted as aliases and give the canonical distiller. Wiring into a KD step::
 
     d = distillers.create(config.distiller)                      # options: beta=, with_kd=, nce_k=, hint_layer=...
     w = distillers.resolve_weights(d, config.aug)                # {'gamma', 'alpha', 'beta'}
     shapes_s = jax.eval_shape(lambda x: student.apply(vars_s, x, features=True)[0], x)  # and shapes_t
     d_params, d_state = d.init(key, shapes_s, shapes_t, num_train=N, train_labels=train_labels)
-    # in the step, on the original batch only:
+    # each logit pair (x, and x' weighted by lw_mix): KL_T for kd and the feature distillers, the loss of a logit one
+    logit_x = d.logit_loss(ls, lt, y, epoch, T)
+    # a feature distiller's term, on the original batch only:
     extra, d_state = d.loss(d_params, d_state, feats_s, feats_t, labels=y, indices=idx, key=k)
-    total = w['gamma'] * ce + w['alpha'] * kl_block + w['beta'] * extra
+    total = w['gamma'] * ce + w['alpha'] * (lw1 * logit_x + lw3 * logit_x_aug) + w['beta'] * extra
 """
 import dataclasses
 from typing import Dict, Type
 
 import optax
 
-from kdjax.distillers.interface import Distiller, resolve_weights  # noqa: F401
+from kdjax.distillers.interface import (LOGIT_STAND_DISTILLERS, LS_TEMPERATURE, LS_WEIGHT,  # noqa: F401
+                                        Distiller, resolve_weights)
 from kdjax.distillers.crd import CRD
 from kdjax.distillers.feature import AT, PKT, RKD, SP, VID, Hint
+from kdjax.distillers.logit import DIST, DKD, standardize  # noqa: F401
+from kdjax.distillers.relational import CC, KDSVD, NST
 
 _REGISTRY: Dict[str, Type[Distiller]] = {}
+
+# The original train_student.py's --distill spellings of the methods kdjax names by their short names.
+ALIASES = {"correlation": "cc", "abound": "ab", "factor": "ft", "attention": "at", "similarity": "sp"}
 
 
 def register(cls: Type[Distiller]) -> Type[Distiller]:
@@ -29,30 +40,59 @@ def register(cls: Type[Distiller]) -> Type[Distiller]:
     return cls
 
 
-for _cls in (Distiller, CRD, Hint, AT, SP, PKT, RKD, VID):
+for _cls in (Distiller, CRD, Hint, AT, SP, PKT, RKD, VID, NST, KDSVD, CC, DKD, DIST):
     register(_cls)
 
 
 def names():
+    """The canonical names (aliases excluded)."""
     return sorted(_REGISTRY)
 
 
+def feature_names():
+    """The distillers with a feature term beside KD."""
+    return [n for n in names() if n != "kd" and not _REGISTRY[n].replaces_kl]
+
+
+def logit_names():
+    """The distillers that replace KD's KL terms."""
+    return [n for n in names() if _REGISTRY[n].replaces_kl]
+
+
+def canonical(name: str) -> str:
+    """``name`` with an alias of the original code resolved; an unknown name fails with the valid ones."""
+    check_name(name)
+    return ALIASES.get(name, name)
+
+
 def check_name(name: str) -> None:
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown distiller {name!r}; valid distillers: {', '.join(names())}")
+    if ALIASES.get(name, name) not in _REGISTRY:
+        known = [f"{a} ({c})" for a, c in sorted(ALIASES.items()) if c in _REGISTRY]
+        if name in ALIASES:
+            raise ValueError(f"distiller {name!r} (the original's spelling of {ALIASES[name]!r}) is not built in "
+                             f"kdjax yet; valid distillers: {', '.join(names())}")
+        raise ValueError(f"unknown distiller {name!r}; valid distillers: {', '.join(names())}; aliases: "
+                         f"{', '.join(known)}")
 
 
 def create(name: str, **options) -> Distiller:
-    """The distiller ``name`` with its dataclass fields replaced by ``options`` (None values are ignored, so a
-    config can pass ``beta=None`` to mean "the method's default")."""
-    check_name(name)
-    cls = _REGISTRY[name]
+    """The distiller ``name`` (or an alias of it) with its dataclass fields replaced by ``options`` (None values
+    are ignored, so a config can pass ``beta=None`` to mean "the method's default")."""
+    cls = _REGISTRY[canonical(name)]
     valid = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(options) - set(valid))
     if unknown:
-        raise ValueError(f"unknown option(s) {', '.join(unknown)} for distiller {name!r}; "
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} for distiller {cls.name!r}; "
                          f"valid options: {', '.join(valid)}")
     return cls(**{k: v for k, v in options.items() if v is not None})
+
+
+def check_logit_stand(distiller) -> None:
+    """Logit standardisation applies to the losses the official code standardises: kd's KL and dkd."""
+    name = "kd" if distiller is None else distiller.name
+    if name not in LOGIT_STAND_DISTILLERS:
+        raise ValueError(f"loss.logit_stand standardises the logits of {' and '.join(LOGIT_STAND_DISTILLERS)}, "
+                         f"not distiller={name}: unset loss.logit_stand or use distiller=kd or dkd")
 
 
 # fold_in constant of the distiller's key: derived apart from the (base, scheme) split so that adding a distiller
@@ -60,17 +100,19 @@ def create(name: str, **options) -> Distiller:
 DISTILLER_KEY = 0x6469
 
 
-def is_active(distiller) -> bool:
-    """True when ``distiller`` adds a loss term (anything but ``None`` and ``kd``)."""
-    return distiller is not None and distiller.name != "kd"
+def has_feature_term(distiller) -> bool:
+    """True when ``distiller`` adds a feature term (and heads/state) beside KD: not ``None``, ``kd`` or a logit
+    distiller."""
+    return distiller is not None and distiller.name != "kd" and not distiller.replaces_kl
 
 
 def make_extra(distiller, tx, key, feats_s, feats_t, num_train=None, train_labels=None):
     """``state['extra']`` of a run with ``distiller``: its heads, their optimiser state and its non-trainable state.
 
     ``feats_s``/``feats_t``: the feature lists (arrays or ``jax.ShapeDtypeStruct``s, e.g. from ``jax.eval_shape``)
-    of ``model.apply(..., features=True)``. ``{}`` for ``kd`` (or no distiller), so a KD state is unchanged."""
-    if not is_active(distiller):
+    of ``model.apply(..., features=True)``. ``{}`` for ``kd``, a logit distiller (or no distiller), so a KD state
+    is unchanged."""
+    if not has_feature_term(distiller):
         return {}
     heads, d_state = distiller.init(key, feats_s, feats_t, num_train=num_train, train_labels=train_labels)
     return {"params": heads, "opt_state": tx.init(heads), "state": d_state}

@@ -1,14 +1,24 @@
 """The distiller interface and the helpers every distiller shares.
 
-A distiller adds ``beta * L(features_s, features_t, state)`` to the KD step, computed on the original
-(un-augmented) batch. It is a small frozen dataclass (hashable, so it can be closed over by a jitted step) with
+A distiller is one of two kinds, told apart by the class attribute ``replaces_kl``:
+
+* a **feature distiller** (``replaces_kl = False``: crd, hint, at, ...) adds ``beta * L(features_s, features_t,
+  state)`` to the KD step, computed on the original (un-augmented) batch, beside KD;
+* a **logit distiller** (``replaces_kl = True``: dkd, dist) replaces KD's ``KL_T`` on both x and x' by its
+  ``logit_loss``, keeping the ``lw_mix`` weights of the two terms and the CE term.
+
+``kd`` is this base class itself: its ``logit_loss`` is KD's ``KL_T`` and it adds no feature term. A distiller is a
+small frozen dataclass (hashable, so it can be closed over by a jitted step) with
 
 * ``init(key, feats_s, feats_t, num_train=None, train_labels=None) -> (params, state)``: ``params`` are the
   trainable heads (a plain pytree, ``{}`` when none), optimised and checkpointed beside the student;
   ``state`` is non-trainable (CRD's memory banks, BatchNorm statistics of a head), ``{}`` when none.
 * ``loss(params, state, feats_s, feats_t, *, labels=None, indices=None, key=None, train=True)
   -> (loss, new_state)``: a float32 scalar, and the state to carry to the next step.
-* ``default_weights(aug) -> {'gamma', 'alpha', 'beta'}``: the weights of CE, of the KL block and of this loss.
+* ``logit_loss(logits_s, logits_t, labels, epoch, temperature) -> loss``: the term of each logit pair (x and x');
+  ``epoch`` is the 1-based epoch of the step (DKD's warm-up reads it).
+* ``default_weights(aug, logit_stand=False) -> {'gamma', 'alpha', 'beta'}``: the weights of CE, of the logit block
+  (KL, or the logit distiller's loss) and of the feature term.
 
 Feature lists are what ``model.apply(..., features=True)`` returns: ``[f0, ..., f_last]`` with NHWC maps and
 ``f[-1]`` the pooled ``[B, D]`` vector. The teacher's features are constants inside every loss
@@ -21,8 +31,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kdjax import losses
+
 # Schemes under which the KL block has nothing to add beyond the distiller: the original's setting (alpha 0).
 IDENTITY_AUGS = (None, "", "none", "identity")
+
+# Logit standardisation (Sun et al., CVPR 2024), the official tools/train.py defaults: --kd-weight 9 (the weight of
+# the logit block; DKD multiplies its alpha and beta by it, the same as weighting its whole loss by 9) and
+# --base-temp 2 (the temperature of the standardised terms only: loss.temperature keeps scoring CutMixPick 'kld').
+LS_WEIGHT = 9.0
+LS_TEMPERATURE = 2.0
+# The losses the official code standardises (its KD and DKD; MLKD is not in kdjax).
+LOGIT_STAND_DISTILLERS = ("kd", "dkd")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,24 +52,40 @@ class Distiller:
     name: ClassVar[str] = "kd"
     # True when ``loss`` needs the dataset indices of the batch rows and a key (CRD's memory and negatives).
     needs_indices: ClassVar[bool] = False
-    # False only for ``kd``: the step can then skip asking the models for their feature lists.
+    # False only for ``kd`` and the logit distillers: the step can then skip asking the models for their features.
     uses_features: ClassVar[bool] = False
+    # True for a logit distiller: ``logit_loss`` takes the place of KD's KL_T on x and x' and there is no feature
+    # term; False for ``kd`` (its ``logit_loss`` is KL_T) and for the feature distillers, which keep KD beside them.
+    replaces_kl: ClassVar[bool] = False
 
     beta: float = 0.0
     # The "+KD" variant of the original (e.g. CRD+KD: -a 1): the KL block keeps weight 1 at identity.
     with_kd: bool = False
 
-    def default_weights(self, aug: str | None = None) -> Dict[str, float]:
+    @property
+    def needs_teacher(self) -> bool:
+        """Every method but plain ``kd`` distils something of a teacher (``kd`` with ``teacher=none`` is CE)."""
+        return self.name != "kd"
+
+    def default_weights(self, aug: str | None = None, logit_stand: bool = False) -> Dict[str, float]:
         """The weights of ``gamma*CE + alpha*KL-block + beta*L`` for a run with scheme ``aug``.
 
         The original's feature-distiller runs use gamma 1, alpha 0 (1 for the "+KD" variants) and the method's
         beta. With alpha 0 a DA scheme would do nothing, since the scheme only enters through the KL block
         (docs/fidelity.md, "Distillers"), so under any scheme other than identity alpha becomes 0.9 and gamma 0.1, the paper's
-        KD weights. Plain ``kd`` always uses the paper's 0.1 / 0.9.
+        KD weights. Plain ``kd`` always uses the paper's 0.1 / 0.9, and with logit standardisation the LS code's
+        0.1 / 9 (``LS_WEIGHT``).
         """
-        if self.name == "kd" or aug not in IDENTITY_AUGS:
+        if self.name == "kd":
+            return dict(gamma=0.1, alpha=LS_WEIGHT if logit_stand else 0.9, beta=0.0)
+        if aug not in IDENTITY_AUGS:
             return dict(gamma=0.1, alpha=0.9, beta=float(self.beta))
         return dict(gamma=1.0, alpha=1.0 if self.with_kd else 0.0, beta=float(self.beta))
+
+    def logit_loss(self, logits_s, logits_t, labels, epoch, temperature: float):
+        """The term of one logit pair (x or x'): KD's batch-mean KL_T times T² (``labels`` and ``epoch`` unused)."""
+        del labels, epoch
+        return losses.kd_kl(logits_s, logits_t, temperature)
 
     def init(self, key, feats_s: Sequence[Any], feats_t: Sequence[Any], num_train: int | None = None,
              train_labels=None) -> Tuple[Any, Any]:
@@ -60,9 +96,11 @@ class Distiller:
         return jnp.zeros((), jnp.float32), state
 
 
-def resolve_weights(distiller: Distiller, aug: str | None = None, gamma=None, alpha=None, beta=None):
-    """``distiller.default_weights(aug)`` with every weight that is not None replaced (config overrides)."""
-    weights = distiller.default_weights(aug)
+def resolve_weights(distiller: Distiller, aug: str | None = None, gamma=None, alpha=None, beta=None,
+                    logit_stand: bool = False):
+    """``distiller.default_weights(aug, logit_stand)`` with every weight that is not None replaced (config
+    overrides)."""
+    weights = distiller.default_weights(aug, logit_stand)
     for name, value in (("gamma", gamma), ("alpha", alpha), ("beta", beta)):
         if value is not None:
             weights[name] = float(value)

@@ -14,10 +14,19 @@ PyTorch code in tests/test_distiller_fixtures.py (fixtures written by tests/fixt
   logits, at a "base temperature" (2 on CIFAR-100) and with a larger loss weight (9).
 
 The ``*_CIFAR100`` dicts give the weights the official repositories train CIFAR-100 students with.
+
+``DKD`` and ``DIST`` are the logit distillers of the KD step (``replaces_kl``): their ``logit_loss`` takes the place
+of KL_T on x and on x'. Logit standardisation is not a distiller but the step's switch ``KDWeights.logit_stand``
+(``loss.logit_stand``), which z-scores both logits of the kd or dkd terms and evaluates them at the base
+temperature; ``standardize`` is its one implementation.
 """
+import dataclasses
+from typing import ClassVar, Dict
+
 import jax
 import jax.numpy as jnp
 
+from kdjax.distillers.interface import LS_TEMPERATURE, LS_WEIGHT, Distiller
 from kdjax.losses import kd_kl
 
 # The official CIFAR-100 recipes (see the fixture script and the report for the file each number comes from).
@@ -28,8 +37,9 @@ DKD_CIFAR100 = dict(ce_weight=1.0, alpha=1.0, beta=8.0, temperature=4.0, warmup_
 DIST_CIFAR100 = dict(ce_weight=1.0, kd_weight=2.0, beta=1.0, gamma=1.0, tau=4.0)
 # LS: tools/train.py --logit-stand --base-temp 2 --kd-weight 9 (KD keeps CE weight 0.1; DKD multiplies both its
 # alpha and beta by the kd weight).
-LS_KD_CIFAR100 = dict(ce_weight=0.1, kd_weight=9.0, temperature=2.0)
-LS_DKD_CIFAR100 = dict(ce_weight=1.0, alpha=9.0, beta=72.0, temperature=2.0, warmup_epochs=20)
+LS_KD_CIFAR100 = dict(ce_weight=0.1, kd_weight=LS_WEIGHT, temperature=LS_TEMPERATURE)
+LS_DKD_CIFAR100 = dict(ce_weight=1.0, alpha=LS_WEIGHT * 1.0, beta=LS_WEIGHT * 8.0, temperature=LS_TEMPERATURE,
+                       warmup_epochs=20)
 
 # NCKD removes the target class by lowering its logit this much below the others: its softmax weight underflows to
 # exactly 0 in float32, while every term stays finite (a -inf logit would turn the gradient into nan).
@@ -118,3 +128,71 @@ def dist_loss(logits_s, logits_t, beta: float = 1.0, gamma: float = 1.0, tau: fl
 def ls_kd_loss(logits_s, logits_t, temperature: float = 2.0):
     """LS-KD: batch-mean KL(softmax(std(t)/T) || softmax(std(s)/T)) times T², on standardised logits."""
     return kd_kl(standardize(logits_s), standardize(_teacher(logits_t)), temperature)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The logit distillers of the KD step (registered by ``kdjax.distillers``)
+
+
+@dataclasses.dataclass(frozen=True)
+class LogitDistiller(Distiller):
+    """A loss on (student, teacher) logits that replaces KD's KL_T on x and x' (``replaces_kl``); no heads, no
+    state, no feature term. ``ce_weight``/``kd_weight`` are the official CIFAR-100 weights of CE and of the loss,
+    the step's gamma and alpha; they do not depend on the scheme (the loss is the logit block the scheme acts on,
+    so unlike a feature distiller's alpha 0 it never silences the scheme)."""
+
+    replaces_kl: ClassVar[bool] = True
+    # True when ``logit_loss`` reads the integer labels (on x' the step then derives each row's dominant label).
+    uses_labels: ClassVar[bool] = False
+    ce_weight: ClassVar[float] = 1.0
+    kd_weight: ClassVar[float] = 1.0
+
+    def __post_init__(self):
+        if self.with_kd:
+            raise ValueError(f"distiller={self.name} replaces KD's KL terms, so it has no '+KD' variant: unset "
+                             "distill.with_kd")
+
+    def default_weights(self, aug=None, logit_stand: bool = False) -> Dict[str, float]:
+        del aug
+        return dict(gamma=self.ce_weight, alpha=LS_WEIGHT if logit_stand else self.kd_weight, beta=0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class DKD(LogitDistiller):
+    """Decoupled KD on each logit pair: ``min(epoch / warmup, 1) * (dkd_alpha * TCKD + dkd_beta * NCKD)`` at the
+    step's temperature (loss.temperature, 4 as the official T). ``dkd_alpha``/``dkd_beta`` are the paper's alpha
+    and beta (named apart from the step's alpha and beta weights); ``warmup`` (epochs, 0: none) is the official
+    trainer's ramp of the loss, counted from epoch 1 as its ``kwargs['epoch']``. On x' the target class of a
+    mixed image is its dominant label (the largest weight of the scheme's label targets)."""
+
+    name: ClassVar[str] = "dkd"
+    uses_labels: ClassVar[bool] = True
+    ce_weight: ClassVar[float] = DKD_CIFAR100["ce_weight"]
+    dkd_alpha: float = DKD_CIFAR100["alpha"]
+    dkd_beta: float = DKD_CIFAR100["beta"]
+    warmup: int = DKD_CIFAR100["warmup_epochs"]
+
+    def __post_init__(self):
+        super().__post_init__()
+        if int(self.warmup) < 0:
+            raise ValueError(f"distill.warmup must be >= 0 epochs, got {self.warmup}")
+
+    def logit_loss(self, logits_s, logits_t, labels, epoch, temperature: float):
+        loss = dkd_loss(logits_s, logits_t, labels, self.dkd_alpha, self.dkd_beta, temperature)
+        return loss * dkd_warmup(epoch, int(self.warmup)) if int(self.warmup) > 0 else loss
+
+
+@dataclasses.dataclass(frozen=True)
+class DIST(LogitDistiller):
+    """DIST on each logit pair: ``tau² (dist_beta * inter + dist_gamma * intra)`` with tau the step's temperature
+    (loss.temperature, 4 as the CIFAR-100 recipe's ``dist_t4``); CE 1 and loss weight 2 as its recipe."""
+
+    name: ClassVar[str] = "dist"
+    ce_weight: ClassVar[float] = DIST_CIFAR100["ce_weight"]
+    kd_weight: ClassVar[float] = DIST_CIFAR100["kd_weight"]
+    dist_beta: float = DIST_CIFAR100["beta"]
+    dist_gamma: float = DIST_CIFAR100["gamma"]
+
+    def logit_loss(self, logits_s, logits_t, labels, epoch, temperature: float):
+        del labels, epoch
+        return dist_loss(logits_s, logits_t, self.dist_beta, self.dist_gamma, temperature)

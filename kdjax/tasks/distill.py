@@ -1,5 +1,6 @@
 """Task 'distill': train a student by KD (or labels only, ``teacher=none``) with one augmentation scheme, optionally
-with a feature distiller beside KD (``distiller=crd|hint|at|sp|pkt|rkd|vid``)."""
+with a feature distiller beside KD (``distiller=crd|hint|at|sp|pkt|rkd|vid|nst|kdsvd|cc``) or a logit distiller in
+place of KD's KL terms (``distiller=dkd|dist``), and logit standardisation (``loss.logit_stand``) of kd or dkd."""
 import sys
 import time
 
@@ -27,15 +28,22 @@ def make_distiller(config) -> distillers.Distiller:
     return distillers.create(config.distiller, **distiller_options(config))
 
 
+def logit_stand(config) -> bool:
+    return bool(config.loss.get("logit_stand", False))
+
+
 def kd_weights(config, distiller=None) -> steps.KDWeights:
-    """gamma (CE), alpha (KL block), beta (feature distiller): the distiller's defaults for the scheme
-    (``distillers.resolve_weights``: 0.1 / 0.9 / 0 for plain KD, the paper's), replaced by every weight the config
-    sets."""
+    """gamma (CE), alpha (logit block), beta (feature distiller): the distiller's defaults for the scheme
+    (``distillers.resolve_weights``: 0.1 / 0.9 / 0 for plain KD, the paper's; 0.1 / 9 for KD with logit
+    standardisation), replaced by every weight the config sets."""
     loss = config.loss
     distiller = make_distiller(config) if distiller is None else distiller
-    w = distillers.resolve_weights(distiller, config.aug, gamma=loss.gamma, alpha=loss.alpha, beta=loss.beta)
+    w = distillers.resolve_weights(distiller, config.aug, gamma=loss.gamma, alpha=loss.alpha, beta=loss.beta,
+                                   logit_stand=logit_stand(config))
     return steps.KDWeights(gamma=w["gamma"], alpha=w["alpha"], beta=w["beta"],
-                           temperature=float(loss.temperature), lw_mix=tuple(float(w) for w in loss.lw_mix))
+                           temperature=float(loss.temperature), lw_mix=tuple(float(w) for w in loss.lw_mix),
+                           logit_stand=logit_stand(config),
+                           ls_temperature=float(loss.get("ls_temperature", distillers.LS_TEMPERATURE)))
 
 
 def feature_shapes(model, variables, batch: int, image_size: int):
@@ -48,7 +56,7 @@ def init_extra(distiller, tx, key, student, student_vars, teacher, teacher_vars,
     """``state['extra']`` for ``distiller``: heads and state sized from the models' feature shapes; CRD's memory
     banks and class tables from the training labels in dataset order (the DeviceDataset's row order, which is
     what the batch's ``indices`` refer to)."""
-    if not distillers.is_active(distiller):
+    if not distillers.has_feature_term(distiller):
         return {}
     feats_s = feature_shapes(student, student_vars, batch, dataset.image_size)
     feats_t = feature_shapes(teacher, teacher_vars, batch, dataset.image_size)
@@ -63,11 +71,19 @@ def validate(config) -> None:
     models.check_name(config.student)
     augment.check_name(config.aug)
     common.validate_run(config, config.student, *([] if config.teacher == NO_TEACHER else [config.teacher]))
-    distillers.check_name(config.distiller)
-    make_distiller(config)  # option names and values
-    if config.teacher == NO_TEACHER and config.distiller != "kd":
-        raise ValueError(f"distiller={config.distiller} distils a teacher's features: set teacher= and "
+    # the original's spellings (correlation, attention, ...) become the canonical name, which the workdir's
+    # recorded config and the results then carry
+    config.distiller = distillers.canonical(config.distiller)
+    distiller = make_distiller(config)  # option names and values
+    if logit_stand(config):
+        distillers.check_logit_stand(distiller)
+    if config.teacher == NO_TEACHER and distiller.needs_teacher:
+        what = "logits" if distiller.replaces_kl else "features"
+        raise ValueError(f"distiller={config.distiller} distils a teacher's {what}: set teacher= and "
                          "--config.teacher_checkpoint, or use distiller=kd with teacher=none")
+    if config.teacher == NO_TEACHER and logit_stand(config):
+        raise ValueError("loss.logit_stand standardises a teacher's logits: set teacher= and "
+                         "--config.teacher_checkpoint, or unset loss.logit_stand with teacher=none")
     if config.teacher == NO_TEACHER and config.aug == "cutmix_pick_t":
         raise ValueError("aug=cutmix_pick_t scores by teacher entropy and needs a teacher: set teacher= and "
                          "--config.teacher_checkpoint")
@@ -115,7 +131,7 @@ def _train(config, workdir):
     weights = kd_weights(config, distiller)
     prepare = steps.make_prepare(dataset.mean, dataset.std, transforms.default_pad(dataset.image_size))
     step_fn = steps.make_kd_step(student, teacher, recipe.tx, prepare, scheme, weights, dataset.num_classes,
-                                 distiller=distiller)
+                                 distiller=distiller, steps_per_epoch=recipe.plan.steps_per_epoch)
     run_key = jax.random.key(int(config.seed))
     state = common.init_state(student, recipe.tx, jax.random.fold_in(run_key, 0), dataset.image_size)
     state["extra"] = init_extra(distiller, recipe.tx, jax.random.fold_in(run_key, 3), student,
@@ -127,7 +143,7 @@ def _train(config, workdir):
     out = dict(loop.fit(workdir, config, recipe, trainee, DeviceDataset.create(dataset, mesh), mesh),
                cache_before=cache_before)
     fields = {"task": "distill", "teacher": config.teacher, "student": config.student, "dataset": dataset.name,
-              "aug": config.aug, "distiller": config.distiller,
+              "aug": config.aug, "distiller": config.distiller, "logit_stand": weights.logit_stand,
               "loss_weights": {"gamma": weights.gamma, "alpha": weights.alpha, "beta": weights.beta},
               "inputs": {} if teacher_meta is None else {
                   "teacher": common.input_record(config.teacher_checkpoint, teacher_meta)}}

@@ -30,12 +30,19 @@ from kdjax.augment import transforms
 
 @dataclasses.dataclass(frozen=True)
 class KDWeights:
-    """Loss = gamma*CE(s(x), y) + alpha*(lw1*KL(s(x), t(x)) + lw3*KL(s(x'), t(x'))) [+ lw2*mixed CE on x']."""
+    """Loss = gamma*CE(s(x), y) + alpha*(lw1*L(s(x), t(x)) + lw3*L(s(x'), t(x'))) [+ lw2*mixed CE on x']
+    [+ beta*feature term on x], with L = KL_T (kd and the feature distillers) or a logit distiller's loss.
+
+    ``logit_stand``: L is evaluated on z-scored logits at ``ls_temperature`` (logit standardisation); CE, the
+    CutMixPick 'kld' score and anything else that reads ``temperature`` stay on the raw logits at ``temperature``.
+    """
     gamma: float = 0.1
     alpha: float = 0.9
     beta: float = 0.0
     temperature: float = 4.0
     lw_mix: tuple = (1.0, 0.0, 1.0)
+    logit_stand: bool = False
+    ls_temperature: float = distillers.LS_TEMPERATURE
 
 
 def make_prepare(mean, std, pad: int):
@@ -97,13 +104,34 @@ def first_rows(feats, rows: int):
     return None if feats is None else [f[:rows] for f in feats]
 
 
-def kd_objective(weights: KDWeights, num_classes: int, has_teacher: bool):
-    """``objective(ls, lsa, lt, lta, labels, aux) -> (loss, metrics)`` from the student's logits on x and x' and
-    the teacher's (None without a teacher: CE on x and on x' with the scheme's mixed labels)."""
-    T = weights.temperature
-    lw1, lw2, lw3 = (float(w) for w in weights.lw_mix)
+def logit_term(weights: KDWeights, distiller=None):
+    """``term(logits_s, logits_t, labels, epoch)``: what each logit pair (x, x') contributes to the logit block.
 
-    def objective(ls, lsa, lt, lta, labels, aux):
+    KD's KL_T for ``kd`` (or no distiller) and the feature distillers, a logit distiller's ``logit_loss`` otherwise;
+    with ``weights.logit_stand`` both logits are z-scored first and the base temperature replaces T, for these
+    terms only."""
+    d = distillers.Distiller() if distiller is None else distiller
+    if weights.logit_stand:
+        distillers.check_logit_stand(d)
+
+        def term(ls, lt, labels, epoch):
+            return d.logit_loss(distillers.standardize(ls), distillers.standardize(lt), labels, epoch,
+                                weights.ls_temperature)
+        return term
+    return lambda ls, lt, labels, epoch: d.logit_loss(ls, lt, labels, epoch, weights.temperature)
+
+
+def kd_objective(weights: KDWeights, num_classes: int, has_teacher: bool, distiller=None):
+    """``objective(ls, lsa, lt, lta, labels, aux, epoch) -> (loss, metrics)`` from the student's logits on x and x'
+    and the teacher's (None without a teacher: CE on x and on x' with the scheme's mixed labels). ``epoch`` is the
+    step's 1-based epoch, read only by a logit distiller with a schedule (DKD's warm-up)."""
+    lw1, lw2, lw3 = (float(w) for w in weights.lw_mix)
+    term = logit_term(weights, distiller)
+    replaced = distiller is not None and distiller.replaces_kl
+    # metric names: "kl" stays the KD term's (the logs of every KD run), a logit distiller's is "logit"
+    name = "logit" if replaced else "kl"
+
+    def objective(ls, lsa, lt, lta, labels, aux, epoch=1):
         ce = losses.cross_entropy(ls, labels)
         metrics = {"ce": ce, "top1": _top1(ls, labels)}
         if not has_teacher:
@@ -111,12 +139,15 @@ def kd_objective(weights: KDWeights, num_classes: int, has_teacher: bool):
             ce_aug = jnp.mean(optax.softmax_cross_entropy(lsa, soft))
             metrics["ce_aug"] = ce_aug
             return lw1 * ce + lw3 * ce_aug, metrics
-        kl, kl_aug = losses.kd_kl(ls, lt, T), losses.kd_kl(lsa, lta, T)
+        labels_aug = None
+        if replaced and distiller.uses_labels:  # the dominant label of each row of x' (a mixed image's larger part)
+            labels_aug = jnp.argmax(transforms.mixed_targets(aux, labels, num_classes, lsa.shape[0]), axis=-1)
+        kl, kl_aug = term(ls, lt, labels, epoch), term(lsa, lta, labels_aug, epoch)
         loss = weights.gamma * ce + weights.alpha * (lw1 * kl + lw3 * kl_aug)
         if lw2:
             soft = transforms.mixed_targets(aux, labels, num_classes, lsa.shape[0])
             loss = loss + weights.alpha * lw2 * jnp.mean(optax.softmax_cross_entropy(lsa, soft))
-        metrics.update(kl=kl, kl_aug=kl_aug)
+        metrics.update({name: kl, f"{name}_aug": kl_aug})
         return loss, metrics
 
     return objective
@@ -139,7 +170,7 @@ def student_pool_scorer(student, frozen_params, batch_stats, teacher_logits_of, 
 
 
 def make_kd_step(student, teacher: Optional[Any], tx, prepare: Callable, scheme: Callable, weights: KDWeights,
-                 num_classes: int, distiller=None):
+                 num_classes: int, distiller=None, steps_per_epoch: Optional[int] = None):
     """The paper's KD step with ``scheme``; ``teacher=None`` trains with labels only.
 
     Forward passes: teacher (inference BN, no gradient) once on concat[x, x']; student once on concat[x, x'] with
@@ -147,18 +178,31 @@ def make_kd_step(student, teacher: Optional[Any], tx, prepare: Callable, scheme:
     statistics updated for x then x'. A scheme scored by the student (CutMixPick S. ent., or the 'kld' criterion)
     keeps the original's exact order instead: s(x), then the scoring pass over the pool, then s(x').
 
-    ``distiller`` (``None`` or ``kd``: plain KD, the exact same program as without it) adds
-    ``weights.beta * L(feats_s, feats_t)`` on the original batch x, from the same passes asked for features.
+    ``distiller`` (``None`` or ``kd``: plain KD, the exact same program as without it): a feature distiller adds
+    ``weights.beta * L(feats_s, feats_t)`` on the original batch x, from the same passes asked for features; a
+    logit distiller replaces KL_T on x and x' (``kd_objective``). ``steps_per_epoch`` gives the step's epoch,
+    ``state['step'] // steps_per_epoch + 1``, to a logit distiller that reads it (DKD's warm-up).
     """
     two_halves = student.clone(bn_groups=2)
-    distill = distillers.is_active(distiller)
+    distill = distillers.has_feature_term(distiller)
     with_features = distill and distiller.uses_features
+    replaced = distiller is not None and distiller.replaces_kl
     scored_by = getattr(scheme, "scored_by", None)
     criterion = getattr(scheme, "criterion", None) or "entropy"
-    objective = kd_objective(weights, num_classes, teacher is not None)
-    if distill and teacher is None:
-        raise ValueError(f"distiller={distiller.name} distils the teacher's features and needs a teacher: set "
+    objective = kd_objective(weights, num_classes, teacher is not None, distiller)
+    if distiller is not None and distiller.needs_teacher and teacher is None:
+        what = "logits" if replaced else "features"
+        raise ValueError(f"distiller={distiller.name} distils the teacher's {what} and needs a teacher: set "
                          "teacher= and --config.teacher_checkpoint, or use distiller=kd")
+    if weights.logit_stand and teacher is None:
+        raise ValueError("loss.logit_stand standardises the teacher's logits and needs a teacher: set teacher= "
+                         "and --config.teacher_checkpoint, or unset loss.logit_stand")
+    if replaced and steps_per_epoch is None:
+        raise ValueError(f"distiller={distiller.name} needs steps_per_epoch (its loss follows the epoch)")
+
+    def epoch_of(step):
+        """The 1-based epoch of a step counted from 0, as the official trainers count epochs."""
+        return step // int(steps_per_epoch) + 1 if replaced else 1
     teacher_logits_of = lambda tv: lambda images: teacher_outputs(teacher, tv, images, False)[1]  # noqa: E731
 
     def targets(teacher_vars, x, x_aug, rows):
@@ -168,10 +212,10 @@ def make_kd_step(student, teacher: Optional[Any], tx, prepare: Callable, scheme:
         ft, lt = teacher_outputs(teacher, teacher_vars, jnp.concatenate([x, x_aug]), with_features)
         return first_rows(ft, rows), lt[:rows], lt[rows:]
 
-    def total(params, heads, d_state, outputs, labels, aux, batch, key):
+    def total(params, heads, d_state, outputs, labels, aux, batch, key, epoch):
         """The objective, plus the distiller's term on x; returns (loss, (batch_stats, new d_state, metrics))."""
         fs, ls, lsa, ft, lt, lta, batch_stats = outputs
-        loss, metrics = objective(ls.astype(jnp.float32), lsa.astype(jnp.float32), lt, lta, labels, aux)
+        loss, metrics = objective(ls.astype(jnp.float32), lsa.astype(jnp.float32), lt, lta, labels, aux, epoch)
         if distill:
             term, d_state = distiller.loss(heads, d_state, fs, ft, labels=labels, indices=batch.get("indices"),
                                            key=jax.random.fold_in(key, distillers.DISTILLER_KEY), train=True)
@@ -186,6 +230,7 @@ def make_kd_step(student, teacher: Optional[Any], tx, prepare: Callable, scheme:
         x, labels = prepare(k_base, batch["images"]), batch["labels"]
         rows, extra = x.shape[0], state["extra"]
         heads, d_state = (extra["params"], extra["state"]) if distill else ({}, {})
+        epoch = epoch_of(state["step"])
 
         if scored_by == "student":  # s(x), scoring pass, s(x'): the augmentation happens inside the loss
             def loss_fn(params, heads):
@@ -199,7 +244,7 @@ def make_kd_step(student, teacher: Optional[Any], tx, prepare: Callable, scheme:
                                          mutable=["batch_stats"])
                 ft, lt, lta = targets(teacher_vars, x, x_aug, rows)
                 return total(params, heads, d_state, (fs, ls, lsa, ft, lt, lta, upd["batch_stats"]), labels, aux,
-                             batch, key)
+                             batch, key, epoch)
         else:
             score_fn = None
             if scored_by == "teacher":
@@ -217,7 +262,7 @@ def make_kd_step(student, teacher: Optional[Any], tx, prepare: Callable, scheme:
                     fs, ls, upd = student_outputs(student, variables, x, with_features)
                     lsa, upd = student.apply({"params": params, **upd}, x_aug, train=True, mutable=["batch_stats"])
                 return total(params, heads, d_state, (fs, ls, lsa, ft, lt, lta, upd["batch_stats"]), labels, aux,
-                             batch, key)
+                             batch, key, epoch)
 
         (loss, (batch_stats, new_d_state, metrics)), (grads, head_grads) = jax.value_and_grad(
             loss_fn, argnums=(0, 1), has_aux=True)(state["params"], heads)
