@@ -7,8 +7,10 @@ The executor knows nothing of the tasks: the in-process one calls the ``run_task
 given (``kdjax.tasks.run``), the subprocess one starts the command line.
 """
 import concurrent.futures
+import contextlib
 import dataclasses
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -20,6 +22,33 @@ from kdjax.sweep.grid import Run
 
 class SweepFailed(RuntimeError):
     """Some runs of a sweep failed (the others ran, and their results are kept)."""
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """SIGTERM (scancel, a requeue, preemption, a scheduler stopping a shard) stops the run in this process the
+    way Ctrl-C does: between steps, with its checkpoints closed and its workdir lock released, so that the next
+    start resumes at once. (Python's default would end the process on the spot; submitit's ignores it until
+    SIGKILL.) Only in the main thread, where signal handlers live."""
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def is_interruption(error: BaseException) -> bool:
+    """Ctrl-C or SIGTERM, as the task reports it: the sweep stops instead of counting the run as failed."""
+    from kdjax.train.loop import RunInterrupted
+    return isinstance(error, (KeyboardInterrupt, RunInterrupted))
 
 
 def build_config(run: Run):
@@ -34,6 +63,21 @@ def build_config(run: Run):
         if node is not None and parts[-1] in node:
             node[parts[-1]] = value
     return config
+
+
+# The fields through which a run consumes another run's workdir (a teacher, the student that scores a scheme).
+INPUT_FIELDS = ("teacher_checkpoint", "student_checkpoint")
+
+
+def inputs_of(runs: Sequence[Run]) -> Dict[str, List[Run]]:
+    """{run's workdir: the runs of ``runs`` it consumes}: those whose workdir one of its input fields names. A
+    checkpoint given from outside the sweep is no run's workdir, so it is no dependency."""
+    by_workdir = {os.path.abspath(r.workdir): r for r in runs}
+    out = {}
+    for run in runs:
+        named = [os.path.abspath(str(v)) for k, v in run.fields if k in INPUT_FIELDS and v]
+        out[run.workdir] = [by_workdir[p] for p in dict.fromkeys(named) if p in by_workdir]
+    return out
 
 
 def _text(value) -> str:
@@ -117,6 +161,8 @@ def execute(runs: Sequence[Run], run_task: Callable[[str, Any, str], Dict[str, A
                     run_task(run.task, build_config(run), run.workdir)
                     completed.append(run)
                 except Exception as e:  # one failed run must not lose the others; reported at the end
+                    if is_interruption(e):
+                        raise
                     log(f"[sweep] FAILED: {run.describe()}: {type(e).__name__}: {e}")
                     failed.append(run)
                 progress.finish(time.time() - t0)
