@@ -208,3 +208,15 @@ def test_mistaken_modes_are_one_line(fields, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         sweep_task.run(config, str(tmp_path))
     assert not os.listdir(tmp_path)
+
+
+def test_a_resubmitted_run_is_freed_of_the_lock_its_ended_job_left(tmp_path):
+    from kdjax.workdir import LOCK_FILE
+    lock = tmp_path / LOCK_FILE
+    (tmp_path / slurm.STARTS).write_text(json.dumps({"job_id": "8", "restart": 0, "host": "node03", "pid": 77}) + "\n")
+    lock.write_text(json.dumps({"host": "node03", "pid": 77, "heartbeat": 0}))
+    quiet = dict(log=lambda line: None)
+    assert not slurm.clear_lock_of_ended_job(str(tmp_path), ["8"], ["8"], **quiet)  # still running
+    assert not slurm.clear_lock_of_ended_job(str(tmp_path), ["9"], [], **quiet)  # not this run's job
+    assert lock.exists() and slurm.clear_lock_of_ended_job(str(tmp_path), ["8"], [], **quiet)
+    assert not lock.exists()

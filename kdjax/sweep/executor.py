@@ -24,21 +24,26 @@ class SweepFailed(RuntimeError):
     """Some runs of a sweep failed (the others ran, and their results are kept)."""
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-
-
 @contextlib.contextmanager
-def stop_on_sigterm():
+def stop_on_sigterm(ignore: Callable[[], bool] = lambda: False):
     """SIGTERM (scancel, a requeue, preemption, a scheduler stopping a shard) stops the run in this process the
     way Ctrl-C does: between steps, with its checkpoints closed and its workdir lock released, so that the next
     start resumes at once. (Python's default would end the process on the spot; submitit's ignores it until
-    SIGKILL.) Only in the main thread, where signal handlers live."""
+    SIGKILL.) Once only: a second SIGTERM, or one while ``ignore()`` says the process is already on its way out,
+    must not interrupt the closing of a checkpoint. Only in the main thread, where signal handlers live."""
     import threading
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    stopping = []
+
+    def interrupt(signum, frame):
+        if stopping or ignore():
+            return
+        stopping.append(signum)
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         yield
     finally:

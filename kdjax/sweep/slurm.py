@@ -376,6 +376,29 @@ def take_over_previous_incarnation(workdir: str, job_id: str, restart: int, log=
     return True
 
 
+def clear_lock_of_ended_job(workdir: str, job_ids: Sequence[str], active: Sequence[str], log=print) -> bool:
+    """Before a run is resubmitted: remove its workdir lock when the holder is the last job that started on it, one
+    of ``job_ids`` (the run's recorded jobs) and no longer active in SLURM. SLURM ends every process of a job when
+    the job ends, so that lock is stale even if it was taken on another node, where the lock's own rules would wait
+    10 minutes for its heartbeat (a SIGKILLed or out-of-memory job leaves its lock behind)."""
+    from kdjax.workdir import LOCK_FILE
+    starts = _read_starts(workdir)
+    if not starts or starts[-1].get("job_id") not in set(job_ids) or starts[-1].get("job_id") in set(active):
+        return False
+    path = os.path.join(workdir, LOCK_FILE)
+    try:
+        with open(path) as f:
+            holder = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return False
+    if holder.get("host") != starts[-1].get("host") or holder.get("pid") != starts[-1].get("pid"):
+        return False
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+    log(f"[sweep] removed the lock that ended job {starts[-1]['job_id']} left in {workdir}")
+    return True
+
+
 @contextlib.contextmanager
 def _output_to(path: str):
     """Send this process's stdout and stderr (file descriptors, so that every library's output goes too) to
@@ -429,7 +452,8 @@ class RunJob:
             with open(os.path.join(self.workdir, STARTS), "a") as f:
                 f.write(json.dumps({"job_id": job_id, "restart": restart, "host": socket.gethostname(),
                                     "pid": os.getpid(), "time": time.time()}) + "\n")
-            with stop_on_sigterm():
+            self._requeueing = False
+            with stop_on_sigterm(ignore=lambda: self._requeueing):
                 status = self._main()
             print(f"[slurm] job {job_id}: kdjax {self.argv[0]} ended with status {status}", flush=True)
         if status:
@@ -443,6 +467,8 @@ class RunJob:
             cli.main(list(self.argv))
             return 0
         except SystemExit as e:  # the command's own one-line errors end in sys.exit
+            if self._requeueing:  # submitit's own exit after requeueing the job: let it leave its way
+                raise
             return e.code if isinstance(e.code, int) else 1
         except Exception:  # noqa: BLE001  an unexpected error: its traceback belongs in the run's log too
             traceback.print_exc()
@@ -450,6 +476,9 @@ class RunJob:
 
     def checkpoint(self):
         import submitit
+        # submitit requeues the job next and leaves through SystemExit; the SIGTERM of that requeue must not
+        # interrupt the run's closing (its last checkpoint being finalised)
+        self._requeueing = True
         return submitit.helpers.DelayedSubmission(self)
 
 
@@ -593,6 +622,10 @@ class SlurmSweep:
             for rs in superseded:
                 self.record.mark_superseded(rs.run)
             self.log(f"[sweep] cancelled {len(superseded)} queued job(s) waiting on runs that are resubmitted now")
+        active = [rs.job["job_id"] for rs in states.values() if rs.status == "active" and rs not in superseded]
+        for group in groups:
+            for run in group.runs:
+                clear_lock_of_ended_job(run.workdir, [j["job_id"] for j in self.record.jobs(run)], active, self.log)
         count = 0
         for group in groups:
             dependency = [real.get(d, d) for d in group.dependency]
