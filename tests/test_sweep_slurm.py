@@ -220,3 +220,16 @@ def test_a_resubmitted_run_is_freed_of_the_lock_its_ended_job_left(tmp_path):
     assert not slurm.clear_lock_of_ended_job(str(tmp_path), ["9"], [], **quiet)  # not this run's job
     assert lock.exists() and slurm.clear_lock_of_ended_job(str(tmp_path), ["8"], [], **quiet)
     assert not lock.exists()
+
+
+def test_while_waiting_runs_behind_a_cancelled_input_are_not_submitted(tmp_path):
+    runs = _chain(tmp_path)
+    t, s1, s2, ts = runs
+    record = slurm.Record(str(tmp_path))
+    _job(record, t, "1", started=True)
+    with open(tmp_path / slurm.CANCELLED, "w") as f:
+        json.dump(["1"], f)
+    states = slurm.assess(runs, sweep.executor.inputs_of(runs), record, 2, states={})
+    sweeper = slurm.SlurmSweep(str(tmp_path), runs, settings(), 2)
+    assert sweeper.plan_groups(states, resubmit_cancelled=False) == []  # none would find its teacher finished
+    assert [g.task for g in sweeper.plan_groups(states)] == ["teacher", "distill", "tstddev"]

@@ -322,7 +322,11 @@ def assess(runs: Sequence[Run], inputs: Dict[str, List[Run]], record: Record, ma
 
 def last_error(workdir: str) -> str:
     """The run's last ``error:`` line (or its last line) in its launch.log, shortened."""
-    path = os.path.join(workdir, LOG)
+    return last_line(os.path.join(workdir, LOG))
+
+
+def last_line(path: str) -> str:
+    """The last ``error:`` line of a log (or its last line), shortened."""
     try:
         with open(path, errors="replace") as f:
             lines = [line.rstrip() for line in f.readlines()[-200:] if line.strip()]
@@ -594,15 +598,18 @@ class SlurmSweep:
             for run in self.runs:
                 if run.workdir not in wanted or run.stage != stage:
                     continue
-                dependency = []
+                dependency, waiting = [], False
                 for parent in self.inputs[run.workdir]:
                     ps = states[parent.workdir]
                     if parent.workdir in new_ids:
                         dependency.append(new_ids[parent.workdir])
                     elif ps.status == "active":
                         dependency.append(ps.job["job_id"])
+                    elif ps.status != "done":  # an input not resubmitted in this pass (one cancelled by the user)
+                        waiting = True
                     # a finished input needs no dependency (and its job may already be forgotten by SLURM)
-                keyed.setdefault((run.task, tuple(dependency)), []).append(run)
+                if not waiting:
+                    keyed.setdefault((run.task, tuple(dependency)), []).append(run)
             for (task, dependency), members in keyed.items():
                 for chunk in _chunks(members, self.MAX_ARRAY):
                     group = Group(task, chunk, list(dependency))
@@ -690,9 +697,11 @@ def _state_lines(states: Dict[str, RunState], record: Record) -> List[str]:
             label += f" ({end}, {rs.attempts} attempt(s))" if end else f" ({rs.attempts} attempt(s))"
         line = f"  {label:<34} {job:<10} {what}"
         if rs.status in ("failed", "gave_up"):
-            error = last_error(rs.run.workdir)
-            line += f"\n      {error}" if error else ""
-            line += f"\n      log: {os.path.join(rs.run.workdir, LOG)}"
+            log = os.path.join(rs.run.workdir, LOG)
+            if not os.path.exists(log) and rs.job and rs.job.get("stdout"):
+                log = rs.job["stdout"][:-len(".out")] + ".err"  # it failed before kdjax started: the job's own
+            error = last_line(log)
+            line += (f"\n      {error}" if error else "") + f"\n      log: {log}"
         lines.append(line)
     return lines
 

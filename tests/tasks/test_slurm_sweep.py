@@ -15,7 +15,12 @@ import pytest
 
 import tiny_models  # noqa: F401  (registers tiny_cnn here; the jobs get it through KDJAX_PLUGINS)
 from helpers import launch_env, load_config
-from slurm_cluster import slurm_cluster, slurm_cluster_session  # noqa: F401  (fixtures)
+from slurm_cluster import (  # noqa: F401  (fixtures)
+    slurm_cluster,
+    slurm_cluster_accounting,
+    slurm_cluster_accounting_session,
+    slurm_cluster_session,
+)
 
 pytest.importorskip("submitit")
 pytestmark = pytest.mark.slurm
@@ -251,3 +256,40 @@ def test_a_job_at_its_time_limit_requeues_itself_and_resumes(slurm_cluster, job_
     err = _read(Path(submitter.record.jobs(run)[-1]["stdout"]).with_suffix(".err"))
     assert "this job is timed-out" in log + err  # submitit's line (in launch.log when it came during the run)
     assert read_meta(run.workdir)["digest"] == read_meta(alone.workdir)["digest"]
+
+
+def _failing_sweep(root, **fields):
+    """A sweep whose every job fails in its batch script, before kdjax starts (a broken setup line): cheap."""
+    from kdjax.sweep import SweepFailed
+    config = slurm_sweep(augs=("cutmix",), seeds=(0,), max_retries=1, **{"slurm.setup": ("exit 3",), **fields})
+    with pytest.raises(SweepFailed, match=r"3 of 3 runs failed 2 times or wait on such a run"):
+        run_sweep(config, root)
+    return config
+
+
+def test_a_failing_run_is_retried_then_given_up_and_its_dependants_are_blocked(slurm_cluster, job_env, tmp_path,
+                                                                               capsys):
+    root = tmp_path / "s"
+    _failing_sweep(root, **{"slurm.wait": True})
+    out = capsys.readouterr().out
+    assert "1 given up after 1 retries, 2 blocked by those" in out
+    jobs = json.loads((root / "slurm_jobs.json").read_text())["runs"]
+    assert len(jobs[TEACHER]["jobs"]) == 2  # submitted, failed, resubmitted once, failed
+    assert all(len(jobs[k]["jobs"]) == 2 for k in jobs)  # the dependants followed each teacher job, never ran
+    assert re.search(r"GAVE UP \((FAILED|gone from squeue), 2 attempt\(s\)\)", out)
+    assert out.count("BLOCKED") == 2 and "_log.err" in out  # where the broken setup line said why
+    # the next command does not try again: the limit is reached
+    with pytest.raises(Exception, match="failed 2 times"):
+        run_sweep(slurm_sweep(augs=("cutmix",), seeds=(0,), max_retries=1), root)
+
+
+@pytest.mark.slow
+def test_sacct_names_the_end_of_a_job_squeue_has_forgotten(slurm_cluster_accounting, job_env, tmp_path, capsys):
+    root = tmp_path / "s"
+    _failing_sweep(root, **{"slurm.wait": True})
+    teacher_job = latest_job(root, TEACHER)
+    wait_until(lambda: not slurm_cluster_accounting.run("squeue", "-h", "-j", teacher_job, check=False)
+               .stdout.strip(), 60, "the purge of the teacher's job", step=1)
+    capsys.readouterr()
+    run_sweep(slurm_sweep(action="status", max_retries=1), root)
+    assert re.search(rf"GAVE UP \(FAILED, 2 attempt\(s\)\) +{teacher_job} ", capsys.readouterr().out)

@@ -48,3 +48,16 @@ def test_parallel_executor_runs_launch_subprocesses(tmp_path, monkeypatch):
     assert "needs a teacher" in (tmp_path / "bad" / "launch.log").read_text()
     for aug in ("mixup", "cutmix"):
         assert json.loads((tmp_path / aug / "results.json").read_text())["aug"] == aug
+
+
+def test_dry_run_and_status_of_a_local_sweep_start_nothing(tmp_path, capsys):
+    from kdjax.tasks import sweep as sweep_task
+    config = load_config("demo", "pairs=tiny_cnn:tiny_cnn,augs=cutmix,image_size=8,dry_run=true")
+    assert sweep_task.run(config, str(tmp_path / "w")) == {"runs": 3, "to_run": 3}
+    out = capsys.readouterr().out
+    assert "[sweep] dry run, nothing runs: 3 runs, 0 finished, 3 to run in this process:" in out
+    assert "stage 2: distill aug=cutmix" in out and f"(after {tmp_path / 'w' / 'teachers' / 'tiny_cnn'})" in out
+    config.dry_run, config.action = False, "status"
+    assert sweep_task.run(config, str(tmp_path / "w")) == {"runs": 3, "done": 0}
+    assert "[sweep] 3 runs: 0 finished, 0 locked" in capsys.readouterr().out
+    assert not (tmp_path / "w").exists()
