@@ -72,8 +72,8 @@ class Distiller:
 
         The original's feature-distiller runs use gamma 1, alpha 0 (1 for the "+KD" variants) and the method's
         beta. With alpha 0 a DA scheme would do nothing, since the scheme only enters through the KL block
-        (docs/fidelity.md, "Distillers"), so under any scheme other than identity alpha becomes 0.9 and gamma 0.1, the paper's
-        KD weights. Plain ``kd`` always uses the paper's 0.1 / 0.9, and with logit standardisation the LS code's
+        (docs/fidelity.md, "Distillers"), so under any scheme other than identity alpha becomes 0.9 and gamma 0.1,
+        the paper's KD weights. Plain ``kd`` always uses the paper's 0.1 / 0.9, and with logit standardisation the LS code's
         0.1 / 9 (``LS_WEIGHT``).
         """
         if self.name == "kd":

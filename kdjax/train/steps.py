@@ -4,7 +4,8 @@ read them; the other steps ignore them). Everything static (models, optimiser, s
 closed over, so one compile serves a whole run and ``lax.scan`` can run many steps per dispatch.
 
 ``state`` is a dict pytree: ``params`` and ``batch_stats`` (the student's own variables, exactly what evaluation and
-a later ``load_model`` need), ``opt_state``, ``step`` (int32) and ``extra``. ``extra`` is ``{}`` for plain KD; with a
+a later ``load_model`` need), ``opt_state``, ``step`` (int32) and ``extra``. ``extra`` is ``{}`` for plain KD and for
+a logit distiller (DKD, DIST: no heads, no state; DKD's warm-up reads ``step``); with a
 feature distiller it is ``kdjax.distillers.make_extra``'s ``{'params': heads, 'opt_state': ..., 'state': ...}``:
 the heads (CRD's embeddings, FitNet's regressor, ...) are differentiated together with the student in one backward
 pass and updated by the same optax transformation (so with the same learning rate and weight decay, as the
@@ -14,7 +15,8 @@ statistics) is ``extra['state']``. The whole ``state`` is what ``loop.fit`` chec
 exactly.
 
 A KD step reads top to bottom: ``prepare`` (base crop+flip, normalise) -> the scheme's x' -> teacher outputs ->
-student outputs -> ``kd_objective`` (+ the distiller's term) -> ``apply_update``.
+student outputs -> ``kd_objective`` (its logit terms: KL_T, or a logit distiller's loss; + a feature distiller's
+term) -> ``apply_update``.
 """
 import dataclasses
 import functools
