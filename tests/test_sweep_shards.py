@@ -1,6 +1,7 @@
 """kdjax.sweep.shards with a stand-in for the tasks (no training): inputs first, a run locked by another live
 process left to it, failures recorded in the run's workdir for every shard to see and retried up to max_retries,
-then given up with the runs that wait on them blocked. (Two real shard processes: tests/tasks/test_sweep_shard_processes.py.)"""
+then given up with the runs that wait on them blocked.
+(Two real shard processes: tests/tasks/test_sweep_shard_processes.py.)"""
 import json
 import os
 import socket
