@@ -82,7 +82,7 @@ class RunLog:
                     row = json.loads(line)
                 except ValueError:
                     continue
-                if "top1" in row and "epoch" in row:
+                if "test_loss" in row and "top1" in row and "epoch" in row:  # evaluation rows, not train rows
                     rows.append(row)
         return rows
 
