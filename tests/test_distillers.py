@@ -193,11 +193,11 @@ def np_crd_call(p, mem_s, mem_t, z, f_s, f_t, ind, idx, n_data, T=0.07, momentum
 
 
 def test_registry_names_and_errors():
-    assert distillers.names() == ["at", "cc", "crd", "dist", "dkd", "hint", "kd", "kdsvd", "nst", "pkt", "rkd",
-                                  "sp", "vid"]
+    assert distillers.names() == ["ab", "at", "cc", "crd", "dist", "dkd", "fsp", "ft", "hint", "kd", "kdsvd", "nst",
+                                  "pkt", "rkd", "sp", "vid"]
     assert distillers.logit_names() == ["dist", "dkd"]
     assert "kd" not in distillers.feature_names() and "dkd" not in distillers.feature_names()
-    with pytest.raises(ValueError, match="valid distillers: at, cc, crd, dist, dkd, hint"):
+    with pytest.raises(ValueError, match="valid distillers: ab, at, cc, crd, dist, dkd, fsp, ft, hint"):
         distillers.create("fitnet")
     with pytest.raises(ValueError, match="valid options: .*nce_k"):
         distillers.create("crd", nce_kk=5)
@@ -211,14 +211,13 @@ def test_registry_names_and_errors():
 
 def test_aliases_give_the_canonical_distiller():
     """The original's --distill spellings: an alias creates the canonical class (whose name the results record)."""
-    for alias, name in (("correlation", "cc"), ("attention", "at"), ("similarity", "sp")):
+    for alias, name in (("correlation", "cc"), ("attention", "at"), ("similarity", "sp"), ("abound", "ab"),
+                        ("factor", "ft")):
         assert distillers.canonical(alias) == name
         assert distillers.create(alias) == distillers.create(name) and distillers.create(alias).name == name
     assert distillers.create("attention", p=4.0).p == 4.0
-    for alias, name in (("abound", "ab"), ("factor", "ft")):  # init-stage methods, not built yet
-        with pytest.raises(ValueError, match=f"original's spelling of '{name}'.*not built"):
-            distillers.create(alias)
-    with pytest.raises(ValueError, match="aliases: attention \\(at\\), correlation \\(cc\\), similarity"):
+    with pytest.raises(ValueError, match="aliases: abound \\(ab\\), attention \\(at\\), correlation \\(cc\\), "
+                                         "factor \\(ft\\), similarity"):
         distillers.canonical("corelation")
 
 
@@ -243,7 +242,7 @@ def test_logit_distillers_options():
 
 def test_default_weights():
     betas = dict(kd=0.0, crd=0.8, hint=100.0, at=1000.0, sp=3000.0, pkt=30000.0, rkd=1.0, vid=1.0, nst=50.0,
-                 kdsvd=1.0, cc=0.02)
+                 kdsvd=1.0, cc=0.02, ft=200.0)
     assert sorted(betas) == sorted(distillers.feature_names() + ["kd"])
     for name, beta in betas.items():
         d = distillers.create(name)

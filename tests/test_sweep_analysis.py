@@ -257,3 +257,64 @@ def test_short_runs_carry_a_caveat(tmp_path):
             path.write_text(json.dumps(dict(record, epochs=10)))
     analysis.write_report(str(tmp_path / "results"), str(tmp_path / "out"))
     assert "Caveat: these runs are shorter than the paper's 240 epochs" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_distiller_of_a_record():
+    assert analysis.distiller_of({"task": "distill"}) == "kd"  # results from before there were several
+    assert analysis.distiller_of({"distiller": "crd", "config": {"distill": {"with_kd": None}}}) == "crd"
+    assert analysis.distiller_of({"distiller": "crd", "config": {"distill": {"with_kd": True}}}) == "crd+kd"
+    assert analysis.distiller_of({"distiller": "kd", "config": {"distill": {"with_kd": True}}}) == "kd"
+    assert sorted(["crd+kd", "at", "kd", "crd"], key=analysis.distiller_order) == ["kd", "at", "crd", "crd+kd"]
+
+
+def test_report_groups_by_distiller(tmp_path):
+    """kd, crd and crd+kd students of one pair: a correlation, table and plot per distiller (kd's exactly as in a
+    kd-only report), in that order; the T. stddev (x) is shared."""
+    results = tmp_path / "results"
+    expected = fabricate_sweep(results)
+    analysis.write_report(str(results), str(tmp_path / "kd_only"))
+    kd_only = (tmp_path / "kd_only" / "report.md").read_text()
+    assert "Distillers:" not in kd_only
+    column = next(c for c in published_columns() if c[:3] == ("cifar100", "vgg13", "vgg8"))
+    y = column[4]
+    losses = {"crd": y + 0.25, "crd+kd": y[::-1].copy()}  # crd+kd: the reverse order, another correlation
+    for label, loss in losses.items():
+        name, with_kd = label.split("+")[0], label.endswith("+kd")
+        for aug, value in zip(AUGS, loss):
+            write_result(results, f"{label.replace('+', '_')}/vgg13-vgg8/{aug}/seed0",
+                         {"task": "distill", "teacher": "vgg13", "student": "vgg8", "dataset": "cifar100",
+                          "aug": aug, "distiller": name, "seed": 0, "epochs": 240, "test_loss": float(value),
+                          "top1": 0.7, "top5": 0.9, "config": {"distill": {"with_kd": with_kd or None}}})
+    out = analysis.write_report(str(results), str(tmp_path / "out"))
+    out_dir = tmp_path / "out"
+    rows = read_csv(out_dir / "summary.csv")
+    assert [(r["distiller"], r["teacher"]) for r in rows] == (
+        [("kd", "resnet56")] * 9 + [("kd", "vgg13")] * 9 + [("crd", "vgg13")] * 9 + [("crd+kd", "vgg13")] * 9)
+    assert [r for r in rows if r["distiller"] == "kd"] == read_csv(tmp_path / "kd_only" / "summary.csv")
+    for row in rows[18:]:
+        i = AUGS.index(row["aug"])
+        assert float(row["test_loss_mean"]) == losses[row["distiller"]][i] and row["test_loss_n"] == "1"
+        # x of each scheme is the teacher's, the same as for the kd students
+        np.testing.assert_allclose(float(row["tstddev_mean"]), expected[("vgg13", "vgg8", row["aug"])]["tstd"].mean())
+    corr = read_csv(out_dir / "correlations.csv")
+    assert [(r["distiller"], r["teacher"]) for r in corr] == [("kd", "resnet56"), ("kd", "vgg13"), ("crd", "vgg13"),
+                                                             ("crd+kd", "vgg13")]
+    assert corr[:2] == read_csv(tmp_path / "kd_only" / "correlations.csv")
+    tstd = [expected[("vgg13", "vgg8", aug)]["tstd"].mean() for aug in AUGS]
+    for row in corr[2:]:
+        want = analysis.correlations(tstd, losses[row["distiller"]])
+        for name in ("pearson", "pearson_p", "spearman", "spearman_p", "kendall", "kendall_p"):
+            assert float(row[name]) == want[name], (row["distiller"], name)
+    assert round(float(corr[2]["pearson"]), 4) == 0.9742 and float(corr[3]["pearson"]) < 0  # shifted; reversed
+    text = (out_dir / "report.md").read_text()
+    assert "Distillers: kd, crd, crd+kd. Each trains its students with its own loss" in text
+    titles = [line for line in text.splitlines() if line.startswith("## ") and "/" in line]
+    assert titles == ["## resnet56/resnet20, CIFAR100", "## vgg13/vgg8, CIFAR100", "## vgg13/vgg8, CIFAR100 (CRD)",
+                      "## vgg13/vgg8, CIFAR100 (CRD+KD)"]
+    assert "| vgg13/vgg8 | cifar100 | crd+kd | 9 |" in text
+    assert "plots/vgg13-vgg8_cifar100_crd_kd.png" in text
+    assert sorted(out["paths"]["plots"]) == ["resnet56-resnet20_cifar100", "vgg13-vgg8_cifar100",
+                                             "vgg13-vgg8_cifar100_crd", "vgg13-vgg8_cifar100_crd_kd"]
+    # kd's sections read as in the kd-only report
+    kd_section = text[text.index("## vgg13/vgg8, CIFAR100\n"):text.index("## vgg13/vgg8, CIFAR100 (CRD)")]
+    assert kd_section in kd_only

@@ -344,7 +344,9 @@ def run_and_resume(tmp_path):
     for part in ("params", "opt_state", "state"):  # epoch 2 trained the heads and updated the banks
         assert changed(first["extra"][part], final["extra"][part])
 
+    # As if killed during the last epoch: neither its checkpoint nor the finished run's results.json exist.
     shutil.rmtree(ckpts / str(steps_done[-1]))
+    (workdir / "results.json").unlink()
     distill.run(config, str(workdir))
     resumed = _restore(ckpts / str(steps_done[-1]))
     assert jax.tree.structure(resumed) == jax.tree.structure(final)

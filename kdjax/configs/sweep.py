@@ -3,6 +3,10 @@
     kdjax sweep --workdir=runs/paper
     kdjax sweep --config.pairs=resnet56:resnet20 --config.augs=cutmix,cutmix_pick_t --config.seeds=0 \
         --config.teacher_checkpoints.resnet56=runs/t_resnet56 --workdir=runs/small
+    kdjax sweep --config.distillers=kd,crd,crd+kd --workdir=runs/methods   # methods x schemes, one report
+
+``distillers`` adds a student per distiller (``+kd``: the "+KD" variant, ``distill.with_kd``); teachers and
+T. stddev runs are shared, and the report groups the correlations by distiller.
 
 ``optional_datasets`` are used only when their data is present (the default adds Tiny-ImageNet that way).
 Teachers not given in ``teacher_checkpoints`` are trained first.

@@ -1,10 +1,11 @@
 """The distillers of the KD step: ``kd`` (plain KD), the feature distillers beside KD (``crd``, ``hint``, ``at``,
-``sp``, ``pkt``, ``rkd``, ``vid``, ``nst``, ``kdsvd``, ``cc``) and the logit distillers that replace KD's KL terms
-(``dkd``, ``dist``).
+``sp``, ``pkt``, ``rkd``, ``vid``, ``nst``, ``kdsvd``, ``cc``), the logit distillers that replace KD's KL terms
+(``dkd``, ``dist``) and the original's two-stage methods (``ab``, ``ft``, ``fsp``), which train an init stage
+before the KD stage.
 
 ``create(name, **options)`` returns a ``Distiller`` (see ``kdjax.distillers.interface`` for the interface);
 ``names()`` lists the registered names; the original code's ``--distill`` spellings (``correlation``, ``attention``,
-...) are accepted as aliases and give the canonical distiller. Wiring into a KD step::
+``abound``, ``factor``, ...) are accepted as aliases and give the canonical distiller. Wiring into a KD step::
 
     d = distillers.create(config.distiller)                      # options: beta=, with_kd=, nce_k=, hint_layer=...
     w = distillers.resolve_weights(d, config.aug)                # {'gamma', 'alpha', 'beta'}
@@ -15,6 +16,13 @@
     # a feature distiller's term, on the original batch only:
     extra, d_state = d.loss(d_params, d_state, feats_s, feats_t, labels=y, indices=idx, key=k)
     total = w['gamma'] * ce + w['alpha'] * (lw1 * logit_x + lw3 * logit_x_aug) + w['beta'] * extra
+
+The two-stage methods (``d.init_stage``; ``init_stage_names()``) first minimise ``d.init_stage_loss(heads,
+feats_s, feats_t)`` over ``heads = d.init_stage_heads(key, shapes_s, shapes_t)`` (and the student's feature
+modules when ``d.init_trains_student``) for ``d.init_epochs`` epochs at ``d.init_stage_lr(student, lr)``, with
+features asked with ``preact=d.preact``; ``make_extra(..., init_heads=heads)`` then hands the trained heads to the
+KD stage (FT's paraphraser). ``ab`` and ``fsp`` have no KD-stage term (``d.stage_term`` False,
+``has_feature_term`` False): their KD stage is plain KD.
 """
 import dataclasses
 from typing import Dict, Type
@@ -27,6 +35,7 @@ from kdjax.distillers.crd import CRD
 from kdjax.distillers.feature import AT, PKT, RKD, SP, VID, Hint
 from kdjax.distillers.logit import DIST, DKD, standardize  # noqa: F401
 from kdjax.distillers.relational import CC, KDSVD, NST
+from kdjax.distillers.two_stage import AB, FSP, FT
 
 _REGISTRY: Dict[str, Type[Distiller]] = {}
 
@@ -40,7 +49,7 @@ def register(cls: Type[Distiller]) -> Type[Distiller]:
     return cls
 
 
-for _cls in (Distiller, CRD, Hint, AT, SP, PKT, RKD, VID, NST, KDSVD, CC, DKD, DIST):
+for _cls in (Distiller, CRD, Hint, AT, SP, PKT, RKD, VID, NST, KDSVD, CC, DKD, DIST, AB, FT, FSP):
     register(_cls)
 
 
@@ -50,8 +59,14 @@ def names():
 
 
 def feature_names():
-    """The distillers with a feature term beside KD."""
-    return [n for n in names() if n != "kd" and not _REGISTRY[n].replaces_kl]
+    """The distillers with a feature term beside KD in the KD step (ft included; ab and fsp, whose KD stage is plain
+    KD, are not)."""
+    return [n for n in names() if n != "kd" and not _REGISTRY[n].replaces_kl and _REGISTRY[n].stage_term]
+
+
+def init_stage_names():
+    """The two-stage distillers, which train an init stage before the KD stage."""
+    return [n for n in names() if _REGISTRY[n].init_stage]
 
 
 def logit_names():
@@ -101,20 +116,29 @@ DISTILLER_KEY = 0x6469
 
 
 def has_feature_term(distiller) -> bool:
-    """True when ``distiller`` adds a feature term (and heads/state) beside KD: not ``None``, ``kd`` or a logit
-    distiller."""
-    return distiller is not None and distiller.name != "kd" and not distiller.replaces_kl
+    """True when ``distiller`` adds a feature term (and heads/state) beside KD in the KD step: not ``None``,
+    ``kd``, a logit distiller, or a two-stage method without a KD-stage term (``ab``, ``fsp``: their KD step is
+    exactly plain KD's)."""
+    return (distiller is not None and distiller.name != "kd" and not distiller.replaces_kl
+            and bool(getattr(distiller, "stage_term", True)))
 
 
-def make_extra(distiller, tx, key, feats_s, feats_t, num_train=None, train_labels=None):
+def make_extra(distiller, tx, key, feats_s, feats_t, num_train=None, train_labels=None, init_heads=None):
     """``state['extra']`` of a run with ``distiller``: its heads, their optimiser state and its non-trainable state.
 
     ``feats_s``/``feats_t``: the feature lists (arrays or ``jax.ShapeDtypeStruct``s, e.g. from ``jax.eval_shape``)
-    of ``model.apply(..., features=True)``. ``{}`` for ``kd``, a logit distiller (or no distiller), so a KD state
-    is unchanged."""
+    of ``model.apply(..., features=True)``. ``{}`` for ``kd``, a logit distiller (or no distiller), and ``ab`` and
+    ``fsp``, so a KD state is unchanged. ``init_heads``: the heads trained by a two-stage distiller's init stage
+    (FT's paraphraser), passed on to its ``init``; None when no init stage ran."""
     if not has_feature_term(distiller):
         return {}
-    heads, d_state = distiller.init(key, feats_s, feats_t, num_train=num_train, train_labels=train_labels)
+    if distiller.init_stage:
+        heads, d_state = distiller.init(key, feats_s, feats_t, num_train=num_train, train_labels=train_labels,
+                                        init_heads=init_heads)
+    elif init_heads is not None:
+        raise ValueError(f"distiller {distiller.name!r} has no init stage, so no init_heads to take")
+    else:
+        heads, d_state = distiller.init(key, feats_s, feats_t, num_train=num_train, train_labels=train_labels)
     return {"params": heads, "opt_state": tx.init(heads), "state": d_state}
 
 

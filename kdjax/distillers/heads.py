@@ -4,8 +4,13 @@
 * ``ConvReg``     FitNet's regressor from the student's hint map to the teacher's shape: conv3x3 stride 2,
                   transposed conv 4x4 stride 2, or a valid k x k conv, then BatchNorm and ReLU.
 * ``VIDRegressor`` VID's 1x1conv-ReLU-1x1conv-ReLU-1x1conv mean predictor plus a per-channel ``log_scale``.
+* ``Paraphraser`` FT's convolutional auto-encoder of the teacher's map (3 convs down to ``int(C * k)`` channels,
+                  3 transposed convs back, LeakyReLU 0.1 after each, no BatchNorm), trained in the init stage.
+* ``Translator``  FT's student-side encoder (3 convs, each followed by BatchNorm and LeakyReLU 0.1).
 
-Every conv and linear uses PyTorch's default init, U(+-1/sqrt(fan_in)) for weights and biases.
+AB's connectors are ``ConvReg(..., use_relu=False)``. Every conv, transposed conv and linear uses PyTorch's default
+init, U(+-1/sqrt(fan_in)) for weights and biases (fan_in of a transposed conv: C_out * kh * kw, PyTorch's
+convention for its ``[C_in, C_out, kh, kw]`` weight); BatchNorm starts at scale 1, bias 0.
 """
 import flax.linen as nn
 import jax
@@ -38,6 +43,38 @@ class Embed(nn.Module):
         return x / jnp.sqrt(jnp.sum(x * x, axis=1, keepdims=True))
 
 
+def torch_conv_transpose(x, kernel, bias, stride: int, padding: int):
+    """PyTorch's ``conv_transpose2d`` on NHWC ``x`` with an HWIO ``kernel`` (``[kh, kw, C_in, C_out]``, the PyTorch
+    weight ``[C_in, C_out, kh, kw]`` transposed by (2, 3, 0, 1)): a stride-1 conv of the ``stride``-dilated input
+    with the spatially flipped kernel and padding ``k - 1 - padding``."""
+    kh, kw = kernel.shape[0], kernel.shape[1]
+    pad = ((kh - 1 - padding, kh - 1 - padding), (kw - 1 - padding, kw - 1 - padding))
+    y = jax.lax.conv_general_dilated(x, kernel[::-1, ::-1], window_strides=(1, 1), padding=pad,
+                                     lhs_dilation=(stride, stride), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y + bias
+
+
+class ConvTranspose(nn.Module):
+    """PyTorch ``ConvTranspose2d(C_in, features, kernel_size, stride, padding)`` (square kernel, with bias).
+
+    Params ``kernel`` ``[k, k, C_in, features]`` and ``bias`` ``[features]``, both U(+-1/sqrt(features * k * k)):
+    PyTorch computes the fan-in of a transposed conv's weight from its ``size(1)``, the output channels.
+    """
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    padding: int = 0
+
+    @nn.compact
+    def __call__(self, x):
+        k = self.kernel_size
+        bound = 1.0 / float(np.sqrt(self.features * k * k))
+        kernel = self.param("kernel", uniform_init(bound), (k, k, x.shape[-1], self.features))
+        bias = self.param("bias", uniform_init(bound), (self.features,))
+        return torch_conv_transpose(x, kernel, bias, self.stride, self.padding)
+
+
 class ConvTranspose4x4s2(nn.Module):
     """PyTorch ``ConvTranspose2d(k=4, stride=2, padding=1)``: doubles H and W.
 
@@ -54,9 +91,7 @@ class ConvTranspose4x4s2(nn.Module):
         bound = 1.0 / float(np.sqrt(self.features * 16))
         kernel = self.param("kernel", uniform_init(bound), (4, 4, c_in, self.features))
         bias = self.param("bias", uniform_init(bound), (self.features,))
-        y = jax.lax.conv_general_dilated(x, kernel[::-1, ::-1], window_strides=(1, 1), padding=((2, 2), (2, 2)),
-                                         lhs_dilation=(2, 2), dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return y + bias
+        return torch_conv_transpose(x, kernel, bias, 2, 1)
 
 
 def conv_reg_kind(s_shape, t_shape) -> str:
@@ -126,3 +161,63 @@ class VIDRegressor(nn.Module):
         start = vid_log_scale_init(self.init_pred_var, self.eps)
         log_scale = self.param("log_scale", nn.initializers.constant(start), (self.out_channels,))
         return mean, jax.nn.softplus(log_scale) + self.eps
+
+
+def conv3x3(features: int, c_in: int, name: str):
+    """PyTorch ``Conv2d(c_in, features, 3, 1, 1)`` with its default init."""
+    return nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), kernel_init=layers.torch_default_kernel,
+                   bias_init=layers.torch_default_bias(9 * c_in), name=name)
+
+
+def leaky_relu(x):
+    """FT's ``LeakyReLU(0.1)``."""
+    return nn.leaky_relu(x, 0.1)
+
+
+def factor_channels(channels: int, k: float) -> int:
+    """FT's factor width ``int(C_t * k)`` (PyTorch's ``int``: truncation)."""
+    return int(channels * k)
+
+
+class Paraphraser(nn.Module):
+    """FT's paraphraser of the teacher's NHWC map with ``channels`` channels (``use_bn=False``, the original's
+    default): encoder conv3x3 C->C, C->F, F->F, decoder transposed conv3x3 (stride 1, padding 1) F->F, F->C, C->C,
+    each followed by LeakyReLU 0.1, with F = ``int(C * k)``. Submodules are named after the PyTorch paths
+    (``encoder.0`` -> ``encoder_0``; indices 0, 3, 6 of each ``nn.Sequential``).
+
+    ``__call__(x)`` returns ``(factor, reconstruction)``; ``is_factor=True`` only the encoder's ``factor``.
+    """
+
+    channels: int
+    k: float = 0.5
+
+    @nn.compact
+    def __call__(self, x, is_factor: bool = False):
+        c, f = self.channels, factor_channels(self.channels, self.k)
+        for i, (c_in, c_out) in zip((0, 3, 6), ((c, c), (c, f), (f, f))):
+            x = leaky_relu(conv3x3(c_out, c_in, f"encoder_{i}")(x))
+        factor = x
+        if is_factor:
+            return factor
+        for i, c_out in zip((0, 3, 6), (f, c, c)):
+            x = leaky_relu(ConvTranspose(c_out, 3, 1, 1, name=f"decoder_{i}")(x))
+        return factor, x
+
+
+class Translator(nn.Module):
+    """FT's translator of the student's NHWC map (``use_bn=True``, the original's default): conv3x3 C_s->C_s,
+    C_s->F, F->F with F = ``int(C_t * k)``, each followed by BatchNorm (PyTorch semantics; statistics in
+    ``batch_stats``) and LeakyReLU 0.1. Submodules ``encoder_0``/``encoder_1`` (conv/BN), ``encoder_3``/``_4``,
+    ``encoder_6``/``_7``, as the PyTorch paths."""
+
+    in_channels: int
+    teacher_channels: int
+    k: float = 0.5
+
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        c, f = self.in_channels, factor_channels(self.teacher_channels, self.k)
+        for i, (c_in, c_out) in zip((0, 3, 6), ((c, c), (c, f), (f, f))):
+            x = conv3x3(c_out, c_in, f"encoder_{i}")(x)
+            x = leaky_relu(layers.BatchNorm(name=f"encoder_{i + 1}")(x, train))
+        return x

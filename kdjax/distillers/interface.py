@@ -20,12 +20,21 @@ small frozen dataclass (hashable, so it can be closed over by a jitted step) wit
 * ``default_weights(aug, logit_stand=False) -> {'gamma', 'alpha', 'beta'}``: the weights of CE, of the logit block
   (KL, or the logit distiller's loss) and of the feature term.
 
+The two-stage methods of the original (``ab``, ``ft``, ``fsp``; ``init_stage = True``) first train an *init stage*
+(the original's helper/pretrain.py) on ``init_stage_loss(heads, feats_s, feats_t)``: heads from
+``init_stage_heads`` (AB's connectors, FT's paraphraser; none for FSP) and, when ``init_trains_student``, the
+student's feature modules; ``init_stage_lr`` gives its learning rate. Their KD stage is then ``init(...,
+init_heads=<the trained heads>)`` and ``loss`` as for any feature distiller (FT: the factor-transfer term), or plain
+KD when ``stage_term`` is False (AB and FSP: the original's ``loss_kd = 0``). ``preact`` asks the models for their
+pre-activation features in both stages (AB). ``check_shapes(feats_s, feats_t)`` fails in one line when a distiller
+cannot pair two models' features (a no-op unless overridden).
+
 Feature lists are what ``model.apply(..., features=True)`` returns: ``[f0, ..., f_last]`` with NHWC maps and
 ``f[-1]`` the pooled ``[B, D]`` vector. The teacher's features are constants inside every loss
 (``stop_gradient``), so a gradient can only reach the student and the heads.
 """
 import dataclasses
-from typing import Any, ClassVar, Dict, Sequence, Tuple
+from typing import Any, ClassVar, Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +66,14 @@ class Distiller:
     # True for a logit distiller: ``logit_loss`` takes the place of KD's KL_T on x and x' and there is no feature
     # term; False for ``kd`` (its ``logit_loss`` is KL_T) and for the feature distillers, which keep KD beside them.
     replaces_kl: ClassVar[bool] = False
+    # Two-stage methods (ab, ft, fsp): an init stage trained before the KD stage.
+    init_stage: ClassVar[bool] = False
+    # The init stage also trains the student's feature modules (ab, fsp), not only the heads.
+    init_trains_student: ClassVar[bool] = False
+    # Features asked with preact=True, in both stages (ab).
+    preact: ClassVar[bool] = False
+    # False: no feature term in the KD stage (ab, fsp: the original's loss_kd = 0), whose program is plain KD's.
+    stage_term: ClassVar[bool] = True
 
     beta: float = 0.0
     # The "+KD" variant of the original (e.g. CRD+KD: -a 1): the KL block keeps weight 1 at identity.
@@ -94,6 +111,30 @@ class Distiller:
     def loss(self, params, state, feats_s, feats_t, *, labels=None, indices=None, key=None,
              train: bool = True):
         return jnp.zeros((), jnp.float32), state
+
+    def check_shapes(self, feats_s, feats_t) -> None:
+        """Raise a one-line ``ValueError`` naming the fix when the two feature lists (arrays or
+        ``ShapeDtypeStruct``s) cannot be paired by this distiller; the default accepts anything."""
+        del feats_s, feats_t
+
+    # -- the init stage of the two-stage methods (``init_stage = True``) --
+
+    def init_stage_heads(self, key, feats_s, feats_t):
+        """The params pytree of the heads the init stage trains (``{}`` when none); the feature lists may be
+        ``ShapeDtypeStruct``s, and ``feats_s`` is None when the stage does not run the student."""
+        raise ValueError(f"distiller {self.name!r} has no init stage")
+
+    def init_stage_loss(self, heads, feats_s, feats_t):
+        """The float32 scalar the init stage minimises over ``heads`` (and the student's feature modules when
+        ``init_trains_student``); ``feats_s`` is None when the stage does not run the student."""
+        raise ValueError(f"distiller {self.name!r} has no init stage")
+
+    def init_stage_lr(self, student_name: str, student_lr: float) -> float:
+        """The init stage's (constant) learning rate: the student's, unless a subclass has a rule or a field
+        ``init_lr`` that is not None overrides it."""
+        del student_name
+        init_lr: Optional[float] = getattr(self, "init_lr", None)
+        return float(student_lr if init_lr is None else init_lr)
 
 
 def resolve_weights(distiller: Distiller, aug: str | None = None, gamma=None, alpha=None, beta=None,

@@ -38,13 +38,16 @@ class BatchNorm(nn.Module):
     ``groups`` > 1 splits the batch into equal consecutive parts in train mode, normalises each with its own
     statistics and updates the running statistics once per part, in order. One forward over ``concat[x, x']``
     with ``groups=2`` is then exactly two train-mode forwards (on x, then on x'), with half the kernel launches.
+
+    ``updates`` > 1 applies each part's running-statistics update that many times in a row: the original's second
+    call of one BN on the same tensor (WRN's ``preact`` features), whose output equals the first call's.
     """
 
     groups: int = 1
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, train: bool):
+    def __call__(self, x, train: bool, updates: int = 1):
         c = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (c,))
         bias = self.param("bias", nn.initializers.zeros, (c,))
@@ -61,8 +64,9 @@ class BatchNorm(nn.Module):
             n = xg.size // (self.groups * c)  # elements per channel in one group
             m, v = running_mean.value, running_var.value
             for g in range(self.groups):
-                m = (1 - BN_MOMENTUM) * m + BN_MOMENTUM * mean[g]
-                v = (1 - BN_MOMENTUM) * v + BN_MOMENTUM * var[g] * (n / max(n - 1, 1))
+                for _ in range(updates):  # a repeated call sees the same batch statistics
+                    m = (1 - BN_MOMENTUM) * m + BN_MOMENTUM * mean[g]
+                    v = (1 - BN_MOMENTUM) * v + BN_MOMENTUM * var[g] * (n / max(n - 1, 1))
             running_mean.value, running_var.value = m, v
         inv = jax.lax.rsqrt(var + BN_EPS) * scale  # [groups, C]
         bshape = (self.groups,) + (1,) * (xg.ndim - 2) + (c,)

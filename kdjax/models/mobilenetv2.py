@@ -62,8 +62,13 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2(nn.Module):
-    """``__call__(x, train, features)``: logits [B, C] float32, or ``(features, logits)`` with features =
-    [stem, after stage 1, stage 2, stage 4, stage 6, pooled 1280-vector]."""
+    """``__call__(x, train, features, preact)``: logits [B, C] float32, or ``(features, logits)`` with features =
+    [stem, after stage 1, stage 2, stage 4, stage 6, pooled 1280-vector]. ``preact`` is accepted and ignored, as
+    in the original (the stage outputs end in a BN without ReLU already)."""
+
+    # Top-level modules outside the original's get_feat_modules() (conv1 and blocks): the 1x1 head conv + BN and
+    # the classifier.
+    non_feature_modules = ("conv2_0", "conv2_1", "classifier_0")
 
     num_classes: int
     image_size: int = 32
@@ -76,7 +81,8 @@ class MobileNetV2(nn.Module):
         return layers.BatchNorm(groups=self.bn_groups, dtype=self.dtype, name=name)
 
     @nn.compact
-    def __call__(self, x, train: bool = False, features: bool = False):
+    def __call__(self, x, train: bool = False, features: bool = False, preact: bool = False):
+        del preact  # the original's forward ignores it
         check_image_size(self.image_size)
         x = x.astype(self.dtype)
         x = _conv(int(32 * self.width), 3, 2, "conv1_0", self.dtype)(x)

@@ -2,6 +2,9 @@
 64/128/256/512 (x4 for Bottleneck) with strides 1/2/2/2, 1x1 conv + BN projection shortcuts, global average pool,
 ``linear`` classifier. Submodule names follow the PyTorch state_dict
 (``layer2.0.shortcut.1`` -> ``layer2_0/shortcut_1``).
+
+``preact=True`` (with ``features=True``) returns, for layers 1-4, the last block's residual sum before its final
+ReLU, as the original's ``forward(x, is_feat=True, preact=True)``; the stem and pooled features are unchanged.
 """
 from typing import Any, Sequence
 
@@ -22,7 +25,8 @@ def _shortcut(x, out_planes: int, stride: int, dtype, bn_groups: int, train: boo
 
 
 class BasicBlock(nn.Module):
-    """conv3x3(stride)-BN-ReLU-conv3x3-BN + shortcut, ReLU. Output width = planes."""
+    """conv3x3(stride)-BN-ReLU-conv3x3-BN + shortcut, ReLU. Output width = planes.
+    With ``preact=True`` it returns ``(output, sum before the ReLU)``."""
 
     planes: int
     stride: int = 1
@@ -31,15 +35,17 @@ class BasicBlock(nn.Module):
     expansion = 1
 
     @nn.compact
-    def __call__(self, x, train: bool):
+    def __call__(self, x, train: bool, preact: bool = False):
         bn = lambda name: layers.BatchNorm(groups=self.bn_groups, dtype=self.dtype, name=name)  # noqa: E731
         out = nn.relu(bn("bn1")(conv(self.planes, 3, self.stride, self.dtype, "conv1")(x), train))
         out = bn("bn2")(conv(self.planes, 3, 1, self.dtype, "conv2")(out), train)
-        return nn.relu(out + _shortcut(x, self.planes, self.stride, self.dtype, self.bn_groups, train))
+        out = out + _shortcut(x, self.planes, self.stride, self.dtype, self.bn_groups, train)
+        return (nn.relu(out), out) if preact else nn.relu(out)
 
 
 class Bottleneck(nn.Module):
-    """conv1x1-BN-ReLU, conv3x3(stride)-BN-ReLU, conv1x1(4 planes)-BN + shortcut, ReLU. Output width = 4 planes."""
+    """conv1x1-BN-ReLU, conv3x3(stride)-BN-ReLU, conv1x1(4 planes)-BN + shortcut, ReLU. Output width = 4 planes.
+    With ``preact=True`` it returns ``(output, sum before the ReLU)``."""
 
     planes: int
     stride: int = 1
@@ -48,17 +54,21 @@ class Bottleneck(nn.Module):
     expansion = 4
 
     @nn.compact
-    def __call__(self, x, train: bool):
+    def __call__(self, x, train: bool, preact: bool = False):
         bn = lambda name: layers.BatchNorm(groups=self.bn_groups, dtype=self.dtype, name=name)  # noqa: E731
         out_planes = self.expansion * self.planes
         out = nn.relu(bn("bn1")(conv(self.planes, 1, 1, self.dtype, "conv1")(x), train))
         out = nn.relu(bn("bn2")(conv(self.planes, 3, self.stride, self.dtype, "conv2")(out), train))
         out = bn("bn3")(conv(out_planes, 1, 1, self.dtype, "conv3")(out), train)
-        return nn.relu(out + _shortcut(x, out_planes, self.stride, self.dtype, self.bn_groups, train))
+        out = out + _shortcut(x, out_planes, self.stride, self.dtype, self.bn_groups, train)
+        return (nn.relu(out), out) if preact else nn.relu(out)
 
 
 class ResNetV2(nn.Module):
     """``block`` is BasicBlock or Bottleneck; ``num_blocks`` the block count of each of the four stages."""
+
+    # Top-level modules outside the original's get_feat_modules() (see models.feature_mask).
+    non_feature_modules = ("linear",)
 
     block: Any
     num_blocks: Sequence[int]
@@ -68,16 +78,20 @@ class ResNetV2(nn.Module):
     bn_groups: int = 1
 
     @nn.compact
-    def __call__(self, x, train: bool = False, features: bool = False):
+    def __call__(self, x, train: bool = False, features: bool = False, preact: bool = False):
         x = x.astype(self.dtype)
         x = conv(64, 3, 1, self.dtype, "conv1")(x)
         x = nn.relu(layers.BatchNorm(groups=self.bn_groups, dtype=self.dtype, name="bn1")(x, train))
         feats = [x]
         for stage, (planes, stride) in enumerate(zip((64, 128, 256, 512), (1, 2, 2, 2)), start=1):
-            for i in range(self.num_blocks[stage - 1]):
+            n = self.num_blocks[stage - 1]
+            for i in range(n - 1):
                 x = self.block(planes, stride if i == 0 else 1, self.dtype, self.bn_groups,
                                name=f"layer{stage}_{i}")(x, train)
-            feats.append(x)
+            # the last block also gives its pre-ReLU sum (the original's is_last block)
+            x, pre = self.block(planes, stride if n == 1 else 1, self.dtype, self.bn_groups,
+                                name=f"layer{stage}_{n - 1}")(x, train, preact=True)
+            feats.append(pre if preact else x)
         pooled = global_avg_pool(x, self.dtype)
         feats.append(pooled)
         logits = torch_linear(self.num_classes, 512 * self.block.expansion, self.dtype, "linear")(pooled)

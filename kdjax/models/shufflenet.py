@@ -8,6 +8,10 @@ channel ``j * g + i`` is input channel ``i * (C / g) + j``.
 Flax names: stem ``conv1``/``bn1``, block j of stage s ``layer{s}_{j}`` with ``conv1..convK``/``bn1..bnK`` inside,
 V2 head ``conv2``/``bn2``, classifier ``linear``.
 
+``preact=True`` (with ``features=True``) returns, for stages 1-3, the last block's output before its final ReLU,
+as the original: V1 the residual sum; V2 the concat [x1, branch before its last ReLU], taken *before* the channel
+shuffle (the original returns it unshuffled).
+
 ShuffleV1 pools globally. The original applies ``avg_pool2d(out, 4)``, which is the same on 32x32 inputs (final
 map 4x4) and breaks its Linear on 64x64 inputs (final map 8x8); global pooling is the natural extension there.
 """
@@ -47,7 +51,8 @@ def _stem(module, x, train):
 
 class BottleneckV1(nn.Module):
     """Grouped 1x1 - BN - ReLU - shuffle - dw3x3(stride) - BN - ReLU - grouped 1x1 - BN, then + identity (stride 1) or
-    concat [branch, avgpool3x3/2(x)] (stride 2; the pool counts zero padding, as PyTorch's default), then ReLU."""
+    concat [branch, avgpool3x3/2(x)] (stride 2; the pool counts zero padding, as PyTorch's default), then ReLU.
+    With ``preact=True`` it returns ``(output, sum or concat before the ReLU)``."""
 
     out_channels: int  # of the branch; the stride-2 block's output is this plus the input width
     stride: int
@@ -56,7 +61,7 @@ class BottleneckV1(nn.Module):
     bn_groups: int = 1
 
     @nn.compact
-    def __call__(self, x, train: bool):
+    def __call__(self, x, train: bool, preact: bool = False):
         in_channels = x.shape[-1]
         mid = self.out_channels // 4
         # The first block after the 24-channel stem uses an ungrouped first conv (24 is too narrow to split).
@@ -71,13 +76,18 @@ class BottleneckV1(nn.Module):
         y = bn("bn3")(_conv(self.out_channels, 1, "conv3", self.dtype, groups=self.groups)(y), train)
         if self.stride == 2:
             shortcut = nn.avg_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), count_include_pad=True)
-            return nn.relu(jnp.concatenate([y, shortcut.astype(y.dtype)], axis=-1))
-        return nn.relu(y + x)
+            pre = jnp.concatenate([y, shortcut.astype(y.dtype)], axis=-1)
+        else:
+            pre = y + x
+        return (nn.relu(pre), pre) if preact else nn.relu(pre)
 
 
 class ShuffleNetV1(nn.Module):
-    """``__call__(x, train, features)``: logits, or ``(features, logits)`` with features = [stem, stage1, stage2,
-    stage3, pooled vector]."""
+    """``__call__(x, train, features, preact)``: logits, or ``(features, logits)`` with features = [stem, stage1,
+    stage2, stage3, pooled vector]; ``preact`` gives the stages before their last ReLU."""
+
+    # Top-level modules outside the original's get_feat_modules() (see models.feature_mask).
+    non_feature_modules = ("linear",)
 
     num_classes: int
     image_size: int = 32
@@ -88,16 +98,16 @@ class ShuffleNetV1(nn.Module):
     groups: int = 3
 
     @nn.compact
-    def __call__(self, x, train: bool = False, features: bool = False):
+    def __call__(self, x, train: bool = False, features: bool = False, preact: bool = False):
         x = _stem(self, x.astype(self.dtype), train)
         feats = [x]
         for s, (width, blocks) in enumerate(zip(self.out_channels, self.num_blocks)):
             for j in range(blocks):
                 # The stride-2 first block concatenates its input, so its branch makes only the missing channels.
                 branch = width - x.shape[-1] if j == 0 else width
-                x = BottleneckV1(branch, 2 if j == 0 else 1, self.groups, dtype=self.dtype,
-                                 bn_groups=self.bn_groups, name=f"layer{s + 1}_{j}")(x, train)
-            feats.append(x)
+                x, pre = BottleneckV1(branch, 2 if j == 0 else 1, self.groups, dtype=self.dtype,
+                                      bn_groups=self.bn_groups, name=f"layer{s + 1}_{j}")(x, train, preact=True)
+            feats.append(pre if preact else x)  # pre of the stage's last block (the original's is_last)
         x = layers.global_avg_pool(x, self.dtype)
         feats.append(x)
         logits = layers.torch_linear(self.num_classes, x.shape[-1], self.dtype, "linear")(x).astype(jnp.float32)
@@ -110,13 +120,14 @@ class ShuffleNetV1(nn.Module):
 
 
 class BasicBlockV2(nn.Module):
-    """Split channels in halves [x1 | x2]; x2 -> 1x1-BN-ReLU, dw3x3-BN, 1x1-BN-ReLU; concat [x1, branch]; shuffle 2."""
+    """Split channels in halves [x1 | x2]; x2 -> 1x1-BN-ReLU, dw3x3-BN, 1x1-BN-ReLU; concat [x1, branch]; shuffle 2.
+    With ``preact=True`` it returns ``(output, concat [x1, branch before its last ReLU])``, the latter unshuffled."""
 
     dtype: Any = jnp.float32
     bn_groups: int = 1
 
     @nn.compact
-    def __call__(self, x, train: bool):
+    def __call__(self, x, train: bool, preact: bool = False):
         split = int(x.shape[-1] * 0.5)
         x1, x2 = x[..., :split], x[..., split:]
         c = x2.shape[-1]
@@ -126,8 +137,9 @@ class BasicBlockV2(nn.Module):
 
         y = nn.relu(bn("bn1")(_conv(c, 1, "conv1", self.dtype)(x2), train))
         y = bn("bn2")(_conv(c, 3, "conv2", self.dtype, groups=c)(y), train)
-        y = nn.relu(bn("bn3")(_conv(c, 1, "conv3", self.dtype)(y), train))
-        return channel_shuffle(jnp.concatenate([x1, y], axis=-1), 2)
+        y = bn("bn3")(_conv(c, 1, "conv3", self.dtype)(y), train)
+        out = channel_shuffle(jnp.concatenate([x1, nn.relu(y)], axis=-1), 2)
+        return (out, jnp.concatenate([x1, y], axis=-1)) if preact else out
 
 
 class DownBlockV2(nn.Module):
@@ -155,8 +167,11 @@ class DownBlockV2(nn.Module):
 
 
 class ShuffleNetV2(nn.Module):
-    """``__call__(x, train, features)``: logits, or ``(features, logits)`` with features = [stem, stage1, stage2,
-    stage3, pooled vector]."""
+    """``__call__(x, train, features, preact)``: logits, or ``(features, logits)`` with features = [stem, stage1,
+    stage2, stage3, pooled vector]; ``preact`` gives the stages' last concat before the ReLU and the shuffle."""
+
+    # Top-level modules outside the original's get_feat_modules() (conv1, bn1, layer1-3): the head and linear.
+    non_feature_modules = ("conv2", "bn2", "linear")
 
     num_classes: int
     image_size: int = 32
@@ -166,14 +181,15 @@ class ShuffleNetV2(nn.Module):
     num_blocks: Sequence[int] = (3, 7, 3)  # BasicBlocks after each stage's DownBlock
 
     @nn.compact
-    def __call__(self, x, train: bool = False, features: bool = False):
+    def __call__(self, x, train: bool = False, features: bool = False, preact: bool = False):
         x = _stem(self, x.astype(self.dtype), train)
         feats = [x]
         for s, (width, blocks) in enumerate(zip(self.out_channels[:3], self.num_blocks)):
             x = DownBlockV2(width, dtype=self.dtype, bn_groups=self.bn_groups, name=f"layer{s + 1}_0")(x, train)
-            for j in range(1, blocks + 1):
-                x = BasicBlockV2(dtype=self.dtype, bn_groups=self.bn_groups, name=f"layer{s + 1}_{j}")(x, train)
-            feats.append(x)
+            for j in range(1, blocks + 1):  # the last one is the original's is_last block
+                x, pre = BasicBlockV2(dtype=self.dtype, bn_groups=self.bn_groups, name=f"layer{s + 1}_{j}")(
+                    x, train, preact=True)
+            feats.append(pre if preact else x)
         x = _conv(self.out_channels[3], 1, "conv2", self.dtype)(x)
         x = nn.relu(layers.BatchNorm(groups=self.bn_groups, dtype=self.dtype, name="bn2")(x, train))
         x = layers.global_avg_pool(x, self.dtype)

@@ -35,8 +35,12 @@ def _max_pool2(x):
 
 
 class VGG(nn.Module):
-    """``__call__(x, train, features)``: logits [B, C] float32, or ``(features, logits)`` with
-    features = [relu(block0), relu(block1), ..., relu(block4), pooled 512-vector] (each before its max-pool)."""
+    """``__call__(x, train, features, preact)``: logits [B, C] float32, or ``(features, logits)`` with
+    features = [relu(block0), relu(block1), ..., relu(block4), pooled 512-vector] (each before its max-pool);
+    ``preact=True`` gives blocks 1-4 before their ReLU (block 0 stays after it, as in the original)."""
+
+    # Top-level modules outside the original's get_feat_modules() (see models.feature_mask).
+    non_feature_modules = ("classifier",)
 
     cfg: Sequence[Sequence[int]]
     num_classes: int
@@ -56,14 +60,15 @@ class VGG(nn.Module):
         return x
 
     @nn.compact
-    def __call__(self, x, train: bool = False, features: bool = False):
+    def __call__(self, x, train: bool = False, features: bool = False, preact: bool = False):
         height = x.shape[1]
         x = x.astype(self.dtype)
         feats = []
         last = len(self.cfg) - 1
         for index, widths in enumerate(self.cfg):
-            x = nn.relu(self._block(index, widths, x, train))
-            feats.append(x)
+            pre = self._block(index, widths, x, train)
+            x = nn.relu(pre)
+            feats.append(pre if preact and index > 0 else x)
             if index < _EXTRA_POOL_BLOCK or (index == _EXTRA_POOL_BLOCK and height == _EXTRA_POOL_HEIGHT):
                 x = _max_pool2(x)
             elif index == last:

@@ -1,15 +1,19 @@
 """The paper's analysis: tables over seeds, T. stddev vs S. test loss correlations, scatter plots (docs/fidelity.md, "Correlation analysis").
 
 Input is a tree of ``results.json`` files, one per run (any depth; the sweep writes KD runs to
-``<teacher>-<student>/<aug>/seed<k>/`` and T. stddev runs to ``tstddev/<teacher>/<aug>/seed<k>/``). Only the
-fields inside the files matter, never the directory names, so trees may be merged or rearranged freely.
+``<teacher>-<student>/<aug>/seed<k>/``, other distillers' to ``<distiller>/<teacher>-<student>/<aug>/seed<k>/``,
+and T. stddev runs to ``tstddev/<teacher>/<aug>/seed<k>/``). Only the fields inside the files matter, never the
+directory names, so trees may be merged or rearranged freely.
 
 Per (teacher, student, dataset, distiller) every scheme gives one point: x = the teacher's T. stddev under that
-scheme (mean over seeds), y = the student's final test loss (mean over seeds). The T. stddev of a scheme depends
-only on the teacher, except for CutMixPick (S. ent.), where the student picks the samples: there the runs measured
-with the pair's own student are preferred, and runs with another (or no recorded) student are used only when none
-exists, which the tables flag. Coefficients are scipy's pearsonr, spearmanr and kendalltau with their defaults
-(kendall tau-b; exact two-sided p-values for 9 points without ties), which reproduce the published numbers.
+scheme (mean over seeds), y = the student's final test loss (mean over seeds). The distiller is the run's
+``distiller`` with ``+kd`` for a "+KD" variant (``distill.with_kd`` in its recorded config), e.g. ``crd+kd``; each
+trains with its own loss, so its students are compared only among themselves, and the tables and plots are
+grouped by distiller (``kd`` first). The T. stddev of a scheme depends only on the teacher, except for CutMixPick
+(S. ent.), where the student picks the samples: there the runs measured with the pair's own student are
+preferred, and runs with another (or no recorded) student are used only when none exists, which the tables flag.
+Coefficients are scipy's pearsonr, spearmanr and kendalltau with their defaults (kendall tau-b; exact two-sided
+p-values for 9 points without ties), which reproduce the published numbers.
 
 All functions are pure except ``scatter_plot`` and ``write_report``, which write files.
 """
@@ -90,6 +94,19 @@ def _check_fields(record: dict) -> None:
         raise ValueError(f"{where} (task {record['task']!r}) lacks {', '.join(missing)}; rewrite it with these fields")
 
 
+def distiller_of(record: dict) -> str:
+    """``kd``, ``crd``, ``crd+kd``: the run's distiller, with ``+kd`` when its config set ``distill.with_kd`` (a
+    record without a distiller, from before there were several, is ``kd``)."""
+    name = record.get("distiller") or "kd"
+    distill = ((record.get("config") or {}).get("distill") or {})
+    return f"{name}+kd" if name != "kd" and distill.get("with_kd") else name
+
+
+def distiller_order(name: str) -> tuple:
+    """Sort key of distillers: kd first, then by name (a "+KD" variant right after its distiller)."""
+    return (name != "kd", name)
+
+
 def _is_distill(record: dict) -> bool:
     return record.get("task") == "distill" and record.get("test_loss") is not None
 
@@ -149,7 +166,7 @@ def summarize(records: Sequence[dict]) -> dict:
     for r in records:
         _check_fields(r)
         if _is_distill(r):
-            key = (r["teacher"], r["student"], r.get("dataset", "cifar100"), r.get("distiller", "kd"), r["aug"])
+            key = (r["teacher"], r["student"], r.get("dataset", "cifar100"), distiller_of(r), r["aug"])
             distill.setdefault(key, []).append(r)
         elif _is_tstddev(r):
             key = (_teacher_of(r), r.get("student") or "", r.get("dataset", "cifar100"), r["aug"])
@@ -165,8 +182,8 @@ def summarize(records: Sequence[dict]) -> dict:
         tstddev_rows.append(row)
 
     run_rows = []
-    for (teacher, student, dataset, distiller, aug), runs in sorted(
-            distill.items(), key=lambda kv: (*kv[0][:4], scheme_order(kv[0][4]))):
+    for (teacher, student, dataset, distiller, aug), runs in sorted(  # grouped by distiller, then by pair
+            distill.items(), key=lambda kv: (distiller_order(kv[0][3]), *kv[0][:3], scheme_order(kv[0][4]))):
         row = {"teacher": teacher, "student": student, "dataset": dataset, "distiller": distiller, "aug": aug,
                "label": scheme_label(aug)}
         for field in METRICS:
@@ -236,7 +253,7 @@ def pair_title(pair: dict) -> str:
 
 
 def pair_slug(pair: dict) -> str:
-    extra = "" if pair["distiller"] == "kd" else f"_{pair['distiller']}"
+    extra = "" if pair["distiller"] == "kd" else f"_{pair['distiller'].replace('+', '_')}"  # crd+kd: _crd_kd
     return f"{pair['teacher']}-{pair['student']}_{pair['dataset']}{extra}"
 
 
@@ -347,6 +364,11 @@ def _markdown(summary: dict, plot_paths: dict, out_dir: str, root: str) -> str:
              "Coefficients: scipy pearsonr / spearmanr / kendalltau (tau-b), two-sided p-values in percent. "
              "T. stddev s.e. is the jackknife standard error of one run (mean over seeds).", ""]
     pairs = summary["pairs"]
+    names = sorted({p["distiller"] for p in pairs}, key=distiller_order)
+    if len(names) > 1:
+        lines += [f"Distillers: {', '.join(names)}. Each trains its students with its own loss, so S. test losses "
+                  "and their correlations compare only within one distiller: the tables and plots are grouped by "
+                  "distiller. The T. stddev of a scheme (x) is the same for every distiller.", ""]
     if pairs:
         lines += ["## Correlations", "", "| pair | dataset | distiller | schemes | Pearson (p) | Spearman (p) | "
                   "Kendall (p) |", "|---|---|---|---|---|---|---|"]
@@ -395,8 +417,8 @@ def _markdown(summary: dict, plot_paths: dict, out_dir: str, root: str) -> str:
 
 def write_report(root: str, out_dir: str, error_bars: bool = True, fit_line: bool = False) -> dict:
     """Read every results.json under ``root``; write to ``out_dir``: report.md, summary.csv (KD runs per scheme
-    with their x), tstddev.csv, correlations.csv and plots/<teacher>-<student>_<dataset>.png. Returns the paths
-    and the summary."""
+    with their x), tstddev.csv, correlations.csv and plots/<teacher>-<student>_<dataset>[_<distiller>].png (no
+    suffix for kd; crd+kd: _crd_kd). Returns the paths and the summary."""
     records = collect_results(root)
     summary = summarize(records)
     os.makedirs(out_dir, exist_ok=True)

@@ -1,14 +1,18 @@
-"""The sweep's grid: teacher/student pairs x schemes x seeds, planned as ``Run``s in dependency order.
+"""The sweep's grid: distillers x teacher/student pairs x schemes x seeds, planned as ``Run``s in dependency order.
 
-Stages: teachers (unless given as checkpoints), teacher-only T. stddev, students, then the T. stddev of the
-schemes scored by the student (CutMixPick S. ent.), which scores with that pair's trained student.
+Stages: teachers (unless given as checkpoints), teacher-only T. stddev, students (one per distiller, pair, scheme
+and seed), then the T. stddev of the schemes scored by the student (CutMixPick S. ent.), which scores with that
+pair's trained student: the ``kd`` student when ``kd`` is among the distillers, else the first distiller's.
+Teachers and T. stddev runs are shared by the distillers.
 
 Layout under the sweep's workdir (one dataset; with several, each gets ``<dataset>/`` with this inside):
 
     teachers/<teacher>/                         trained teachers (unless given as checkpoints)
-    <teacher>-<student>/<aug>/seed<k>/          KD students
+    <teacher>-<student>/<aug>/seed<k>/          KD students (distiller kd)
+    <distiller>/<teacher>-<student>/<aug>/seed<k>/   students of another distiller (crd/, crd_kd/ for crd+kd, ...)
     tstddev/<teacher>/seed<k>/<aug>/            T. stddev of the teacher-only schemes (one run, all of them)
     tstddev/<teacher>-<student>/cutmix_pick_s/seed<k>/   T. stddev of CutMixPick (S. ent.) with that student
+                                                (tstddev/<distiller>/<teacher>-<student>/... when it is not kd's)
 """
 import dataclasses
 import os
@@ -17,7 +21,7 @@ from typing import Any, Dict, List, Tuple
 import ml_collections
 from ml_collections import config_dict
 
-from kdjax import augment, models
+from kdjax import augment, distillers as distillers_lib, models
 from kdjax.configs import fields
 
 # The paper's nine pairs.
@@ -56,7 +60,8 @@ def slurm_options() -> ml_collections.ConfigDict:
 
 def sweep_config(**fields_) -> ml_collections.ConfigDict:
     """A sweep's config: ``fields_`` over the sweep defaults (one teacher_checkpoints field per zoo model)."""
-    defaults = dict(task="sweep", pairs=PAPER_PAIRS, augs=augment.PAPER_SCHEMES, seeds=(0,), datasets=("cifar100",),
+    defaults = dict(task="sweep", pairs=PAPER_PAIRS, augs=augment.PAPER_SCHEMES, distillers=("kd",), seeds=(0,),
+                    datasets=("cifar100",),
                     optional_datasets=(), epochs=240, teacher_epochs=240, tstddev_epochs=10, parallel=1,
                     report=True, executor="local", action="run", dry_run=False, max_retries=2,
                     shard=config_dict.placeholder(str), poll_s=10.0,
@@ -85,6 +90,10 @@ class Run:
 
     def describe(self) -> str:
         short = {k: v for k, v in self.fields if k in ("model", "teacher", "student", "aug", "seed", "dataset")}
+        if self.task == "distill":  # every student run names its distiller, kd included
+            given = dict(self.fields)
+            short["distiller"] = distiller_label(given.get("distiller", "kd"), bool(given.get("distill.with_kd")))
+            short = dict(sorted(short.items()))
         return f"{self.task} {' '.join(f'{k}={v}' for k, v in short.items())} -> {self.workdir}"
 
 
@@ -110,6 +119,68 @@ def parse_schemes(augs) -> List[str]:
     return names
 
 
+WITH_KD = "+kd"   # the "+KD" variant of a distiller beside KD (distill.with_kd=true), e.g. crd+kd
+# The same suffix as written in a path, and accepted as input where "+" joins list items (the colon argument).
+WITH_KD_PATH = "_kd"
+
+
+def distiller_label(name: str, with_kd: bool) -> str:
+    """``crd`` / ``crd+kd``: the distiller as the sweep, the report and the listings name it."""
+    return name + WITH_KD if with_kd else name
+
+
+def distiller_dir(label: str) -> str:
+    """The path component of a distiller's students: ``crd``, ``crd_kd`` for crd+kd."""
+    return label.replace(WITH_KD, WITH_KD_PATH)
+
+
+def _with_kd_names():
+    """The distillers with a "+KD" variant: all but kd itself and the logit distillers, which replace KD's terms."""
+    logit = set(distillers_lib.logit_names())
+    return [n for n in distillers_lib.names() if n != "kd" and n not in logit]
+
+
+def _distiller_choices() -> str:
+    aliases = [f"{a} ({c})" for a, c in sorted(distillers_lib.ALIASES.items()) if c in distillers_lib.names()]
+    return (f"valid: {', '.join(distillers_lib.names())}"
+            + (f" (aliases: {', '.join(aliases)})" if aliases else "")
+            + f"; {WITH_KD} after one of {', '.join(_with_kd_names())} gives its '+KD' variant, "
+              f"e.g. crd{WITH_KD}")
+
+
+def parse_distillers(entries) -> List[Tuple[str, bool]]:
+    """The sweep's distillers as (canonical name, with_kd), in the given order: each entry a distiller name or
+    alias of ``kdjax.distillers``, optionally with ``+kd`` (or ``_kd``) for the "+KD" variant of a distiller beside
+    KD (not kd itself, nor a logit distiller, which replaces KD's terms). A mistake (unknown name, ``kd+kd``,
+    ``dkd+kd``, a repeat) fails in one line naming the valid ones."""
+    entries = [entries] if isinstance(entries, str) else list(entries or ())
+    if not entries:
+        raise ValueError(f"the sweep has no distillers: set --config.distillers=kd[,crd,crd+kd...]; "
+                         f"{_distiller_choices()}")
+    out, seen = [], {}
+    for entry in entries:
+        text = str(entry).strip()
+        base, with_kd = text, False
+        for suffix in (WITH_KD, WITH_KD_PATH):  # (a registered name ending in _kd stays that name)
+            if text.endswith(suffix) and distillers_lib.ALIASES.get(text, text) not in distillers_lib.names():
+                base, with_kd = text[:-len(suffix)], True
+                break
+        try:
+            name = distillers_lib.canonical(base)
+        except ValueError:
+            where = "" if base == text else f" (in {text!r})"
+            raise ValueError(f"distillers: unknown distiller {base!r}{where}; {_distiller_choices()}") from None
+        if with_kd and name not in _with_kd_names():
+            why = ("kd is KD itself" if name == "kd" else f"{name} replaces KD's KL terms")
+            raise ValueError(f"distillers: {text!r} has no '+KD' variant ({why}); {_distiller_choices()}")
+        label = distiller_label(name, with_kd)
+        if label in seen:
+            raise ValueError(f"distillers: {text!r} repeats {seen[label]!r} (both are {label}); list each once")
+        seen[label] = text
+        out.append((name, with_kd))
+    return out
+
+
 def given_teachers(config) -> Dict[str, str]:
     """The teachers that need no training: {model: checkpoint} of the teacher_checkpoints that are set."""
     return {name: path for name, path in config.teacher_checkpoints.items() if path}
@@ -125,10 +196,21 @@ def _inherited(config, names) -> Dict[str, Any]:
     return out
 
 
+def student_workdir(base: str, method: Tuple[str, bool], teacher: str, student: str, aug: str, seed: int) -> str:
+    """``<teacher>-<student>/<aug>/seed<k>`` for kd (the layout of the sweeps before the distiller axis, so that
+    they resume), ``<distiller>/<teacher>-<student>/<aug>/seed<k>`` for another (``crd_kd/`` for crd+kd)."""
+    label = distiller_label(*method)
+    top = base if label == "kd" else os.path.join(base, distiller_dir(label))
+    return os.path.join(top, f"{teacher}-{student}", aug, f"seed{seed}")
+
+
 def plan(config, root: str) -> List[Run]:
     """Every run of the sweep, in dependency order (see the module docstring for the layout)."""
     pairs = parse_pairs(config.pairs)
     schemes = parse_schemes(config.augs)
+    methods = parse_distillers(config.get("distillers", ("kd",)))
+    # the student that scores CutMixPick (S. ent.) for its T. stddev: kd's when kd is swept, else the first one's
+    scorer = ("kd", False) if ("kd", False) in methods else methods[0]
     seeds = [int(s) for s in config.seeds]
     given = given_teachers(config)
     datasets = list(config.datasets)
@@ -164,21 +246,26 @@ def plan(config, root: str) -> List[Run]:
                     continue
                 for aug in teacher_only:
                     runs.append(Run("tstddev", os.path.join(workdir, aug), run_fields(tstd, aug=aug), stage=1))
-        for teacher, student in pairs:
-            for aug in schemes:
-                for seed in seeds:
-                    runs.append(Run("distill", os.path.join(base, f"{teacher}-{student}", aug, f"seed{seed}"),
-                                    run_fields(train_common, teacher=teacher, student=student, dataset=dataset,
-                                               aug=aug, seed=seed, epochs=config.epochs,
-                                               teacher_checkpoint=teacher_ckpt[teacher]), stage=2))
+        for method in methods:
+            name, with_kd = method
+            # kd's runs carry exactly the fields of the sweeps before the distiller axis (kd is the default)
+            method_fields = {} if name == "kd" else dict(distiller=name, **({"distill.with_kd": True}
+                                                                            if with_kd else {}))
+            for teacher, student in pairs:
+                for aug in schemes:
+                    for seed in seeds:
+                        runs.append(Run("distill", student_workdir(base, method, teacher, student, aug, seed),
+                                        run_fields(train_common, teacher=teacher, student=student, dataset=dataset,
+                                                   aug=aug, seed=seed, epochs=config.epochs,
+                                                   teacher_checkpoint=teacher_ckpt[teacher], **method_fields),
+                                        stage=2))
         for aug in by_student:
             for teacher, student in pairs:
                 for seed in seeds:
-                    runs.append(Run("tstddev", os.path.join(base, "tstddev", f"{teacher}-{student}", aug,
-                                                            f"seed{seed}"),
+                    scored_by = student_workdir(base, scorer, teacher, student, aug, seed)
+                    runs.append(Run("tstddev", os.path.join(base, "tstddev", os.path.relpath(scored_by, base)),
                                     run_fields(common, teacher=teacher, student=student, dataset=dataset, seed=seed,
                                                aug=aug, teacher_checkpoint=teacher_ckpt[teacher],
-                                               student_checkpoint=os.path.join(base, f"{teacher}-{student}", aug,
-                                                                               f"seed{seed}"),
+                                               student_checkpoint=scored_by,
                                                epochs=config.tstddev_epochs), stage=3))
     return runs

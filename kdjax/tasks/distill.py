@@ -12,7 +12,7 @@ from kdjax.augment import transforms
 from kdjax.checkpoint import read_meta
 from kdjax.data import DeviceDataset
 from kdjax.tasks import common
-from kdjax.train import loop, recipe as recipe_lib, steps
+from kdjax.train import init_stage, loop, recipe as recipe_lib, steps
 
 NO_TEACHER = "none"
 
@@ -46,22 +46,71 @@ def kd_weights(config, distiller=None) -> steps.KDWeights:
                            ls_temperature=float(loss.get("ls_temperature", distillers.LS_TEMPERATURE)))
 
 
-def feature_shapes(model, variables, batch: int, image_size: int):
+def feature_shapes(model, variables, batch: int, image_size: int, preact: bool = False):
     """The shapes of ``model.apply(..., features=True)``'s feature list for a batch, without running it."""
     x = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
-    return jax.eval_shape(lambda v, x: model.apply(v, x, train=False, features=True)[0], variables, x)
+    asked = {"preact": True} if preact else {}  # only when asked: a user-registered model may lack the keyword
+    return jax.eval_shape(lambda v, x: model.apply(v, x, train=False, features=True, **asked)[0], variables, x)
 
 
-def init_extra(distiller, tx, key, student, student_vars, teacher, teacher_vars, batch: int, dataset):
+def abstract_feature_shapes(model_name: str, num_classes: int, image_size: int, batch: int, preact: bool):
+    """The feature shapes of a freshly initialised ``model_name``, without computing anything."""
+    model = models.create(model_name, num_classes, image_size, jnp.float32)
+    x = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+    return feature_shapes(model, variables, batch, image_size, preact)
+
+
+def check_feature_shapes(config, distiller, num_classes: int) -> None:
+    """A distiller that cannot pair these two models' features (FSP's equal channels) fails here, in one line,
+    before any data is loaded."""
+    if config.teacher == NO_TEACHER or not (distillers.has_feature_term(distiller) or distiller.init_stage):
+        return
+    size, batch = int(config.image_size), int(config.batch_size)
+    preact = bool(distiller.preact)
+    distiller.check_shapes(abstract_feature_shapes(config.student, num_classes, size, batch, preact),
+                           abstract_feature_shapes(config.teacher, num_classes, size, batch, preact))
+
+
+def init_extra(distiller, tx, key, student, student_vars, teacher, teacher_vars, batch: int, dataset,
+               init_heads=None):
     """``state['extra']`` for ``distiller``: heads and state sized from the models' feature shapes; CRD's memory
     banks and class tables from the training labels in dataset order (the DeviceDataset's row order, which is
-    what the batch's ``indices`` refer to)."""
+    what the batch's ``indices`` refer to); FT's trained paraphraser (``init_heads``) from its init stage."""
     if not distillers.has_feature_term(distiller):
         return {}
-    feats_s = feature_shapes(student, student_vars, batch, dataset.image_size)
-    feats_t = feature_shapes(teacher, teacher_vars, batch, dataset.image_size)
+    feats_s = feature_shapes(student, student_vars, batch, dataset.image_size, distiller.preact)
+    feats_t = feature_shapes(teacher, teacher_vars, batch, dataset.image_size, distiller.preact)
     return distillers.make_extra(distiller, tx, key, feats_s, feats_t, num_train=dataset.num_train,
-                                 train_labels=dataset.train_labels)
+                                 train_labels=dataset.train_labels, init_heads=init_heads)
+
+
+def run_init_stage(config, workdir, recipe, distiller, student, teacher, teacher_vars, state, prepare, data, mesh,
+                   run_key, meta):
+    """The two-stage distillers' init stage (``kdjax.train.init_stage``) in ``<workdir>/init_stage``, resumed
+    from its own checkpoints; returns ``fit``'s output (its final ``state``: student variables and heads)."""
+    batch, size = int(config.batch_size), data.image_size
+    student_vars = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    feats_s = feature_shapes(student, student_vars, batch, size, distiller.preact)
+    feats_t = feature_shapes(teacher, teacher_vars, batch, size, distiller.preact)
+    stage_key = jax.random.fold_in(run_key, init_stage.INIT_STAGE_KEY)
+    heads = distiller.init_stage_heads(jax.random.fold_in(stage_key, 0), feats_s, feats_t)
+    stage_recipe = init_stage.make_init_recipe(config, recipe, distiller, config.student, state["params"], heads)
+    trainee = loop.Trainee(
+        name="distill:init", state=init_stage.init_stage_state(stage_recipe.tx, state, heads),
+        step_fn=init_stage.make_init_step(student, config.student, teacher, stage_recipe.tx, prepare, distiller),
+        teacher_vars=teacher_vars, eval_model=student, meta=dict(meta, stage="init"), run_key=stage_key)
+    # the student is evaluated once, at the stage's end (its per-epoch accuracy is not what the stage trains)
+    bookkeeping = {"eval_every": stage_recipe.epochs, "checkpoint_every": config.checkpoint_every,
+                   "keep_checkpoints": config.keep_checkpoints, "eval_batch_size": config.eval_batch_size}
+    out = loop.fit(init_stage.init_stage_dir(workdir), bookkeeping, stage_recipe, trainee, data, mesh)
+    out["record"] = {"epochs": stage_recipe.epochs, "lr": stage_recipe.base_lr,
+                     "trains": ["heads"] + (["student feature modules"] if distiller.init_trains_student else []),
+                     "train_loss": init_stage.last_epoch_train_loss(init_stage.init_stage_dir(workdir),
+                                                                    stage_recipe.epochs),
+                     "test_loss": out["test_loss"], "top1": out["top1"], "compile_s": out["compile_s"],
+                     "images_per_s": out["images_per_s"]}
+    return out
 
 
 def validate(config) -> None:
@@ -98,7 +147,9 @@ def validate(config) -> None:
 def run(config, workdir):
     validate(config)
     if config.teacher != NO_TEACHER:  # the teacher's dataset and size, where the config leaves them unset
-        common.resolve_data(config, read_meta(config.teacher_checkpoint))
+        teacher_meta = read_meta(config.teacher_checkpoint)
+        common.resolve_data(config, teacher_meta)
+        check_feature_shapes(config, make_distiller(config), int(teacher_meta.get("num_classes", 10)))
     return common.run_once("distill", workdir, config, _train)
 
 
@@ -134,17 +185,29 @@ def _train(config, workdir):
                                  distiller=distiller, steps_per_epoch=recipe.plan.steps_per_epoch)
     run_key = jax.random.key(int(config.seed))
     state = common.init_state(student, recipe.tx, jax.random.fold_in(run_key, 0), dataset.image_size)
+    meta = common.model_meta(config.student, dataset, {"teacher": config.teacher, "aug": config.aug})
+    data = DeviceDataset.create(dataset, mesh)
+    stage, init_heads = None, None
+    if distiller.init_stage and int(distiller.init_epochs) > 0:
+        stage = run_init_stage(config, workdir, recipe, distiller, student, teacher, teacher_vars, state, prepare,
+                               data, mesh, run_key, meta)
+        trained = stage.pop("state")
+        init_heads = trained["extra"]["params"]
+        # the KD stage starts from the stage's student with a new optimiser, as the original's second SGD
+        state = dict(state, params=trained["params"], batch_stats=trained["batch_stats"],
+                     opt_state=recipe.tx.init(trained["params"]))
     state["extra"] = init_extra(distiller, recipe.tx, jax.random.fold_in(run_key, 3), student,
                                 {"params": state["params"], "batch_stats": state["batch_stats"]}, teacher,
-                                teacher_vars, batch, dataset)
-    meta = common.model_meta(config.student, dataset, {"teacher": config.teacher, "aug": config.aug})
+                                teacher_vars, batch, dataset, init_heads=init_heads)
     trainee = loop.Trainee(name="distill", step_fn=step_fn, state=state, teacher_vars=teacher_vars,
                            eval_model=student, meta=meta, run_key=run_key)
-    out = dict(loop.fit(workdir, config, recipe, trainee, DeviceDataset.create(dataset, mesh), mesh),
-               cache_before=cache_before)
+    out = dict(loop.fit(workdir, config, recipe, trainee, data, mesh), cache_before=cache_before)
+    if stage is not None:
+        out["compile_s"] += stage["compile_s"]
     fields = {"task": "distill", "teacher": config.teacher, "student": config.student, "dataset": dataset.name,
               "aug": config.aug, "distiller": config.distiller, "logit_stand": weights.logit_stand,
               "loss_weights": {"gamma": weights.gamma, "alpha": weights.alpha, "beta": weights.beta},
+              **({} if stage is None else {"init_stage": stage["record"]}),
               "inputs": {} if teacher_meta is None else {
                   "teacher": common.input_record(config.teacher_checkpoint, teacher_meta)}}
     return common.finish_training(workdir, config, fields, out, recipe, started,

@@ -50,8 +50,9 @@ def preflight(config, runs) -> None:
 
 
 def check_mode(config) -> None:
-    """executor, action, shard and their combinations, before anything is planned or loaded."""
-    from kdjax.sweep.grid import ACTIONS, EXECUTORS
+    """distillers, executor, action, shard and their combinations, before anything is planned or loaded."""
+    from kdjax.sweep.grid import ACTIONS, EXECUTORS, parse_distillers
+    parse_distillers(config.get("distillers", ("kd",)))  # a mistyped distiller fails here, before any data is looked at
     if config.executor not in EXECUTORS:
         raise ValueError(f"executor={config.executor!r}: choose one of {', '.join(EXECUTORS)}")
     if config.action not in ACTIONS:

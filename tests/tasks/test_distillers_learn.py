@@ -6,7 +6,8 @@ The runs share one persistent compilation cache (``--config.compile_cache_dir``)
 forward and the evaluation are the same programs in every run, so each run after the first compiles only its own
 train step (~15 s of ~25 s on 2 cores). Subprocesses keep that cache, and optimised XLA, out of this process.
 
-The default suite runs the new ones (nst, kdsvd, cc, dkd, dist, and logit standardisation of kd); LS-DKD, the
+The default suite runs the new ones (nst, kdsvd, cc, dkd, dist, logit standardisation of kd, and the two-stage ab,
+ft and fsp with a two-epoch init stage); LS-DKD, the
 original's aliases end to end and the first eight distillers are behind ``slow``. Every method that needs a teacher
 is refused with ``teacher=none`` in one line, before any data is loaded (in this process: nothing compiles).
 """
@@ -29,8 +30,11 @@ STUDENT = TINY + ["--config.teacher=resnet8", "--config.student=resnet8", f"--co
 # zoo's 0.05 its gradient throws the short run's student about; 0.02 gives it the margin of the rest.
 LR = {"dist": ["--config.optim.lr=0.02"]}
 
+# The two-stage methods with a short init stage (the original's is 30 epochs) before the four KD epochs.
+INIT = ["--config.distill.init_epochs=2"]
 NEW = [("nst", []), ("kdsvd", []), ("cc", []), ("dkd", []), ("dist", []),
-       ("kd+ls", ["--config.distiller=kd", "--config.loss.logit_stand=true"])]
+       ("kd+ls", ["--config.distiller=kd", "--config.loss.logit_stand=true"]),
+       ("ab", INIT), ("ft", INIT), ("fsp", INIT)]
 SLOW = ([("dkd+ls", ["--config.distiller=dkd", "--config.loss.logit_stand=true"]),
          ("correlation", []), ("attention", []), ("similarity", [])]
         + [(name, []) for name in ("kd", "crd", "hint", "at", "sp", "pkt", "rkd", "vid")])
@@ -84,6 +88,8 @@ def test_new_distiller_learns_on_digits(cache, teacher_dir, tmp_path, label, ove
         assert results["loss_weights"] == {"gamma": 1.0, "alpha": 1.0 if label == "dkd" else 2.0, "beta": 0.0}
     if label == "kd+ls":
         assert results["loss_weights"] == {"gamma": 0.1, "alpha": 9.0, "beta": 0.0}
+    if label in ("ab", "ft", "fsp"):  # the init stage ran and is reported
+        assert results["init_stage"]["epochs"] == 2 and results["init_stage"]["lr"] == (0.01 if label == "ft" else 0.05)
 
 
 @pytest.mark.slow

@@ -1,6 +1,8 @@
 """The sweep task: the demo pipeline end to end on digits with a tiny model, and the subprocess executor."""
 import json
 
+import pytest
+
 import tiny_models  # noqa: F401  (registers tiny_cnn)
 from helpers import load_config
 from kdjax import sweep, tasks
@@ -61,3 +63,55 @@ def test_dry_run_and_status_of_a_local_sweep_start_nothing(tmp_path, capsys):
     assert sweep_task.run(config, str(tmp_path / "w")) == {"runs": 3, "done": 0}
     assert "[sweep] 3 runs: 0 finished, 0 locked" in capsys.readouterr().out
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("augs", [("identity", "cutmix"),
+                                  pytest.param(("identity", "flip", "cutmix"), marks=pytest.mark.slow)],
+                         ids=["2_schemes", "3_schemes_correlations"])
+def test_sweep_of_two_distillers_reports_each_on_its_own(tmp_path, capsys, augs):
+    """distillers=kd,pkt+kd: one student per distiller and scheme (kd's in the usual layout, pkt+kd's under
+    pkt_kd/), the teacher and the T. stddev runs shared, and a report grouped by distiller whose numbers are the
+    runs' own results.json values (with three schemes, behind slow, also each distiller's coefficients)."""
+    import csv
+    from kdjax.sweep import analysis
+    from kdjax.tasks import sweep as sweep_task
+    config = load_config("demo", f"pairs=tiny_cnn:tiny_cnn,augs={'+'.join(augs)},distillers=kd+pkt_kd,epochs=1,"
+                                 "teacher_epochs=1,tstddev_epochs=1,image_size=8")
+    assert config.distillers == ("kd", "pkt_kd")  # '+' joins items after the colon: crd_kd spells crd+kd there
+    sweep_task.run(config, str(tmp_path))
+    out = capsys.readouterr().out
+    runs = 1 + len(augs) + 2 * len(augs)  # the teacher, T. stddev per teacher-only scheme, students per distiller
+    assert f"[sweep] {runs} runs: {runs} done, 0 skipped (finished before), 0 failed" in out
+    assert "distiller=pkt+kd" in out and "distiller=kd " in out
+    results = {}
+    for label, top in (("kd", tmp_path), ("pkt+kd", tmp_path / "pkt_kd")):
+        for aug in augs:
+            record = json.loads((top / "tiny_cnn-tiny_cnn" / aug / "seed0" / "results.json").read_text())
+            assert record["distiller"] == label.split("+")[0] and analysis.distiller_of(record) == label
+            assert bool(record["config"]["distill"]["with_kd"]) == (label == "pkt+kd")
+            results[label, aug] = record
+    assert results["pkt+kd", "identity"]["loss_weights"]["alpha"] == 1.0  # the '+KD' variant keeps its KL block
+    tstd = {aug: json.loads((tmp_path / "tstddev/tiny_cnn/seed0" / aug / "results.json").read_text())["tstddev"]
+            for aug in augs}
+    rows = {(r["distiller"], r["aug"]): r for r in csv.DictReader(open(tmp_path / "summary.csv"))}
+    assert list(rows) == [(d, a) for d in ("kd", "pkt+kd") for a in augs]  # grouped by distiller, kd first
+    for (label, aug), record in results.items():
+        assert float(rows[label, aug]["test_loss_mean"]) == record["test_loss"]
+        assert float(rows[label, aug]["top1_mean"]) == record["top1"]
+        assert float(rows[label, aug]["tstddev_mean"]) == tstd[aug]
+    report = (tmp_path / "report.md").read_text()
+    assert "Distillers: kd, pkt+kd." in report and "## tiny_cnn/tiny_cnn, Digits (PKT+KD)" in report
+    kd_section = report.index("## tiny_cnn/tiny_cnn, Digits\n")
+    pkt_section = report.index("## tiny_cnn/tiny_cnn, Digits (PKT+KD)")
+    assert kd_section < pkt_section
+    for (label, aug), record in results.items():  # each loss in its own distiller's table
+        section = report[kd_section:pkt_section] if label == "kd" else report[pkt_section:]
+        assert f"| {analysis.scheme_label(aug)} | {tstd[aug]:.6f} | 1 | {record['test_loss']:.4f} |" in section
+    assert sorted(p.name for p in (tmp_path / "plots").glob("*.png")) == [
+        "tiny_cnn-tiny_cnn_digits.png", "tiny_cnn-tiny_cnn_digits_pkt_kd.png"]
+    corr = {r["distiller"]: r for r in csv.DictReader(open(tmp_path / "correlations.csv"))}
+    assert sorted(corr) == ([] if len(augs) < 3 else ["kd", "pkt+kd"])
+    for label in corr:
+        want = analysis.correlations([tstd[a] for a in augs], [results[label, a]["test_loss"] for a in augs])
+        assert float(corr[label]["pearson"]) == want["pearson"] and float(corr[label]["kendall"]) == want["kendall"]
+        assert f"[report] tiny_cnn/tiny_cnn, Digits{'' if label == 'kd' else ' (PKT+KD)'}: Pearson" in out
