@@ -173,7 +173,8 @@ def run(config, workdir: str, debug: bool = False) -> None:
     except RunInterrupted as e:
         _fail(str(e), 130)
     except KeyboardInterrupt:
-        _fail(f"interrupted before training started: nothing of this launch was saved in {workdir}", 130)
+        # outside a training loop (setup, evaluation, a sweep between runs): checkpoints and finished runs stay
+        _fail(f"interrupted; what was saved before stays in {workdir}: run the same command to go on", 130)
     except _user_errors() as e:  # bad input: one line that names the fix, no traceback
         if debug:
             raise

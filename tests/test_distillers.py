@@ -528,6 +528,7 @@ def test_jit_and_state_structure_are_stable():
             assert isinstance(leaf, jax.Array), name
 
 
+@pytest.mark.slow  # ~40 s over the zoo; the preact and parity tests check feature lists by default
 def test_real_feature_lists_from_the_zoo():
     """Shapes from model.apply(..., features=True) of a real pair (resnet32x4 -> ShuffleV2), via eval_shape."""
     from kdjax import models

@@ -294,7 +294,7 @@ def test_config_weights_options_and_errors():
     config.distill.nce_k = 100
     assert distill.make_distiller(config).nce_k == 100
 
-    with pytest.raises(ValueError, match="unknown distiller 'crdd'; valid distillers: at, cc, crd, dist, dkd, hint"):
+    with pytest.raises(ValueError, match="unknown distiller 'crdd'; valid distillers: ab, at, cc, crd, dist, dkd, fsp, ft, hint"):
         distill.validate(distill_config(distiller="crdd", teacher_dir="t"))
     config = distill_config(teacher_dir="t")
     config.distill.hint_layer = 1

@@ -9,6 +9,7 @@ from kdjax import sweep, tasks
 from kdjax.sweep import grid
 
 
+@pytest.mark.slow  # ~2 min: the demo's pipeline; the default suite sweeps two distillers and the wheel's sweep
 def test_demo_pipeline_end_to_end(tmp_path, capsys):
     """The demo's sweep on digits, shrunk: teacher, T. stddev of the nine schemes, nine students, report."""
     from kdjax.tasks import sweep as sweep_task
@@ -35,6 +36,7 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys):
     assert "[sweep] 12 runs: 0 done, 12 skipped (finished before), 0 failed" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # ~35 s: parallel=N local subprocesses; the shard test runs processes side by side by default
 def test_parallel_executor_runs_launch_subprocesses(tmp_path, monkeypatch):
     """parallel=N: runs go to `python -m kdjax` subprocesses, N at a time; a failing run is reported, the others finish."""
     from helpers import launch_env

@@ -49,6 +49,7 @@ def tiny_distill_config(aug, teacher_dir, **fields):
     return config
 
 
+@pytest.mark.slow  # ~1 min: every scheme through launch.py; the step tests check each scheme in process
 def test_kd_runs_for_every_scheme(teacher_dir, tmp_path):
     """The nine schemes and a labels-only student, one epoch each, in this one process (no start-up per run)."""
     from kdjax import augment
@@ -111,6 +112,7 @@ DEVICE_RUN = ("distill.py:teacher=none,student=tiny_cnn,dataset=synthetic,epochs
               "--config.dataset_options.num_classes=10")
 
 
+@pytest.mark.slow  # ~30 s: 8 fake devices end to end; the data and augment tests cover 8 devices in process
 def test_loss_trajectory_does_not_depend_on_device_count(tmp_path):
     launch(*DEVICE_RUN[:1], tmp_path / "one", *DEVICE_RUN[1:], devices=1)
     launch(*DEVICE_RUN[:1], tmp_path / "eight", *DEVICE_RUN[1:], devices=8)
