@@ -15,16 +15,20 @@
 #
 # Steps, in priority order, each under its own `timeout` (planned seconds in GPU mode; a step never runs past the
 # overall deadline, and is skipped when less than MIN_STEP_S = 20 s remain):
-#   kd_r56_r20_b64       kd_step.py resnet56->resnet20, batch 64 float32: single, chunk (K=100), CRD chunk   100 s
-#   kd_vgg13_vgg8_b64    kd_step.py vgg13->vgg8, batch 64 float32: single, chunk, CRD chunk                   70 s
+#   kd_r56_r20_b64       kd_step.py resnet56->resnet20, batch 64 float32: single, chunk (K=100), CRD vs KD 100 s
+#   kd_vgg13_vgg8_b64    kd_step.py vgg13->vgg8, batch 64 float32: single, chunk, CRD vs KD                   70 s
 #   kd_r56_r20_b512_bf16 kd_step.py resnet56->resnet20, batch 512 bfloat16: single, chunk                     75 s
 #   tstddev              tstddev.py: nine schemes, resnet56 teacher, 10 epochs of 50,000 images              110 s
 #   augment              augment.py: the nine schemes + base crop+flip, batch 64 and 1024                      45 s
 #   forward              forward.py: eval forward of every zoo model, batch 1024 float32                      45 s
+#   kd_distillers        kd_step.py: every distiller's step vs KD, resnet56->resnet20 b64 float32, K=100     150 s
+#                        (paired windows; stops starting distillers at its budget: skip rows for the rest)
 #   sweep_share          sweep_share.py --procs 1,2,4,8 (N concurrent distill runs)            what is left (<= 400 s)
 # Overall deadline 465 s after the start (420 s with --cpu-smoke; DEVICE_CHECK_BUDGET_S or --budget), then the
 # summary (at most 10 s): the whole call ends within 8 minutes. A step killed at its budget keeps the rows it had
-# printed (summarize.py reads them from its log). --only kd,tstddev runs the steps whose names start so.
+# printed (summarize.py reads them from its log). --only kd,tstddev runs the steps whose names start so (kd
+# includes kd_distillers; --only kd_distillers runs it alone). An argument @STEP_BUDGET@ of a step's command is
+# replaced by its time budget less 15 s (kd_step.py --time-budget: it then ends in time and writes its JSON).
 #
 # Writes bench/results/<bench>_<device kind>_<date>[_quick].json (one per step), and
 # bench/results/device_check_<device kind>_<date>[_quick].json (the summary table) plus the directory
@@ -32,6 +36,7 @@
 # is set (the device runner's output folder), all of it is copied there as each step ends.
 #
 # Environment: PYTHON (python3), DEVICE_CHECK_EXTRA_PACKAGES ("module:distribution ..." to check/install too), DEVICE_CHECK_BUDGET_S, DEVICE_CHECK_CPU_SMOKE=1, RESULTS_DIR (bench/results),
+# DEVICE_CHECK_DISTILLERS_S (the GPU kd_distillers step's planned seconds, 150),
 # CUDA_VISIBLE_DEVICES (0: one GPU, the per-card figure), DEVICE_CHECK_CACHE=0 to switch off the persistent XLA
 # compilation cache in build/jax_cache (with it, a rerun on the same machine and the later sweep_share runs compile
 # faster; that changes only the reported compile seconds, which are never part of a timed figure).
@@ -68,6 +73,9 @@ if [ -z "$BUDGET" ]; then
   if [ "$SMOKE" = 1 ]; then BUDGET=420; else BUDGET=465; fi
 fi
 case "$BUDGET" in ''|*[!0-9]*) echo "--budget must be whole seconds, got '$BUDGET'" >&2; exit 2 ;; esac
+case "${DEVICE_CHECK_DISTILLERS_S:-150}" in
+  ''|*[!0-9]*) echo "DEVICE_CHECK_DISTILLERS_S must be whole seconds, got '$DEVICE_CHECK_DISTILLERS_S'" >&2; exit 2 ;;
+esac
 DEADLINE=$((T0 + BUDGET))
 KILL_GRACE=5      # timeout -k: SIGKILL this long after SIGTERM
 MIN_STEP_S=20     # a step with less time than this left is skipped
@@ -227,9 +235,11 @@ run_step() {  # run_step NAME BENCH PLANNED_S JSON -- command...
     return 0
   fi
   say "=== $name: time budget ${t}s (planned ${planned}s; $((DEADLINE - now))s left overall)"
-  show "$@" | tee "$log"
+  local a cmd=() inner=$((t > 30 ? t - 15 : t / 2))
+  for a in "$@"; do cmd+=("${a//@STEP_BUDGET@/$inner}"); done  # the step's own deadline, inside its timeout
+  show "${cmd[@]}" | tee "$log"
   start=$(date +%s)
-  timeout -k "$KILL_GRACE" "$t" "$@" 2>&1 | tee -a "$log"
+  timeout -k "$KILL_GRACE" "$t" "${cmd[@]}" 2>&1 | tee -a "$log"
   rc=${PIPESTATUS[0]}
   elapsed=$(( $(date +%s) - start ))
   case "$rc" in
@@ -249,36 +259,44 @@ if [ "$SMOKE" = 1 ]; then
   # Every bench in --quick mode, the same steps as on the GPU. A few size options on top keep the run near 5 minutes
   # on 2 CPU cores: the three KD steps all time the quick case (resnet8->resnet8, batch 16, float32; the first
   # with CRD), so that the second and third find its programs in the compilation cache (bfloat16 on XLA:CPU alone
-  # costs ~95 s); 2-step chunks, because XLA:CPU runs convolutions inside a scan very slowly.
+  # costs ~95 s); 2-step chunks, because XLA:CPU runs convolutions inside a scan very slowly. kd_distillers times
+  # two distillers only (dkd, a logit one; fsp: the same program as KD, plus an init stage), ~1 minute, and finds
+  # the KD reference in the cache too; `bench/kd_step.py --quick` alone times them all (about 6 minutes).
   KD="--quick --steps 2 --chunk 2 --repeats 1"
   # shellcheck disable=SC2086
   {
   run_step kd_r56_r20_b64 kd_step 120 "$(json_for kd_step-r56-r20-b64-f32)" -- \
-    "$PY" "$B/kd_step.py" $KD --out "$(json_for kd_step-r56-r20-b64-f32)"
+    "$PY" "$B/kd_step.py" $KD --distillers crd --out "$(json_for kd_step-r56-r20-b64-f32)"
   run_step kd_vgg13_vgg8_b64 kd_step 60 "$(json_for kd_step-vgg13-vgg8-b64-f32)" -- \
-    "$PY" "$B/kd_step.py" $KD --no-crd --out "$(json_for kd_step-vgg13-vgg8-b64-f32)"
+    "$PY" "$B/kd_step.py" $KD --distillers none --out "$(json_for kd_step-vgg13-vgg8-b64-f32)"
   run_step kd_r56_r20_b512_bf16 kd_step 60 "$(json_for kd_step-r56-r20-b512-bf16)" -- \
-    "$PY" "$B/kd_step.py" $KD --no-crd --out "$(json_for kd_step-r56-r20-b512-bf16)"
+    "$PY" "$B/kd_step.py" $KD --distillers none --out "$(json_for kd_step-r56-r20-b512-bf16)"
   run_step tstddev tstddev 120 "$(json_for tstddev_quick)" -- \
     "$PY" "$B/tstddev.py" --quick --out "$(json_for tstddev_quick)"
   run_step augment augment 90 "$(json_for augment)" -- \
     "$PY" "$B/augment.py" --quick --batches 64 --out "$(json_for augment)"
   run_step forward forward 60 "$(json_for forward)" -- \
     "$PY" "$B/forward.py" --quick --models resnet8,wrn_16_1 --out "$(json_for forward)"
+  run_step kd_distillers kd_step 75 "$(json_for kd_step-distillers)" -- \
+    "$PY" "$B/kd_step.py" --quick --no-kd-drivers --distillers dkd,fsp --distiller-repeats 3 \
+    --time-budget @STEP_BUDGET@ --out "$(json_for kd_step-distillers)"
   run_step sweep_share sweep_share 120 "$(json_for sweep_share)" -- \
     "$PY" "$B/sweep_share.py" --quick --out "$(json_for sweep_share)"
   }
 else
   # The README's KD step rows (bench/NOTES.md targets 22,700 / 70,000 / 70,000 img/s), each pair in its own process
-  # so that one slow compile cannot take the others with it; CRD against KD is timed with the batch-64 cases.
+  # so that one slow compile cannot take the others with it; CRD against KD (paired windows) is timed with the
+  # batch-64 cases.
   run_step kd_r56_r20_b64 kd_step 100 "$(json_for kd_step-r56-r20-b64-f32)" -- \
-    "$PY" "$B/kd_step.py" --pairs resnet56:resnet20 --settings 64:float32 --out "$(json_for kd_step-r56-r20-b64-f32)"
+    "$PY" "$B/kd_step.py" --pairs resnet56:resnet20 --settings 64:float32 --distillers crd \
+    --out "$(json_for kd_step-r56-r20-b64-f32)"
   run_step kd_vgg13_vgg8_b64 kd_step 70 "$(json_for kd_step-vgg13-vgg8-b64-f32)" -- \
-    "$PY" "$B/kd_step.py" --pairs vgg13:vgg8 --settings 64:float32 --out "$(json_for kd_step-vgg13-vgg8-b64-f32)"
+    "$PY" "$B/kd_step.py" --pairs vgg13:vgg8 --settings 64:float32 --distillers crd \
+    --out "$(json_for kd_step-vgg13-vgg8-b64-f32)"
   # 512 x K=100 steps per chunk needs 51,200 training rows (kd_step.py refuses 50,000 at batch 512); 300-step
   # windows keep the 3 timed windows x 2 drivers of this slower case inside its budget.
   run_step kd_r56_r20_b512_bf16 kd_step 75 "$(json_for kd_step-r56-r20-b512-bf16)" -- \
-    "$PY" "$B/kd_step.py" --pairs resnet56:resnet20 --settings 512:bfloat16 --no-crd --num-train 51200 \
+    "$PY" "$B/kd_step.py" --pairs resnet56:resnet20 --settings 512:bfloat16 --distillers none --num-train 51200 \
     --steps 300 --out "$(json_for kd_step-r56-r20-b512-bf16)"
   run_step tstddev tstddev 110 "$(json_for tstddev_full)" -- \
     "$PY" "$B/tstddev.py" --out "$(json_for tstddev_full)"
@@ -286,6 +304,16 @@ else
     "$PY" "$B/augment.py" --out "$(json_for augment)"
   run_step forward forward 45 "$(json_for forward)" -- \
     "$PY" "$B/forward.py" --out "$(json_for forward)"
+  # Every distiller's step cost relative to KD (kd_step.py --distillers all: 17 distillers and the init stages of
+  # ab, ft, fsp, 20 rows) on the batch-64 pair of the first step, whose KD and CRD programs it finds in the
+  # compilation cache; ab and fsp reuse KD's program. Compile-bound (17 new programs, an estimated 10-30 s each on
+  # an H100/H200): 4 compiled at a time, 100-step windows, and its own deadline (--time-budget) so that it stops
+  # starting distillers in time; the ones not reached get skip rows, in the priority order of kd_step.py. For all
+  # of them: DEVICE_CHECK_DISTILLERS_S=400 bash bench/device_check.sh --only kd_distillers.
+  run_step kd_distillers kd_step "${DEVICE_CHECK_DISTILLERS_S:-150}" "$(json_for kd_step-distillers-r56-r20-b64-f32)" -- \
+    "$PY" "$B/kd_step.py" --pairs resnet56:resnet20 --settings 64:float32 --no-kd-drivers --distillers all \
+    --distiller-steps 100 --compile-workers 4 --time-budget @STEP_BUDGET@ \
+    --out "$(json_for kd_step-distillers-r56-r20-b64-f32)"
   # Last and with whatever time is left: its rounds print as they finish, so a timeout still leaves the first ones.
   # The parent process must not preallocate GPU memory that its child runs need.
   run_step sweep_share sweep_share 400 "$(json_for sweep_share)" -- \

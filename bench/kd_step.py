@@ -1,8 +1,9 @@
 """Training throughput of the real KD step (original images per second), one step per dispatch against the
-``lax.scan`` chunk, and the cost of CRD relative to plain KD.
+``lax.scan`` chunk, and the step cost of every distiller relative to plain KD.
 
-    python bench/kd_step.py                  # resnet56->resnet20 and vgg13->vgg8; batch 64 float32, 512 bfloat16
-    python bench/kd_step.py --pairs resnet56:resnet20 --settings 64:float32 --steps 1000
+    python bench/kd_step.py                  # resnet56->resnet20 and vgg13->vgg8; batch 64 float32, 512 bfloat16;
+                                             # every distiller against KD on resnet56->resnet20 at batch 64 float32
+    python bench/kd_step.py --pairs resnet56:resnet20 --settings 64:float32 --steps 1000 --distillers crd,dkd
     python bench/kd_step.py --quick          # CPU smoke run: resnet8->resnet8, 16x16, batch 16, a few steps
 
 What is timed is what ``kdjax.train.loop.fit`` runs: ``steps.make_kd_step`` (teacher on concat[x, x'], student on
@@ -17,16 +18,39 @@ classes), base crop+flip included. Two drivers of the same step, measured in the
 
 Every executable is compiled ahead of time (compile seconds are reported, never timed), warmed up once, then
 ``--repeats`` windows of ``--steps`` steps are timed (ending with ``block_until_ready``); the median window gives
-img/s = batch x steps / seconds. ``--crd`` also times the chunk path with ``distiller=crd`` (16,384 negatives,
-memory banks of the whole training set) at ``--crd-setting`` and reports its step cost relative to plain KD.
+img/s = batch x steps / seconds.
+
+Distillers (``--distillers``, default every registered one plus ``kd+ls`` and ``dkd+ls``, KD and DKD with logit
+standardisation): each one's KD step, driven as ``fit`` drives it (``parallel.steps_per_dispatch(--chunk)`` steps per
+dispatch: ``--chunk`` on a GPU, 1 on XLA:CPU, one metrics transfer per dispatch), is timed against plain KD's
+step of the same pair and setting (``--distiller-setting``) in the same process, *interleaved*: repetition i
+times ``--distiller-steps`` steps of each, alternating one KD dispatch and one distiller dispatch (which goes
+first alternates too), and ratio_i = distiller seconds / KD seconds; ``ratio_to_kd`` is the median of the
+``--distiller-repeats`` ratios, with their min and max as the spread. Load on the machine then weighs on both
+sides of each ratio alike. A distiller whose program is exactly plain KD's (equal lowered programs: ``ab`` and
+``fsp``, whose KD stage adds nothing) is timed with the KD executable against itself, which shows the noise floor
+of the ratios. The two-stage distillers (``ab``,
+``ft``, ``fsp``) also get a ``<name>:init`` row, their init-stage step (``kdjax.train.init_stage``) against KD's.
+A distiller whose shapes do not fit the pair (``fsp`` needs equal channels at every feature) is tried on
+``--distiller-fallback-pairs`` (with a KD reference of its own), else gets a skip row with the reason.
+The distillers are timed on the first ``--pairs`` pair (``--distiller-pairs``), in the order of ``DEFAULT_ORDER``
+(or of ``--distillers``); ``--time-budget`` stops starting new ones when the next would not finish in time (skip
+rows again), ``--compile-workers`` compiles several at once. ``--no-crd`` (the former option) = ``--distillers
+none``; ``--crd-setting`` = ``--distiller-setting``.
+``kdsvd`` is skipped on XLA:CPU with jaxlib < 0.11 (``CPU_LAPACK_DISTILLERS``; ``--cpu-lapack`` to run it).
+
 The table goes to stdout and a JSON file to ``bench/results/kd_step_<device kind>_<date>[_quick].json``.
 """
 import argparse
+import concurrent.futures
 import datetime
+import hashlib
 import platform
 import statistics
 import sys
 import time
+import traceback
+import types
 
 import flax
 import jax
@@ -35,11 +59,12 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from results_io import output_path, write_json  # noqa: E402  (bench/ is on sys.path when run as a script)
-from kdjax import augment, distillers, models
+from kdjax import augment, distillers, models, parallel
 from kdjax.data import DeviceDataset
+from kdjax.data import epochs as epochs_lib
 from kdjax.data.synthetic import load_synthetic
 from kdjax.tasks import common
-from kdjax.tasks.distill import init_extra
+from kdjax.tasks.distill import abstract_feature_shapes, feature_shapes, init_extra
 from kdjax.augment import transforms
 from kdjax.train import loop, recipe, steps
 
@@ -50,13 +75,26 @@ PYTORCH_H100 = {("resnet56", "resnet20", 64, "float32"): 2270.0, ("vgg13", "vgg8
 TARGETS = {("resnet56", "resnet20", 64, "float32"): 22700.0, ("vgg13", "vgg8", 64, "float32"): 70000.0,
            ("resnet56", "resnet20", 512, "bfloat16"): 70000.0}
 CRD_TARGET_RATIO = 1.3  # CRD step cost / KD step cost at batch 64
+# Distillers whose step runs batched LAPACK kernels on XLA:CPU (kdsvd: jnp.linalg.svd). jaxlib before 0.11 runs
+# each batched LAPACK call as a ParallelBatchMap over the intra-op pool it is already running on and blocks
+# waiting for it; when as many such calls run at once as the pool has threads (2 on a 2-core machine: the
+# student's and the teacher's SVDs) the process hangs for good. Seen here with jax 0.10.2 (both tf_XLAEigen
+# threads in lapack_sgesdd_ffi -> ParallelBatchMap -> BlockingCounter::Wait). Skipped on XLA:CPU with such a
+# jaxlib unless --cpu-lapack; GPUs run cuSOLVER and are not affected.
+CPU_LAPACK_DISTILLERS = ("kdsvd",)
+LS = "+ls"  # suffix of a distiller spec: the same distiller with logit standardisation (loss.logit_stand)
+# The default order of --distillers (the priority under --time-budget): CRD first (it has a target), the original
+# repository's order of the others, logit standardisation, then the two-stage methods (init-stage rows too).
+# Registered names missing here (a distiller added later) come last; names not registered are left out.
+DEFAULT_ORDER = ("crd", "hint", "at", "sp", "pkt", "rkd", "vid", "nst", "kdsvd", "cc", "dkd", "dist", "kd+ls",
+                 "dkd+ls", "ft", "ab", "fsp")
 
 
-def parse_pairs(text):
+def parse_pairs(text, option="--pairs"):
     pairs = []
     for item in filter(None, (s.strip() for s in text.split(","))):
         if item.count(":") != 1:
-            raise SystemExit(f"--pairs item {item!r} must be teacher:student, e.g. resnet56:resnet20")
+            raise SystemExit(f"{option} item {item!r} must be teacher:student, e.g. resnet56:resnet20")
         teacher, student = item.split(":")
         models.check_name(teacher)
         models.check_name(student)
@@ -64,15 +102,44 @@ def parse_pairs(text):
     return pairs
 
 
-def parse_settings(text):
+def parse_settings(text, option="--settings"):
     settings = []
     for item in filter(None, (s.strip() for s in text.split(","))):
         batch, _, dtype = item.partition(":")
         if dtype not in DTYPES or not batch.isdigit() or int(batch) < 2:
-            raise SystemExit(f"--settings item {item!r} must be batch:dtype with batch >= 2 and dtype in "
+            raise SystemExit(f"{option} item {item!r} must be batch:dtype with batch >= 2 and dtype in "
                              f"{', '.join(DTYPES)}, e.g. 64:float32")
         settings.append((int(batch), dtype))
     return settings
+
+
+def default_distillers():
+    registered = distillers.names()
+    known = [s for s in DEFAULT_ORDER if s.removesuffix(LS) in registered]
+    return known + [n for n in registered if n != "kd" and n not in known]
+
+
+def parse_distillers(text):
+    """Distiller specs NAME or NAME+ls (``all``: the default list; ``none``: no distiller comparison)."""
+    text = text.strip()
+    if text in ("", "none"):
+        return []
+    specs = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        if item == "all":
+            specs += default_distillers()
+            continue
+        name, ls = (item[:-len(LS)], True) if item.endswith(LS) else (item, False)
+        try:
+            name = distillers.canonical(name)
+        except ValueError as e:
+            raise SystemExit(f"--distillers item {item!r}: {e}; add {LS} for logit standardisation "
+                             f"({', '.join(distillers.LOGIT_STAND_DISTILLERS)})")
+        if ls and name not in distillers.LOGIT_STAND_DISTILLERS:
+            raise SystemExit(f"--distillers item {item!r}: logit standardisation ({LS}) applies to "
+                             f"{' and '.join(distillers.LOGIT_STAND_DISTILLERS)} only")
+        specs.append(name + (LS if ls else ""))
+    return list(dict.fromkeys(specs))  # each once, first position kept
 
 
 def parse_args(argv=None):
@@ -90,9 +157,38 @@ def parse_args(argv=None):
                                                               "quick 512)")
     p.add_argument("--image-size", type=int, default=None, help="default 32; quick 16")
     p.add_argument("--num-classes", type=int, default=100)
-    p.add_argument("--no-crd", dest="crd", action="store_false", help="skip the CRD-versus-KD measurement")
-    p.add_argument("--crd-setting", default=None, help="batch:dtype of the CRD comparison (default 64:float32; "
-                                                       "quick the first setting)")
+    p.add_argument("--no-kd-drivers", dest="kd_drivers", action="store_false",
+                   help="skip the single/chunk KD throughput rows (only the distiller comparison)")
+    p.add_argument("--distillers", default="all",
+                   help="NAME[+ls],... timed against plain KD (default all: every registered distiller, kd+ls and "
+                        "dkd+ls; 'none' skips the comparison; 'kd' times KD against itself, the noise floor)")
+    p.add_argument("--no-crd", dest="no_crd", action="store_true",
+                   help="the former option: the same as --distillers none")
+    p.add_argument("--distiller-setting", "--crd-setting", dest="distiller_setting", default=None,
+                   help="batch:dtype of the distiller comparison (default 64:float32; quick the first setting)")
+    p.add_argument("--distiller-pairs", default=None,
+                   help="teacher:student,... the distillers are timed on (default the first of --pairs; 'all': "
+                        "every --pairs pair)")
+    p.add_argument("--distiller-fallback-pairs", default=None,
+                   help="teacher:student,... tried in order for a distiller whose shapes do not fit its pair "
+                        "(default resnet32x4:resnet8x4, equal widths; quick none; 'none' for none)")
+    p.add_argument("--distiller-steps", type=int, default=None,
+                   help="steps of each program per paired repetition (default 200; quick 8), run interleaved one dispatch "
+                        "at a time; a multiple of the steps per dispatch")
+    p.add_argument("--distiller-repeats", type=int, default=None,
+                   help="paired KD/distiller repetitions, median ratio reported (default 5; quick 5)")
+    p.add_argument("--no-init-stage", dest="init_stage", action="store_false",
+                   help="skip the init-stage rows of the two-stage distillers (ab:init, ft:init, fsp:init)")
+    p.add_argument("--cpu-lapack", action="store_true",
+                   help=f"time {', '.join(CPU_LAPACK_DISTILLERS)} on XLA:CPU with jaxlib < 0.11 too (skipped "
+                        "by default: its batched SVD can deadlock XLA:CPU's thread pool there)")
+    p.add_argument("--compile-workers", type=int, default=1,
+                   help="distiller programs compiled concurrently in threads (default 1; XLA compiles outside "
+                        "the GIL: meant for a GPU host's many cores, where the comparison is compile-bound; no "
+                        "gain on a loaded 2-core CPU)")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds from the start: no new batch of distillers is started when the slowest batch "
+                        "so far would not end before it (skip rows for the rest). Default: no limit")
     p.add_argument("--quick", action="store_true", help="tiny models and data, a few steps: a CPU smoke run")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/kd_step_<device>_<date>.json)")
     args = p.parse_args(argv)
@@ -104,59 +200,144 @@ def parse_args(argv=None):
     args.repeats = args.repeats or (2 if q else 3)
     args.num_train = args.num_train or (512 if q else 50000)
     args.image_size = args.image_size or (16 if q else 32)
-    args.crd_batch, args.crd_dtype = parse_settings(args.crd_setting)[0] if args.crd_setting else (
-        args.setting_list[0] if q else (64, "float32"))
+    args.dist_batch, args.dist_dtype = parse_settings(args.distiller_setting, "--distiller-setting")[0] \
+        if args.distiller_setting else (args.setting_list[0] if q else (64, "float32"))
+    args.distiller_list = [] if args.no_crd else parse_distillers(args.distillers)
+    if args.distiller_pairs in (None, ""):
+        args.dist_pairs = args.pair_list[:1]
+    elif args.distiller_pairs == "all":
+        args.dist_pairs = list(args.pair_list)
+    else:
+        args.dist_pairs = parse_pairs(args.distiller_pairs, "--distiller-pairs")
+    fallback = args.distiller_fallback_pairs
+    fallback = ("none" if q else "resnet32x4:resnet8x4") if fallback is None else fallback
+    args.fallback_pairs = [] if fallback in ("", "none") else parse_pairs(fallback, "--distiller-fallback-pairs")
+    # the distillers' steps per dispatch: what fit runs (parallel.steps_per_dispatch: --chunk, 1 on XLA:CPU)
+    args.dist_chunk = parallel.steps_per_dispatch(args.chunk)
+    args.dist_steps = args.distiller_steps or (8 if q else 200)
+    args.dist_repeats = args.distiller_repeats or 5
     augment.check_name(args.aug)
     if args.steps % args.chunk:
         p.error(f"--steps ({args.steps}) must be a multiple of --chunk ({args.chunk})")
-    largest = max([b for b, _ in args.setting_list] + [args.crd_batch])
-    if args.num_train < largest * args.chunk:
-        p.error(f"--num-train ({args.num_train}) must hold one chunk of the largest batch ({largest} x {args.chunk})")
+    if args.distiller_list and args.dist_steps % args.dist_chunk:
+        p.error(f"--distiller-steps ({args.dist_steps}) must be a multiple of the steps per dispatch "
+                f"({args.dist_chunk})")
+    if args.compile_workers < 1:
+        p.error("--compile-workers must be >= 1")
+    largest = max(b for b, _ in args.setting_list)
+    need = largest * args.chunk
+    if args.distiller_list:
+        need = max(need, args.dist_batch * args.dist_chunk)
+    if args.num_train < need:
+        p.error(f"--num-train ({args.num_train}) must hold one chunk of the largest batch ({need} rows)")
     return args
 
 
-class Case:
-    """One (pair, batch, dtype, distiller): the step, its initial state and the teacher's variables."""
+_INIT_STATES = {}
 
-    def __init__(self, teacher_name, student_name, batch, dtype, distiller_name, dataset, data, mesh, aug):
-        self.batch = batch
+
+def initial_model_state(name, model, tx, key_index, size, classes, dtype, batch):
+    """``common.init_state`` of a model (key ``fold_in(key(0), key_index)``), computed once per process for each
+    (model, key, size, classes, dtype, batch): every case of a pair starts from the same variables, and the init
+    program is recompiled for each new model object (some seconds per model on XLA:CPU). Cases never donate
+    their initial state (the drivers run on copies), so sharing it is safe."""
+    key = (name, key_index, size, classes, dtype, batch)
+    if key not in _INIT_STATES:
+        _INIT_STATES[key] = common.init_state(model, tx, jax.random.fold_in(jax.random.key(0), key_index), size)
+    return dict(_INIT_STATES[key])
+
+
+def lowered_digest(lowered):
+    """A digest of a lowered program's text: two distillers with equal digests run the same executable."""
+    return hashlib.sha256(lowered.as_text().encode()).hexdigest()
+
+
+class Case:
+    """One (pair, batch, dtype, distiller spec, stage): the step, its initial state, the teacher's variables and
+    the compiled chunk programs (one per steps-per-dispatch K, compiled ahead of time on demand).
+
+    ``spec``: a distiller name, or ``NAME+ls`` (logit standardisation). ``stage``: ``kd`` (the KD step) or
+    ``init`` (a two-stage distiller's init-stage step, ``kdjax.train.init_stage``)."""
+
+    def __init__(self, teacher_name, student_name, batch, dtype, spec, dataset, data, mesh, aug, stage="kd"):
+        self.batch, self.spec, self.stage = batch, spec, stage
         size, classes = dataset.image_size, dataset.num_classes
+        name, ls = (spec[:-len(LS)], True) if spec.endswith(LS) else (spec, False)
         student = models.create(student_name, classes, size, DTYPES[dtype])
         teacher = models.create(teacher_name, classes, size, DTYPES[dtype])
-        tx, _ = recipe.make_optimizer(0.05, dataset.num_train // batch, (150, 180, 210))
-        scheme = augment.create(aug, dataset_stats=dataset, n_pick=batch)
-        distiller = distillers.create(distiller_name)
-        w = distillers.resolve_weights(distiller, aug)
-        weights = steps.KDWeights(gamma=w["gamma"], alpha=w["alpha"], beta=w["beta"])
+        self.steps_per_epoch = dataset.num_train // batch
+        tx, _ = recipe.make_optimizer(0.05, self.steps_per_epoch, (150, 180, 210))
+        distiller = distillers.create(name)
+        self.distiller = distiller
         prepare = steps.make_prepare(dataset.mean, dataset.std, transforms.default_pad(size))
-        self.step_fn = steps.make_kd_step(student, teacher, tx, prepare, scheme, weights, classes,
-                                          distiller=distiller)
         key = jax.random.key(0)
-        state = common.init_state(student, tx, jax.random.fold_in(key, 0), size)
-        teacher_vars = {k: v for k, v in common.init_state(teacher, tx, jax.random.fold_in(key, 1), size).items()
+        state = initial_model_state(student_name, student, tx, 0, size, classes, dtype, batch)
+        teacher_vars = {k: v for k, v in
+                        initial_model_state(teacher_name, teacher, tx, 1, size, classes, dtype, batch).items()
                         if k in ("params", "batch_stats")}
-        state["extra"] = init_extra(distiller, tx, jax.random.fold_in(key, 2), student,
-                                    {"params": state["params"], "batch_stats": state["batch_stats"]}, teacher,
-                                    teacher_vars, batch, dataset)
+        student_vars = {"params": state["params"], "batch_stats": state["batch_stats"]}
+        if stage == "init":
+            from kdjax.train import init_stage  # noqa: PLC0415  (absent before the two-stage methods landed)
+            feats_s = feature_shapes(student, student_vars, batch, size, distiller.preact)
+            feats_t = feature_shapes(teacher, teacher_vars, batch, size, distiller.preact)
+            heads = distiller.init_stage_heads(jax.random.fold_in(key, 2), feats_s, feats_t)
+            plan = epochs_lib.make_plan(dataset.num_train, batch)
+            kd_recipe = recipe.Recipe(1, plan, 1, 0.05, (), 0.1, tx, None)
+            config = types.SimpleNamespace(optim=types.SimpleNamespace(momentum=0.9, weight_decay=5e-4))
+            stage_recipe = init_stage.make_init_recipe(config, kd_recipe, distiller, student_name,
+                                                       state["params"], heads)
+            self.step_fn = init_stage.make_init_step(student, student_name, teacher, stage_recipe.tx, prepare,
+                                                     distiller)
+            state = init_stage.init_stage_state(stage_recipe.tx, state, heads)
+        else:
+            scheme = augment.create(aug, dataset_stats=dataset, n_pick=batch)
+            w = distillers.resolve_weights(distiller, aug, logit_stand=ls)
+            weights = steps.KDWeights(gamma=w["gamma"], alpha=w["alpha"], beta=w["beta"], logit_stand=ls)
+            self.step_fn = steps.make_kd_step(student, teacher, tx, prepare, scheme, weights, classes,
+                                              distiller=distiller, steps_per_epoch=self.steps_per_epoch)
+            state["extra"] = init_extra(distiller, tx, jax.random.fold_in(key, 2), student, student_vars, teacher,
+                                        teacher_vars, batch, dataset)
         replicated = NamedSharding(mesh, P())
         self.initial_state = jax.device_put(state, replicated)
         self.teacher_vars = jax.device_put(teacher_vars, replicated)
         self.data, self.mesh = data, mesh
         self.perm = jax.device_put(jax.random.permutation(jax.random.key(3), dataset.num_train), replicated)
         self.step_key = jax.random.key(4)
-        self.steps_per_epoch = dataset.num_train // batch
+        self.programs, self.lowered, self.compile_s = {}, {}, {}
+        self.state, self.step = None, 0  # the paired windows' running state
 
     def fresh_state(self):
         return jax.tree.map(jnp.copy, self.initial_state)  # the drivers donate their state
 
+    def _args(self, state):
+        return (state, self.teacher_vars, self.data, self.perm, 0, 0, self.step_key)
+
+    def lower(self, chunk):
+        """Trace and lower the K=chunk program (Python, under the GIL); returns the program's digest."""
+        if chunk not in self.lowered:
+            self.lowered[chunk] = loop.make_chunk_fn(self.step_fn, chunk, self.batch).lower(
+                *self._args(self.initial_state))
+        return lowered_digest(self.lowered[chunk])
+
+    def compile(self, chunk):
+        """The compiled K=chunk program (compiled once; the seconds it took are kept in ``compile_s``)."""
+        if chunk not in self.programs:
+            self.lower(chunk)
+            t0 = time.perf_counter()
+            self.programs[chunk] = self.lowered[chunk].compile()
+            self.compile_s[chunk] = time.perf_counter() - t0
+        return self.programs[chunk]
+
+    def adopt(self, other, chunk):
+        """Run ``other``'s compiled K=chunk program (the same program: equal lowered digests)."""
+        self.programs[chunk] = other.compile(chunk)
+        self.compile_s[chunk] = 0.0
+
     def time_single(self, steps_per_window, repeats):
-        fn = loop.make_chunk_fn(self.step_fn, 1, self.batch)  # one step per dispatch, no loop
+        compiled = self.compile(1)  # one step per dispatch, no loop
+        compile_s = self.compile_s[1]
         state = self.fresh_state()
-        args = (state, self.teacher_vars, self.data, self.perm, 0, 0, self.step_key)
-        t0 = time.perf_counter()
-        compiled = fn.lower(*args).compile()
-        compile_s = time.perf_counter() - t0
-        state, _ = compiled(*args)  # warm-up
+        state, _ = compiled(*self._args(state))  # warm-up
         jax.block_until_ready(state)
         windows, step = [], 1
         for _ in range(repeats):
@@ -169,27 +350,48 @@ class Case:
             windows.append(time.perf_counter() - t0)
         return compile_s, windows, float(jax.device_get(metrics["loss"])[-1])
 
-    def time_chunk(self, chunk, steps_per_window, repeats):
-        fn = loop.make_chunk_fn(self.step_fn, chunk, self.batch)
-        state = self.fresh_state()
-        args = (state, self.teacher_vars, self.data, self.perm, 0, 0, self.step_key)
-        t0 = time.perf_counter()
-        compiled = fn.lower(*args).compile()
-        compile_s = time.perf_counter() - t0
-        state, metrics = compiled(*args)  # warm-up
-        jax.device_get(metrics)
+    def run_chunks(self, compiled, state, step, chunk, n_chunks):
+        """``n_chunks`` dispatches of the K=chunk program from ``step``, one metrics transfer each (as loop.fit)."""
         starts = self.steps_per_epoch - chunk + 1  # chunk starts that stay inside one epoch's permutation
+        metrics = None
+        for _ in range(n_chunks):
+            first = (step % starts) * self.batch
+            state, metrics = compiled(state, self.teacher_vars, self.data, self.perm, first, step, self.step_key)
+            metrics = jax.device_get(metrics)  # the one transfer per chunk, as in loop.fit
+            step += chunk
+        jax.block_until_ready(state)
+        return state, step, metrics
+
+    def time_chunk(self, chunk, steps_per_window, repeats):
+        compiled = self.compile(chunk)
+        compile_s = self.compile_s[chunk]
+        state = self.fresh_state()
+        state, metrics = compiled(*self._args(state))  # warm-up
+        jax.device_get(metrics)
         windows, step = [], chunk
         for _ in range(repeats):
             t0 = time.perf_counter()
-            for _ in range(steps_per_window // chunk):
-                first = (step % starts) * self.batch
-                state, metrics = compiled(state, self.teacher_vars, self.data, self.perm, first, step, self.step_key)
-                metrics = jax.device_get(metrics)  # the one transfer per chunk, as in loop.fit
-                step += chunk
-            jax.block_until_ready(state)
+            state, step, metrics = self.run_chunks(compiled, state, step, chunk, steps_per_window // chunk)
             windows.append(time.perf_counter() - t0)
         return compile_s, windows, float(np.asarray(metrics["loss"])[-1])
+
+    def dispatch(self, chunk):
+        """One timed dispatch of the K=chunk program (to its metrics transfer), continuing this case's own
+        running state: the unit of the paired comparison."""
+        compiled = self.compile(chunk)
+        if self.state is None:
+            self.state, self.step = self.fresh_state(), 0
+            self.state, self.step, _ = self.run_chunks(compiled, self.state, self.step, chunk, 1)  # warm-up
+        t0 = time.perf_counter()
+        self.state, self.step, metrics = self.run_chunks(compiled, self.state, self.step, chunk, 1)
+        seconds = time.perf_counter() - t0
+        self.last_loss = float(np.asarray(metrics["loss"])[-1])
+        return seconds
+
+    def release(self):
+        self.state = None
+        self.programs.clear()
+        self.lowered.clear()
 
 
 def row(pair, batch, dtype, distiller, driver, chunk, steps_per_window, compile_s, windows, loss):
@@ -200,8 +402,239 @@ def row(pair, batch, dtype, distiller, driver, chunk, steps_per_window, compile_
             "img_per_s": batch * steps_per_window / median, "last_loss": loss}
 
 
+# ------------------------------------------------------------------------------------------- distillers vs KD
+
+
+def spec_parts(spec):
+    return (spec[:-len(LS)], True) if spec.endswith(LS) else (spec, False)
+
+
+class ShapeCheck:
+    """Whether a distiller's shapes fit a pair (``check_shapes`` on abstract features, cached per model)."""
+
+    def __init__(self, num_classes, image_size, batch):
+        self.num_classes, self.image_size, self.batch, self.cache = num_classes, image_size, batch, {}
+
+    def feats(self, model, preact):
+        key = (model, preact)
+        if key not in self.cache:
+            self.cache[key] = abstract_feature_shapes(model, self.num_classes, self.image_size, self.batch, preact)
+        return self.cache[key]
+
+    def reason(self, spec, pair):
+        """None when ``spec`` fits ``pair``, else the distiller's own message."""
+        d = distillers.create(spec_parts(spec)[0])
+        if not (distillers.has_feature_term(d) or d.init_stage):
+            return None
+        try:
+            d.check_shapes(self.feats(pair[1], bool(d.preact)), self.feats(pair[0], bool(d.preact)))
+        except ValueError as e:
+            return str(e)
+        return None
+
+
+def init_stage_available():
+    """'' when ``kdjax.train.init_stage`` has what the init-stage rows need, else why not."""
+    try:
+        from kdjax.train import init_stage  # noqa: PLC0415
+    except ImportError as e:
+        return f"kdjax.train.init_stage is not importable ({e})"
+    missing = [f for f in ("make_init_recipe", "init_stage_state", "make_init_step") if not hasattr(init_stage, f)]
+    return f"kdjax.train.init_stage lacks {', '.join(missing)}" if missing else ""
+
+
+def cpu_lapack_hazard(spec, args):
+    """The reason to skip ``spec`` on this backend (module comment of CPU_LAPACK_DISTILLERS), or ''."""
+    if args.cpu_lapack or spec_parts(spec)[0] not in CPU_LAPACK_DISTILLERS or jax.default_backend() != "cpu":
+        return ""
+    version = tuple(int(v) for v in jax.lib.__version__.split(".")[:2] if v.isdigit())
+    if version >= (0, 11):
+        return ""
+    return (f"not run on XLA:CPU with jaxlib {jax.lib.__version__}: its batched SVD (LAPACK ParallelBatchMap on "
+            "the intra-op pool) can deadlock the process (hung here on 2 cores); --cpu-lapack to try")
+
+
+def distiller_row(spec, stage, pair, batch, dtype, chunk, steps_per_window, status="ok", reason="", **fields):
+    r = {"distiller": spec if stage == "kd" else f"{spec}:init", "spec": spec, "stage": stage,
+         "teacher": pair[0] if pair else None, "student": pair[1] if pair else None, "batch": batch,
+         "dtype": dtype, "steps_per_dispatch": chunk, "steps_per_window": steps_per_window, "status": status,
+         "reason": reason}
+    r.update(fields)
+    return r
+
+
+def paired(ref, case, chunk, steps_per_window, repeats):
+    """Interleaved KD / distiller timing: (ratios, distiller seconds, KD seconds), one entry per repetition.
+
+    Repetition i runs ``steps_per_window // chunk`` dispatches of each program, alternating one KD dispatch and
+    one distiller dispatch (which goes first alternates too), each timed to its metrics transfer; its window
+    seconds are the sums, and ratio_i = distiller seconds / KD seconds. Each distiller dispatch has a KD dispatch
+    right beside it, so load that comes and goes weighs on both sides of the ratio alike."""
+    ratios, d_s, kd_s = [], [], []
+    for i in range(repeats):
+        k = d = 0.0
+        for j in range(steps_per_window // chunk):
+            if (i + j) % 2 == 0:
+                k += ref.dispatch(chunk)
+                d += case.dispatch(chunk)
+            else:
+                d += case.dispatch(chunk)
+                k += ref.dispatch(chunk)
+        ratios.append(d / k)
+        d_s.append(d)
+        kd_s.append(k)
+    return ratios, d_s, kd_s
+
+
+DIST_HEADER = (f"{'distiller':<12} {'pair':<22} {'batch':>5} {'dtype':<9} {'K':>4} {'compile s':>9} "
+               f"{'ms/step':>9} {'KD ms/step':>10} {'ratio':>7}  {'[min, max]':<15} note")
+
+
+def print_distiller_row(r):
+    pair = f"{r['teacher']}->{r['student']}" if r.get("teacher") else "-"
+    head = f"{r['distiller']:<12} {pair:<22} {r['batch']:>5} {r['dtype']:<9} {r['steps_per_dispatch']:>4} "
+    if r["status"] != "ok":
+        print(f"{head}{'-':>9} {'-':>9} {'-':>10} {'-':>7}  {'-':<15} {r['status']}: {r['reason']}", flush=True)
+        return
+    spread = f"[{r['ratio_min']:.3f}, {r['ratio_max']:.3f}]"
+    print(f"{head}{r['compile_s']:>9.1f} {r['step_ms']:>9.3f} {r['kd_step_ms']:>10.3f} {r['ratio_to_kd']:>7.3f}  "
+          f"{spread:<15} {r.get('note', '')}".rstrip(), flush=True)
+
+
+def compare_distillers(args, dataset, data, mesh, kd_cases, t_start):
+    """One row per distiller (and init stage) at the distiller setting: its step against KD's, paired."""
+    batch, dtype, chunk = args.dist_batch, args.dist_dtype, args.dist_chunk
+    n_steps, repeats = args.dist_steps, args.dist_repeats
+    checker = ShapeCheck(args.num_classes, args.image_size, batch)
+    init_missing = init_stage_available() if args.init_stage else "--no-init-stage"
+    rows, refs = [], {}
+    print()
+    print(f"distillers vs plain KD: batch {batch} {dtype}, K = {chunk} steps per dispatch, {n_steps}-step windows, "
+          f"{repeats} paired repetitions (KD and distiller dispatches alternating), compile workers "
+          f"{args.compile_workers}")
+    print(DIST_HEADER)
+    print("-" * len(DIST_HEADER))
+
+    def emit(r):
+        rows.append(r)
+        print_distiller_row(r)
+
+    # the jobs, in priority order: spec, stage, pair, skip (the reason it is not timed) and note
+    jobs = []
+    for pair in args.dist_pairs:
+        for spec in args.distiller_list:
+            stages = ["kd", "init"] if distillers.create(spec_parts(spec)[0]).init_stage else ["kd"]
+            for stage in stages:
+                job = {"spec": spec, "stage": stage, "pair": pair, "skip": None, "note": ""}
+                jobs.append(job)
+                if stage == "init" and init_missing:
+                    job["skip"] = f"init stage not timed: {init_missing}"
+                    continue
+                if cpu_lapack_hazard(spec, args):
+                    job["skip"] = cpu_lapack_hazard(spec, args)
+                    continue
+                why = checker.reason(spec, pair)
+                if why is None:
+                    continue
+                fits = [fb for fb in args.fallback_pairs if checker.reason(spec, fb) is None]
+                if fits:
+                    job["pair"], job["note"] = fits[0], f"on a fallback pair ({pair[0]}->{pair[1]}: {why})"
+                else:
+                    tried = ", ".join(f"{t}->{s}" for t, s in [pair] + args.fallback_pairs)
+                    job["skip"] = f"shapes do not fit ({tried}): {why}"
+
+    def reference(pair):
+        """The plain KD case of ``pair`` at the distiller setting (the KD rows' case when it is the same)."""
+        if pair not in refs:
+            ref = kd_cases.get((*pair, batch, dtype))
+            if ref is None:
+                ref = Case(*pair, batch, dtype, "kd", dataset, data, mesh, args.aug)
+            ref.compile(chunk)
+            refs[pair] = ref
+        return refs[pair]
+
+    def skipped(job, reason):
+        emit(distiller_row(job["spec"], job["stage"], job["pair"], batch, dtype, chunk, n_steps, "skipped", reason))
+
+    def failed(job, what, e):
+        traceback.print_exc()
+        emit(distiller_row(job["spec"], job["stage"], job["pair"], batch, dtype, chunk, n_steps, "error",
+                           f"{what} failed: {type(e).__name__}: {str(e)[:300]}"))
+
+    slowest = 0.0  # wall seconds of the slowest batch of distillers so far (build + compile + timing)
+    for job in [j for j in jobs if j["skip"]]:
+        skipped(job, job["skip"])
+    runnable = [j for j in jobs if not j["skip"]]
+    while runnable:
+        elapsed = time.perf_counter() - t_start
+        if args.time_budget is not None and elapsed + slowest > args.time_budget:
+            for job in runnable:
+                skipped(job, f"--time-budget {args.time_budget:g} s: {elapsed:.0f} s used, the slowest batch of "
+                             f"distillers so far took {slowest:.0f} s")
+            break
+        # one batch of up to --compile-workers jobs: built (traced, lowered) here, compiled concurrently, then timed
+        todo, runnable = runnable[:args.compile_workers], runnable[args.compile_workers:]
+        for pair in dict.fromkeys(job["pair"] for job in todo):  # KD references first: not a distiller's time
+            try:
+                reference(pair)
+            except Exception:  # noqa: BLE001  (reported with each of its distillers below)
+                traceback.print_exc()
+        t_batch = time.perf_counter()
+        built = []
+        for job in todo:
+            t0 = time.perf_counter()
+            try:
+                ref = reference(job["pair"])
+                case = Case(*job["pair"], batch, dtype, job["spec"] if job["stage"] == "kd" else
+                            spec_parts(job["spec"])[0], dataset, data, mesh, args.aug, stage=job["stage"])
+                job["same"] = case.lower(chunk) == ref.lower(chunk)
+                if job["same"]:
+                    case.adopt(ref, chunk)
+                job.update(ref=ref, case=case, build_s=time.perf_counter() - t0)
+                built.append(job)
+            except Exception as e:  # a distiller that cannot be built must not stop the others
+                failed(job, "building the step", e)
+        to_compile = [j for j in built if not j["same"]]
+        if len(to_compile) > 1:
+            with concurrent.futures.ThreadPoolExecutor(len(to_compile)) as pool:
+                for job, f in [(j, pool.submit(j["case"].compile, chunk)) for j in to_compile]:
+                    job["error"] = f.exception()
+        else:
+            for job in to_compile:
+                try:
+                    job["case"].compile(chunk)
+                except Exception as e:
+                    job["error"] = e
+        for job in built:
+            case, ref, spec, stage = job["case"], job["ref"], job["spec"], job["stage"]
+            try:
+                if job.get("error") is not None:
+                    raise job["error"]
+                ratios, d_s, kd_s = paired(ref, case, chunk, n_steps, repeats)
+                notes = [n for n in ("the same program as kd: timed against itself, the noise floor" if job["same"]
+                                     else "", "init-stage step: base batch only, no x'" if stage == "init" else "",
+                                     job["note"]) if n]
+                emit(distiller_row(
+                    spec, stage, job["pair"], batch, dtype, chunk, n_steps, logit_stand=spec.endswith(LS),
+                    same_program_as_kd=job["same"], step_ms=1e3 * statistics.median(d_s) / n_steps,
+                    kd_step_ms=1e3 * statistics.median(kd_s) / n_steps, ratio_to_kd=statistics.median(ratios),
+                    ratio_min=min(ratios), ratio_max=max(ratios), ratios=[round(x, 4) for x in ratios],
+                    window_s=[round(x, 6) for x in d_s], kd_window_s=[round(x, 6) for x in kd_s],
+                    compile_s=round(case.compile_s[chunk], 3), kd_compile_s=round(ref.compile_s[chunk], 3),
+                    build_s=round(job["build_s"], 3), img_per_s=batch * n_steps / statistics.median(d_s),
+                    kd_img_per_s=batch * n_steps / statistics.median(kd_s), last_loss=case.last_loss,
+                    note="; ".join(notes)))
+            except Exception as e:
+                failed(job, "compiling or running the step", e)
+            finally:
+                case.release()
+                job.pop("case"), job.pop("ref")
+        slowest = max(slowest, time.perf_counter() - t_batch)
+    return rows
+
 
 def main(argv=None):
+    t_start = time.perf_counter()
     args = parse_args(argv)
     device = jax.devices()[0]
     kind = device.device_kind
@@ -211,11 +644,7 @@ def main(argv=None):
     data = DeviceDataset.create(dataset, mesh, placement="replicated")
     print(f"device: {kind}  jax {jax.__version__}  aug {args.aug}  {args.num_train} x {args.image_size}x"
           f"{args.image_size}  window {args.steps} steps x {args.repeats}  chunk {args.chunk}")
-    header = (f"{'pair':<22} {'batch':>5} {'dtype':<9} {'distiller':<9} {'driver':<7} {'compile s':>9} "
-              f"{'ms/step':>9} {'img/s':>10}")
-    print(header)
-    print("-" * len(header))
-    rows, summary = [], []
+    rows, summary, kd_cases = [], [], {}
 
     def record(r):
         rows.append(r)
@@ -224,29 +653,34 @@ def main(argv=None):
               flush=True)
         return r
 
-    for pair in args.pair_list:
-        for batch, dtype in args.setting_list:
-            case = Case(*pair, batch, dtype, "kd", dataset, data, mesh, args.aug)
-            single = record(row(pair, batch, dtype, "kd", "single", 1, args.steps,
-                                *case.time_single(args.steps, args.repeats)))
-            chunk = record(row(pair, batch, dtype, "kd", "chunk", args.chunk, args.steps,
-                               *case.time_chunk(args.chunk, args.steps, args.repeats)))
-            key = (*pair, batch, dtype)
-            entry = {"teacher": pair[0], "student": pair[1], "batch": batch, "dtype": dtype,
-                     "single_img_per_s": single["img_per_s"], "chunk_img_per_s": chunk["img_per_s"],
-                     "chunk_speedup": chunk["img_per_s"] / single["img_per_s"]}
-            if key in TARGETS:
-                entry.update(pytorch_h100_img_per_s=PYTORCH_H100[key], target_img_per_s=TARGETS[key],
-                             x_pytorch_h100=chunk["img_per_s"] / PYTORCH_H100[key])
-            if args.crd and (batch, dtype) == (args.crd_batch, args.crd_dtype):
-                crd_case = Case(*pair, batch, dtype, "crd", dataset, data, mesh, args.aug)
-                crd = record(row(pair, batch, dtype, "crd", "chunk", args.chunk, args.steps,
-                                 *crd_case.time_chunk(args.chunk, args.steps, args.repeats)))
-                entry.update(crd_img_per_s=crd["img_per_s"], crd_cost_ratio=chunk["img_per_s"] / crd["img_per_s"],
-                             crd_target_ratio=CRD_TARGET_RATIO)
-                del crd_case
-            summary.append(entry)
-            del case
+    if args.kd_drivers:
+        header = (f"{'pair':<22} {'batch':>5} {'dtype':<9} {'distiller':<9} {'driver':<7} {'compile s':>9} "
+                  f"{'ms/step':>9} {'img/s':>10}")
+        print(header)
+        print("-" * len(header))
+        for pair in args.pair_list:
+            for batch, dtype in args.setting_list:
+                case = Case(*pair, batch, dtype, "kd", dataset, data, mesh, args.aug)
+                single = record(row(pair, batch, dtype, "kd", "single", 1, args.steps,
+                                    *case.time_single(args.steps, args.repeats)))
+                chunk = record(row(pair, batch, dtype, "kd", "chunk", args.chunk, args.steps,
+                                   *case.time_chunk(args.chunk, args.steps, args.repeats)))
+                key = (*pair, batch, dtype)
+                entry = {"teacher": pair[0], "student": pair[1], "batch": batch, "dtype": dtype,
+                         "single_img_per_s": single["img_per_s"], "chunk_img_per_s": chunk["img_per_s"],
+                         "chunk_speedup": chunk["img_per_s"] / single["img_per_s"]}
+                if key in TARGETS:
+                    entry.update(pytorch_h100_img_per_s=PYTORCH_H100[key], target_img_per_s=TARGETS[key],
+                                 x_pytorch_h100=chunk["img_per_s"] / PYTORCH_H100[key])
+                summary.append(entry)
+                if args.distiller_list and pair in args.dist_pairs and (batch, dtype) == (args.dist_batch,
+                                                                                         args.dist_dtype):
+                    kd_cases[key] = case  # the KD reference of the distiller comparison: its programs are built
+                else:
+                    del case
+
+    dist_rows = compare_distillers(args, dataset, data, mesh, kd_cases, t_start) if args.distiller_list else []
+    kd_cases.clear()
 
     print()
     for e in summary:
@@ -255,9 +689,16 @@ def main(argv=None):
         if "target_img_per_s" in e:
             line += (f"; {e['x_pytorch_h100']:.1f}x the PyTorch H100 figure {e['pytorch_h100_img_per_s']:,.0f} "
                      f"(target {e['target_img_per_s']:,.0f} on an H100)")
-        if "crd_cost_ratio" in e:
-            line += f"; CRD step cost {e['crd_cost_ratio']:.2f}x KD (target <= {CRD_TARGET_RATIO})"
         print(line)
+    ok = [r for r in dist_rows if r["status"] == "ok"]
+    if dist_rows:
+        print(f"distillers: {len(ok)} timed, {len(dist_rows) - len(ok)} skipped or failed; step cost / KD "
+              f"(median of {args.dist_repeats} paired windows): " +
+              ", ".join(f"{r['distiller']} {r['ratio_to_kd']:.2f}x" for r in ok))
+        for r in ok:
+            if r["spec"] == "crd" and r["stage"] == "kd":
+                print(f"CRD step cost {r['ratio_to_kd']:.2f}x KD on {r['teacher']}->{r['student']} (target <= "
+                      f"{CRD_TARGET_RATIO})")
 
     result = {
         "benchmark": "KD training step",
@@ -279,6 +720,19 @@ def main(argv=None):
         "command": " ".join(["bench/kd_step.py"] + (sys.argv[1:] if argv is None else list(argv))),
         "summary": summary,
         "results": rows,
+        "distiller_comparison": {
+            "batch": args.dist_batch, "dtype": args.dist_dtype, "steps_per_dispatch": args.dist_chunk,
+            "steps_per_window": args.dist_steps, "repeats": args.dist_repeats,
+            "pairs": [f"{t}:{s}" for t, s in args.dist_pairs],
+            "fallback_pairs": [f"{t}:{s}" for t, s in args.fallback_pairs],
+            "compile_workers": args.compile_workers, "time_budget_s": args.time_budget,
+            "crd_target_ratio": CRD_TARGET_RATIO,
+            "ratio_to_kd": "median over paired repetitions of (distiller window s / KD window s), the windows "
+                           "interleaved dispatch by dispatch, order alternating; ratio_min/ratio_max: the "
+                           "spread",
+        },
+        "distillers": dist_rows,
+        "elapsed_s": round(time.perf_counter() - t_start, 1),
     }
     write_json(result, args.out or output_path("kd_step", kind, args.quick))
     return result

@@ -9,7 +9,11 @@ started, so results of an earlier run never pass for this one. A step that timed
 some rows contributes those rows from its log, marked ``(partial, log)``. Targets are those of README.md and
 bench/NOTES.md (set for one H100): KD step 22,700 / 70,000 / 70,000 img/s, CRD/KD step cost <= 1.3x, every scheme
 <= 0.3 ms at batch 64, the nine T. stddev runs <= 30 s. ratio = measured / target; in --quick runs the sizes are
-not the targets' and the verdict is ``n/a (quick)``. Standard library only, so it runs even where jax does not.
+not the targets' and the verdict is ``n/a (quick)``. kd_step.py's per-distiller rows (each distiller's step cost
+relative to plain KD, paired windows) follow in a table of their own: distiller, pair, steps per dispatch, ms per
+step of the distiller and of KD, the median ratio with its [min, max], compile seconds, and the reason of a
+skipped one; CRD's ratio also enters the main table against its target. Standard library only, so it runs even
+where jax does not.
 """
 import argparse
 import csv
@@ -101,11 +105,70 @@ def kd_rows(entries, quick, chunk, tag=""):
     return rows
 
 
+# kd_step.py's distiller table: "NAME PAIR BATCH DTYPE K COMPILE MS KD_MS RATIO [MIN, MAX] NOTE", or, for a
+# distiller not timed, "NAME PAIR BATCH DTYPE K - - - - - skipped: REASON" (or "error: ...").
+DIST_LOG_OK = re.compile(r"^(\S+)\s+(\S+)->(\S+)\s+(\d+)\s+(float32|bfloat16)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+"
+                         r"([\d.]+)\s+([\d.]+)\s+\[([\d.]+), ([\d.]+)\]\s*(.*)$")
+DIST_LOG_SKIP = re.compile(r"^(\S+)\s+(?:(\S+)->(\S+)|-)\s+(\d+)\s+(float32|bfloat16)\s+(\d+)\s+-\s+-\s+-\s+-\s+-\s+"
+                           r"(skipped|error): (.*)$")
+
+
+def distiller_entries_from_log(text):
+    """kd_step.py's per-distiller rows (JSON layout) rebuilt from the lines it printed."""
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        m = DIST_LOG_OK.match(line)
+        if m:
+            name = m.group(1)
+            out.append({"distiller": name, "spec": name.split(":")[0],
+                        "stage": "init" if name.endswith(":init") else "kd", "teacher": m.group(2),
+                        "student": m.group(3), "batch": int(m.group(4)), "dtype": m.group(5),
+                        "steps_per_dispatch": int(m.group(6)), "status": "ok", "compile_s": float(m.group(7)),
+                        "step_ms": float(m.group(8)), "kd_step_ms": float(m.group(9)),
+                        "ratio_to_kd": float(m.group(10)), "ratio_min": float(m.group(11)),
+                        "ratio_max": float(m.group(12)), "note": m.group(13).strip()})
+            continue
+        m = DIST_LOG_SKIP.match(line)
+        if m:
+            name = m.group(1)
+            out.append({"distiller": name, "spec": name.split(":")[0],
+                        "stage": "init" if name.endswith(":init") else "kd", "teacher": m.group(2),
+                        "student": m.group(3), "batch": int(m.group(4)), "dtype": m.group(5),
+                        "steps_per_dispatch": int(m.group(6)), "status": m.group(7), "reason": m.group(8)})
+    return out
+
+
+def distiller_rows(entries, quick, tag=""):
+    """One row per distiller for the distiller table (``section`` 'distillers'), and CRD's ratio against its
+    target for the main table."""
+    rows = []
+    for e in entries:
+        pair = f"{e['teacher']}->{e['student']}" if e.get("teacher") else "-"
+        case = f"{pair} b{e['batch']} {e['dtype']}"
+        ok = e.get("status") == "ok"
+        r = row(f"distiller {e['distiller']} / KD step cost {case} K={e.get('steps_per_dispatch', '?')}{tag}",
+                e.get("ratio_to_kd") if ok else None, "x", verdict=None if ok else e.get("status", "?"))
+        r.update(section="distillers", distiller=e["distiller"], pair=pair, batch=e["batch"], dtype=e["dtype"],
+                 steps_per_dispatch=e.get("steps_per_dispatch"), status=e.get("status"),
+                 step_ms=e.get("step_ms"), kd_step_ms=e.get("kd_step_ms"), ratio_min=e.get("ratio_min"),
+                 ratio_max=e.get("ratio_max"), compile_s=e.get("compile_s"),
+                 note=(e.get("note") or "") if ok else e.get("reason", ""), partial=bool(tag))
+        rows.append(r)
+        if ok and e.get("spec") == "crd" and e.get("stage", "kd") == "kd":
+            rows.append(row(f"CRD / KD step cost {case} (paired){tag}", e["ratio_to_kd"], "x", CRD_TARGET_RATIO,
+                            better="lower", quick=quick))
+    return rows
+
+
 def kd_step_rows(data, log_text, quick):
     if data is not None:
-        return kd_rows(data["summary"], bool(data.get("quick")), data.get("chunk", "?"))
+        quick = bool(data.get("quick"))
+        return (kd_rows(data["summary"], quick, data.get("chunk", "?")) +
+                distiller_rows(data.get("distillers", []), quick))
     chunk = re.search(r"chunk (\d+)", log_text)
-    return kd_rows(kd_entries_from_log(log_text), quick, chunk.group(1) if chunk else "?", PARTIAL)
+    return (kd_rows(kd_entries_from_log(log_text), quick, chunk.group(1) if chunk else "?", PARTIAL) +
+            distiller_rows(distiller_entries_from_log(log_text), quick, PARTIAL))
 
 
 # --- forward -----------------------------------------------------------------------------------------------------
@@ -308,6 +371,8 @@ def print_table(rows, records, meta, source):
                                     for r in records))
     print()
     table = [("benchmark", "measured", "target", "ratio", "pass")]
+    dist = [r for r in rows if r.get("section") == "distillers"]
+    rows = [r for r in rows if r.get("section") != "distillers"]
     for r in rows:
         measured = r["note"] if r.get("status_row") else fmt(r["measured"], r["unit"])
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
@@ -327,6 +392,38 @@ def print_table(rows, records, meta, source):
         if rec.get("error"):
             msg = rec["status"] if rec["error"] in rec["status"] else f"{rec['status']}: {rec['error']}"
             print(f"  {rec['step']}: {msg}")
+    if dist:
+        print_distillers(dist)
+
+
+def print_distillers(dist):
+    """The distiller table: each distiller's step cost relative to plain KD (kd_step.py, paired windows)."""
+    def num(v, f):
+        return "-" if v is None else format(v, f)
+
+    print()
+    print("distillers vs plain KD (kd_step.py: median of paired KD/distiller windows; [min, max] their spread; "
+          "K steps per dispatch)")
+    table = [("distiller", "pair", "batch", "K", "ms/step", "KD ms/step", "ratio", "[min, max]", "compile s",
+              "step", "note")]
+    for r in dist:
+        spread = "-" if r.get("ratio_min") is None else f"[{r['ratio_min']:.2f}, {r['ratio_max']:.2f}]"
+        note = r.get("note") or ""
+        if r.get("status") != "ok":
+            note = f"{r.get('status')}: {note}"
+        if r.get("partial"):
+            note = ("(partial, log) " + note).strip()
+        table.append((r["distiller"], r["pair"], f"{r['batch']} {r['dtype']}", str(r.get("steps_per_dispatch", "?")),
+                      num(r.get("step_ms"), ".3f"), num(r.get("kd_step_ms"), ".3f"), num(r.get("measured"), ".3f"),
+                      spread, num(r.get("compile_s"), ".1f"), r.get("step") or "", note[:160]))
+    widths = [max(len(t[i]) for t in table) for i in range(len(table[0]) - 1)]
+    for i, t in enumerate(table):
+        cells = [c.ljust(w) if j in (0, 1, 2, 9) else c.rjust(w) for j, (c, w) in enumerate(zip(t, widths))]
+        print("  ".join(cells + [t[-1]]).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths + [4]))
+    ok = [r for r in dist if r.get("status") == "ok"]
+    print(f"distillers timed: {len(ok)} of {len(dist)}")
 
 
 def main(argv=None):

@@ -6,8 +6,8 @@ The runs share one persistent compilation cache (``--config.compile_cache_dir``)
 forward and the evaluation are the same programs in every run, so each run after the first compiles only its own
 train step (~15 s of ~25 s on 2 cores). Subprocesses keep that cache, and optimised XLA, out of this process.
 
-The default suite runs the new ones (nst, kdsvd, cc, dkd, dist, logit standardisation of kd, and the two-stage ab,
-ft and fsp with a two-epoch init stage); LS-DKD, the
+The default suite runs the newest (dkd, dist, logit standardisation of kd, and the two-stage ab, ft and fsp with a
+two-epoch init stage); nst, kdsvd, cc, LS-DKD, the
 original's aliases end to end and the first eight distillers are behind ``slow``. Every method that needs a teacher
 is refused with ``teacher=none`` in one line, before any data is loaded (in this process: nothing compiles).
 """
@@ -32,10 +32,13 @@ LR = {"dist": ["--config.optim.lr=0.02"]}
 
 # The two-stage methods with a short init stage (the original's is 30 epochs) before the four KD epochs.
 INIT = ["--config.distill.init_epochs=2"]
-NEW = [("nst", []), ("kdsvd", []), ("cc", []), ("dkd", []), ("dist", []),
-       ("kd+ls", ["--config.distiller=kd", "--config.loss.logit_stand=true"]),
+# In the default suite: the logit distillers and the two-stage methods, the newest; the relational nst, kdsvd and
+# cc (checked against an independent step in tests/test_train_steps_distillers.py) learn behind slow, to keep
+# the default suite under its 15 minutes.
+NEW = [("dkd", []), ("dist", []), ("kd+ls", ["--config.distiller=kd", "--config.loss.logit_stand=true"]),
        ("ab", INIT), ("ft", INIT), ("fsp", INIT)]
-SLOW = ([("dkd+ls", ["--config.distiller=dkd", "--config.loss.logit_stand=true"]),
+SLOW = ([("nst", []), ("kdsvd", []), ("cc", []),
+         ("dkd+ls", ["--config.distiller=dkd", "--config.loss.logit_stand=true"]),
          ("correlation", []), ("attention", []), ("similarity", [])]
         + [(name, []) for name in ("kd", "crd", "hint", "at", "sp", "pkt", "rkd", "vid")])
 
