@@ -70,16 +70,10 @@ def _finite(x):
     return jnp.where(jnp.isfinite(x), x, 0.0)
 
 
-def _leading_right_vectors(f, n: int, after=None):
+def _leading_right_vectors(f, n: int):
     """The first ``n`` right-singular vectors ``[B, C, n]`` of each sample's ``[H*W, C]`` matrix, and the first n
-    singular values ``[B, n]`` scaled to unit norm; both with non-finite entries zeroed.
-
-    ``after``: an array of an earlier SVD; this SVD waits for it. On XLA:CPU (jaxlib < 0.11) a batched SVD runs its
-    batch on the same thread pool that runs independent ops, so two SVDs started at once on a 2-thread pool can
-    each wait for the other for ever; one at a time, they cannot."""
+    singular values ``[B, n]`` scaled to unit norm; both with non-finite entries zeroed."""
     b, h, w, c = f.shape
-    if after is not None:
-        f, _ = jax.lax.optimization_barrier((f, after))
     _, sv, vh = jnp.linalg.svd(f.reshape(b, h * w, c), full_matrices=False)
     v = _finite(jnp.swapaxes(vh, 1, 2))[:, :, :n]
     sv = _finite(sv)[:, :n]
@@ -109,14 +103,14 @@ def kdsvd_loss(feats_s, feats_t, k: int = 1):
     vectors of consecutive layers, squared differences summed and divided by the batch size, summed over the
     consecutive pairs. Needs at least two layers for a non-zero value."""
     total = jnp.zeros((), jnp.float32)
-    prev, last_svd = None, None
+    prev = None
     for f_s, f_t in zip(feats_s, feats_t):
         if f_s.shape[-1] != f_t.shape[-1]:
             raise ValueError(f"KD-SVD needs the same channel count for student and teacher at each layer, got "
                              f"{f_s.shape[-1]} and {f_t.shape[-1]}")
-        v_t, s_t = _leading_right_vectors(jax.lax.stop_gradient(f_t), k, after=last_svd)
+        v_t, s_t = _leading_right_vectors(jax.lax.stop_gradient(f_t), k)
         v_t = _positive_sum(v_t)
-        v_s, last_svd = _leading_right_vectors(f_s, k + 3, after=s_t)
+        v_s, _ = _leading_right_vectors(f_s, k + 3)
         v_s = _align(v_s, v_t)
         scale = s_t[:, None, :]
         v_t, v_s = v_t * scale, v_s * scale
