@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from kdjax.distillers import heads
-from kdjax.distillers.interface import (Distiller, check_feature_list, check_map, l2_normalize, match_spatial,
-                                   shape_of, student_features, teacher_features)
+from kdjax.distillers.interface import (Distiller, apply_bn_head, check_feature_list, check_map, l2_normalize,
+                                        match_spatial, shape_of, student_features, teacher_features)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Pure losses (float32 inputs; the teacher side is expected to be a constant already)
@@ -152,12 +152,7 @@ class Hint(Distiller):
         module = self.module(feats_s, feats_t)
         f_s = student_features([feats_s[self.hint_layer]])[0]
         f_t = teacher_features([feats_t[self.hint_layer]])[0]
-        variables = {"params": params["conv_reg"], "batch_stats": state["batch_stats"]["conv_reg"]}
-        if train:
-            out, updates = module.apply(variables, f_s, train=True, mutable=["batch_stats"])
-            state = {**state, "batch_stats": {"conv_reg": updates["batch_stats"]}}
-        else:
-            out = module.apply(variables, f_s, train=False)
+        out, state = apply_bn_head(module, params, state, "conv_reg", f_s, train)
         return mse(out, f_t), state
 
 

@@ -162,6 +162,16 @@ def teacher_features(feats):
     return [jax.lax.stop_gradient(jnp.asarray(f).astype(jnp.float32)) for f in feats]
 
 
+def apply_bn_head(module, params, state, name: str, x, train: bool):
+    """A head with BatchNorm (FitNet's ConvReg, FT's translator): its output on ``x``, and ``state`` with the head's
+    statistics, ``state['batch_stats'][name]``, updated when ``train`` (its parameters are ``params[name]``)."""
+    variables = {"params": params[name], "batch_stats": state["batch_stats"][name]}
+    if not train:
+        return module.apply(variables, x, train=False), state
+    out, updates = module.apply(variables, x, train=True, mutable=["batch_stats"])
+    return out, {**state, "batch_stats": {**state["batch_stats"], name: updates["batch_stats"]}}
+
+
 def shape_of(f) -> Tuple[int, ...]:
     """Shape of an array or a ShapeDtypeStruct (``init`` accepts either)."""
     return tuple(int(d) for d in f.shape)

@@ -37,8 +37,8 @@ import jax.numpy as jnp
 
 from kdjax.distillers import heads
 from kdjax.distillers.feature import at_map
-from kdjax.distillers.interface import (Distiller, check_feature_list, match_spatial, shape_of, student_features,
-                                        teacher_features)
+from kdjax.distillers.interface import (Distiller, apply_bn_head, check_feature_list, match_spatial, shape_of,
+                                        student_features, teacher_features)
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -294,13 +294,7 @@ class FT(TwoStage):
         paraphraser = jax.lax.stop_gradient(state["paraphraser"])  # fixed in the KD stage
         factor_t = jax.lax.stop_gradient(
             self.paraphraser(feats_t).apply({"params": paraphraser}, f_t, is_factor=True))
-        translator = self.translator(feats_s, feats_t)
-        variables = {"params": params["translator"], "batch_stats": state["batch_stats"]["translator"]}
-        if train:
-            factor_s, updates = translator.apply(variables, f_s, train=True, mutable=["batch_stats"])
-            state = {**state, "batch_stats": {"translator": updates["batch_stats"]}}
-        else:
-            factor_s = translator.apply(variables, f_s, train=False)
+        factor_s, state = apply_bn_head(self.translator(feats_s, feats_t), params, state, "translator", f_s, train)
         return factor_transfer_loss(factor_s, factor_t), state
 
 
