@@ -90,7 +90,8 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _read_lock(path: str):
+def read_lock(path: str):
+    """The holder record of the lock file at ``path``, or None when it is absent or unreadable."""
     try:
         with open(path) as f:
             return json.load(f)
@@ -128,7 +129,7 @@ class WorkdirLock:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                holder = _read_lock(self.path)
+                holder = read_lock(self.path)
                 if holder and holder.get("host") == socket.gethostname() and holder.get("pid") == os.getpid():
                     return self  # this process holds it already (a task inside a sweep in process)
                 if not _is_stale(holder, self.path, time.time()):
@@ -166,7 +167,7 @@ class WorkdirLock:
         self._stop.set()
         self._thread.join(timeout=5)
         self._thread = None
-        holder = _read_lock(self.path)
+        holder = read_lock(self.path)
         if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
             os.remove(self.path)
 

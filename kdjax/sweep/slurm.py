@@ -358,26 +358,31 @@ def take_over_previous_incarnation(workdir: str, job_id: str, restart: int, log=
     """Remove the workdir lock held by this job's previous run (before a requeue): SLURM starts a requeued job only
     once every process of its previous run has gone, so that lock is stale even when it was taken on another node,
     where the lock's own rule (a dead PID on the same host) cannot see it."""
-    from kdjax.workdir import LOCK_FILE
     starts = _read_starts(workdir)
     if restart < 1 or not starts:
         return False
     previous = starts[-1]
     if previous.get("job_id") != job_id or int(previous.get("restart", 0)) >= restart:
         return False
-    path = os.path.join(workdir, LOCK_FILE)
-    try:
-        with open(path) as f:
-            holder = json.load(f)
-    except (OSError, json.JSONDecodeError):
+    holder = _remove_lock_held_by(workdir, previous)
+    if holder is None:
         return False
-    if holder.get("host") != previous.get("host") or holder.get("pid") != previous.get("pid"):
-        return False
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(path)
     log(f"[slurm] job {job_id} restart {restart}: took over the lock of its previous run (PID {holder.get('pid')} "
         f"on {holder.get('host')})")
     return True
+
+
+def _remove_lock_held_by(workdir: str, start: dict):
+    """Remove the workdir lock if the process that ``start`` (a job-start record) names holds it: its holder record,
+    or None when the lock is absent, unreadable or held by another process."""
+    from kdjax.workdir import LOCK_FILE, read_lock
+    path = os.path.join(workdir, LOCK_FILE)
+    holder = read_lock(path)
+    if holder is None or holder.get("host") != start.get("host") or holder.get("pid") != start.get("pid"):
+        return None
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+    return holder
 
 
 def clear_lock_of_ended_job(workdir: str, job_ids: Sequence[str], active: Sequence[str], log=print) -> bool:
@@ -385,20 +390,11 @@ def clear_lock_of_ended_job(workdir: str, job_ids: Sequence[str], active: Sequen
     of ``job_ids`` (the run's recorded jobs) and no longer active in SLURM. SLURM ends every process of a job when
     the job ends, so that lock is stale even if it was taken on another node, where the lock's own rules would wait
     10 minutes for its heartbeat (a SIGKILLed or out-of-memory job leaves its lock behind)."""
-    from kdjax.workdir import LOCK_FILE
     starts = _read_starts(workdir)
     if not starts or starts[-1].get("job_id") not in set(job_ids) or starts[-1].get("job_id") in set(active):
         return False
-    path = os.path.join(workdir, LOCK_FILE)
-    try:
-        with open(path) as f:
-            holder = json.load(f)
-    except (OSError, json.JSONDecodeError):
+    if _remove_lock_held_by(workdir, starts[-1]) is None:
         return False
-    if holder.get("host") != starts[-1].get("host") or holder.get("pid") != starts[-1].get("pid"):
-        return False
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(path)
     log(f"[sweep] removed the lock that ended job {starts[-1]['job_id']} left in {workdir}")
     return True
 
