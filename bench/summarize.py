@@ -118,24 +118,21 @@ def distiller_entries_from_log(text):
     out = []
     for line in text.splitlines():
         line = line.strip()
-        m = DIST_LOG_OK.match(line)
-        if m:
-            name = m.group(1)
-            out.append({"distiller": name, "spec": name.split(":")[0],
-                        "stage": "init" if name.endswith(":init") else "kd", "teacher": m.group(2),
-                        "student": m.group(3), "batch": int(m.group(4)), "dtype": m.group(5),
-                        "steps_per_dispatch": int(m.group(6)), "status": "ok", "compile_s": float(m.group(7)),
-                        "step_ms": float(m.group(8)), "kd_step_ms": float(m.group(9)),
-                        "ratio_to_kd": float(m.group(10)), "ratio_min": float(m.group(11)),
-                        "ratio_max": float(m.group(12)), "note": m.group(13).strip()})
+        ok, skip = DIST_LOG_OK.match(line), DIST_LOG_SKIP.match(line)
+        m = ok or skip
+        if not m:
             continue
-        m = DIST_LOG_SKIP.match(line)
-        if m:
-            name = m.group(1)
-            out.append({"distiller": name, "spec": name.split(":")[0],
-                        "stage": "init" if name.endswith(":init") else "kd", "teacher": m.group(2),
-                        "student": m.group(3), "batch": int(m.group(4)), "dtype": m.group(5),
-                        "steps_per_dispatch": int(m.group(6)), "status": m.group(7), "reason": m.group(8)})
+        name = m.group(1)  # both line kinds open with the same six fields
+        row = {"distiller": name, "spec": name.split(":")[0], "stage": "init" if name.endswith(":init") else "kd",
+               "teacher": m.group(2), "student": m.group(3), "batch": int(m.group(4)), "dtype": m.group(5),
+               "steps_per_dispatch": int(m.group(6))}
+        if ok:
+            row.update(status="ok", compile_s=float(m.group(7)), step_ms=float(m.group(8)),
+                       kd_step_ms=float(m.group(9)), ratio_to_kd=float(m.group(10)), ratio_min=float(m.group(11)),
+                       ratio_max=float(m.group(12)), note=m.group(13).strip())
+        else:
+            row.update(status=m.group(7), reason=m.group(8))
+        out.append(row)
     return out
 
 
