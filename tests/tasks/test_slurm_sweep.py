@@ -229,6 +229,24 @@ def test_status_and_cancel_of_a_submitted_sweep(slurm_cluster, job_env, tmp_path
     assert os.path.exists(root / "slurm_cancelled.json")
 
 
+# submitit's USR2 comes 90 s before the 2-minute limit, 30 s after the job starts: the teacher must train longer than
+# that on whatever machine runs the test, so its length comes from this machine's measured speed, not a fixed count.
+TRAINING_PAST_THE_SIGNAL_S = 60.0
+
+
+def epochs_lasting(seconds: float, workdir: Path) -> int:
+    """Teacher epochs (a multiple of 25, the checkpoint interval) that train for about ``seconds`` here, measured
+    on a short local run of the same teacher."""
+    from kdjax import sweep, tasks
+    probe_epochs = 100
+    config = slurm_sweep(augs=("cutmix",), seeds=(0,), teacher_epochs=probe_epochs, eval_every=100,
+                         checkpoint_every=100, **{"dataset_options.num_train": 64})
+    run = [r for r in sweep.plan(config, str(workdir)) if r.task == "teacher"][0]
+    out = tasks.run("teacher", sweep.build_config(run), run.workdir)
+    per_epoch = max(out["wall_s"] - out["compile_s"], 1e-3) / probe_epochs
+    return max(25, int(seconds / per_epoch / 25 + 1) * 25)
+
+
 @pytest.mark.slow
 def test_a_job_at_its_time_limit_requeues_itself_and_resumes(slurm_cluster, job_env, tmp_path):
     """slurm.time=2 (minutes): submitit's USR2 (90 s before the limit) calls RunJob.checkpoint, the job requeues
@@ -239,7 +257,8 @@ def test_a_job_at_its_time_limit_requeues_itself_and_resumes(slurm_cluster, job_
     from kdjax import sweep, tasks
     from kdjax.checkpoint import read_meta
     from kdjax.sweep import slurm
-    config = slurm_sweep(augs=("cutmix",), seeds=(0,), teacher_epochs=1500, eval_every=100, checkpoint_every=25,
+    epochs = epochs_lasting(TRAINING_PAST_THE_SIGNAL_S, tmp_path / "calibration")
+    config = slurm_sweep(augs=("cutmix",), seeds=(0,), teacher_epochs=epochs, eval_every=100, checkpoint_every=25,
                          **{"slurm.time": 2, "dataset_options.num_train": 64})
     run = [r for r in sweep.plan(config, str(tmp_path / "slurm")) if r.task == "teacher"][0]
     submitter = slurm.SlurmSweep(str(tmp_path / "slurm"), [run], config.slurm, 0, log=lambda line: None)
