@@ -50,7 +50,6 @@ import statistics
 import sys
 import time
 import traceback
-import types
 
 import flax
 import jax
@@ -63,10 +62,8 @@ from kdjax import augment, distillers, models, parallel
 from kdjax.data import DeviceDataset
 from kdjax.data import epochs as epochs_lib
 from kdjax.data.synthetic import load_synthetic
-from kdjax.tasks import common
-from kdjax.tasks.distill import abstract_feature_shapes, feature_shapes, init_extra
 from kdjax.augment import transforms
-from kdjax.train import loop, recipe, steps
+from kdjax.train import kd, loop, recipe, steps
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # The original PyTorch step on one H100 (data already on the GPU), KD + CutMix, and the targets set against it.
@@ -237,13 +234,13 @@ _INIT_STATES = {}
 
 
 def initial_model_state(name, model, tx, key_index, size, classes, dtype, batch):
-    """``common.init_state`` of a model (key ``fold_in(key(0), key_index)``), computed once per process for each
+    """``recipe.init_state`` of a model (key ``fold_in(key(0), key_index)``), computed once per process for each
     (model, key, size, classes, dtype, batch): every case of a pair starts from the same variables, and the init
     program is recompiled for each new model object (some seconds per model on XLA:CPU). Cases never donate
     their initial state (the drivers run on copies), so sharing it is safe."""
     key = (name, key_index, size, classes, dtype, batch)
     if key not in _INIT_STATES:
-        _INIT_STATES[key] = common.init_state(model, tx, jax.random.fold_in(jax.random.key(0), key_index), size)
+        _INIT_STATES[key] = recipe.init_state(model, tx, jax.random.fold_in(jax.random.key(0), key_index), size)
     return dict(_INIT_STATES[key])
 
 
@@ -276,27 +273,27 @@ class Case:
                         initial_model_state(teacher_name, teacher, tx, 1, size, classes, dtype, batch).items()
                         if k in ("params", "batch_stats")}
         student_vars = {"params": state["params"], "batch_stats": state["batch_stats"]}
+        plan = epochs_lib.make_plan(dataset.num_train, batch, last_batch="drop")  # num_train // batch steps
+        kd_recipe = recipe.Recipe(1, plan, 1, 0.05, (), 0.1, tx, None)
+        w = distillers.resolve_weights(distiller, aug, logit_stand=ls)
+        method = kd.KDMethod(distiller, steps.KDWeights(gamma=w["gamma"], alpha=w["alpha"], beta=w["beta"],
+                                                        logit_stand=ls))
+        setup = kd.KDSetup(method=method, scheme=augment.create(aug, dataset_stats=dataset, n_pick=batch),
+                           prepare=prepare, student=student, teacher=teacher, student_name=student_name,
+                           num_classes=classes, image_size=size, batch=batch)
         if stage == "init":
             from kdjax.train import init_stage  # noqa: PLC0415  (absent before the two-stage methods landed)
-            feats_s = feature_shapes(student, student_vars, batch, size, distiller.preact)
-            feats_t = feature_shapes(teacher, teacher_vars, batch, size, distiller.preact)
+            feats_s, feats_t = setup.feature_shapes(student_vars, teacher_vars)
             heads = distiller.init_stage_heads(jax.random.fold_in(key, 2), feats_s, feats_t)
-            plan = epochs_lib.make_plan(dataset.num_train, batch)
-            kd_recipe = recipe.Recipe(1, plan, 1, 0.05, (), 0.1, tx, None)
-            config = types.SimpleNamespace(optim=types.SimpleNamespace(momentum=0.9, weight_decay=5e-4))
-            stage_recipe = init_stage.make_init_recipe(config, kd_recipe, distiller, student_name,
+            stage_recipe = init_stage.make_init_recipe(kd_recipe, distiller, student_name,
                                                        state["params"], heads)
             self.step_fn = init_stage.make_init_step(student, student_name, teacher, stage_recipe.tx, prepare,
                                                      distiller)
             state = init_stage.init_stage_state(stage_recipe.tx, state, heads)
         else:
-            scheme = augment.create(aug, dataset_stats=dataset, n_pick=batch)
-            w = distillers.resolve_weights(distiller, aug, logit_stand=ls)
-            weights = steps.KDWeights(gamma=w["gamma"], alpha=w["alpha"], beta=w["beta"], logit_stand=ls)
-            self.step_fn = steps.make_kd_step(student, teacher, tx, prepare, scheme, weights, classes,
-                                              distiller=distiller, steps_per_epoch=self.steps_per_epoch)
-            state["extra"] = init_extra(distiller, tx, jax.random.fold_in(key, 2), student, student_vars, teacher,
-                                        teacher_vars, batch, dataset)
+            self.step_fn = setup.make_step(kd_recipe)
+            state["extra"] = setup.init_extra(tx, jax.random.fold_in(key, 2), student_vars, teacher_vars,
+                                              dataset.num_train, dataset.train_labels)
         replicated = NamedSharding(mesh, P())
         self.initial_state = jax.device_put(state, replicated)
         self.teacher_vars = jax.device_put(teacher_vars, replicated)
@@ -418,7 +415,7 @@ class ShapeCheck:
     def feats(self, model, preact):
         key = (model, preact)
         if key not in self.cache:
-            self.cache[key] = abstract_feature_shapes(model, self.num_classes, self.image_size, self.batch, preact)
+            self.cache[key] = models.abstract_feature_shapes(model, self.num_classes, self.image_size, self.batch, preact)
         return self.cache[key]
 
     def reason(self, spec, pair):

@@ -17,17 +17,19 @@ that fails on bad input (a missing checkpoint, a dataset not prepared) is one li
 ``kdjax.data.register_source`` a dataset of your own and use it by name.
 """
 import dataclasses
-import importlib
 import os
 import sys
 from typing import List, Optional
 
 import ml_collections
 
+from kdjax import plugins
+from kdjax.errors import KdjaxError
+
 USAGE = "usage: kdjax <task> [--config.FIELD=VALUE ...] --workdir=DIR   |   kdjax --config=FILE.py[:k=v,...] ..."
 
 
-class UsageError(ValueError):
+class UsageError(KdjaxError, ValueError):
     """The command line itself is wrong (exit status 2)."""
 
 
@@ -116,26 +118,9 @@ def describe_fields(config: ml_collections.ConfigDict, task: str) -> str:
     return "\n".join(out)
 
 
-def import_plugins() -> None:
-    for name in filter(None, os.environ.get("KDJAX_PLUGINS", "").split(",")):
-        try:
-            importlib.import_module(name.strip())
-        except ImportError as e:
-            raise UsageError(f"KDJAX_PLUGINS names {name.strip()!r}, which cannot be imported ({e}); fix the name or "
-                             f"its PYTHONPATH") from None
-
-
-def _user_errors():
-    from kdjax.checkpoint import CheckpointError
-    from kdjax.sweep import SweepFailed
-    from kdjax.train.loop import TrainingDiverged
-    from kdjax.workdir import WorkdirBusy
-    return (ValueError, FileNotFoundError, CheckpointError, TrainingDiverged, SweepFailed, WorkdirBusy)
-
-
 def _fail(message: str, status: int):
-    for line in str(message).splitlines() or [""]:  # a few problems at once: one line each
-        print(f"error: {line}", file=sys.stderr, flush=True)
+    from kdjax import tasks
+    tasks.fail(message)
     sys.exit(status)
 
 
@@ -144,9 +129,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     from kdjax.configs.parse import ConfigError
     debug = bool(os.environ.get("KDJAX_DEBUG"))
     try:
-        import_plugins()
+        plugins.import_plugins()
         inv = parse_args(argv)
-    except (UsageError, ConfigError) as e:
+    except (UsageError, ConfigError, plugins.PluginError) as e:
         if debug:
             raise
         _fail(str(e), 2)
@@ -159,25 +144,8 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 
 def run(config, workdir: str, debug: bool = False) -> None:
-    """Run ``config``'s task in ``workdir``; bad input ends in one line."""
-    from absl import logging
-    if not os.environ.get("KDJAX_VERBOSE"):  # kdjax prints its own lines; the libraries' logs only on demand
-        logging.set_verbosity(logging.ERROR)
-    from kdjax import parallel, tasks
-    parallel.maybe_initialize_distributed()  # before anything touches a device
-    from kdjax import workdir as workdir_lib
-    workdir = os.path.abspath(os.path.expanduser(workdir))
-    from kdjax.train.loop import RunInterrupted
-    try:
-        tasks.run(config.task, config, workdir)
-    except RunInterrupted as e:
-        _fail(str(e), 130)
-    except KeyboardInterrupt:
-        # outside a training loop (setup, evaluation, a sweep between runs): checkpoints and finished runs stay
-        _fail(f"interrupted; what was saved before stays in {workdir}: run the same command to go on", 130)
-    except _user_errors() as e:  # bad input: one line that names the fix, no traceback
-        if debug:
-            raise
-        _fail(str(e), 1)
-    # Only a launch that ran describes the directory (training tasks record it when they claim the workdir).
-    workdir_lib.write_config(workdir, config)
+    """Run ``config``'s task in ``workdir``; bad input ends in one line (``kdjax.tasks.run_command``)."""
+    from kdjax import tasks
+    status = tasks.run_command(config, workdir, debug)
+    if status:
+        sys.exit(status)

@@ -69,6 +69,12 @@ def compilation_cache_counts() -> dict:
 _DISTRIBUTED_READY = False
 
 
+def compilation_cache_counts_since(before: dict) -> dict:
+    """The cache's hit/miss counts since ``before`` (an earlier ``compilation_cache_counts()``): a run's own."""
+    now = compilation_cache_counts()
+    return {key: now[key] - before.get(key, 0) for key in now}
+
+
 def maybe_initialize_distributed() -> None:
     """Multi-host runs: ``jax.distributed.initialize()`` before anything touches a device, when
 

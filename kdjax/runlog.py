@@ -7,7 +7,6 @@ from importlib import metadata
 from typing import Any, Mapping, Optional
 
 import jax
-from absl import logging
 
 VERSIONED_PACKAGES = ("kdjax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
 
@@ -40,13 +39,35 @@ def format_eta(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+class ProgressLog:
+    """The human lines of a run, the one place kdjax prints them: ``[tag] text`` on stdout, process 0 only;
+    ``progress`` lines at most one per ``min_interval_s`` unless forced (an epoch end), as one-step dispatches
+    (CPU) would otherwise print a line per step."""
+
+    def __init__(self, tag: str, min_interval_s: float = 5.0):
+        self.tag = tag
+        self.min_interval_s = min_interval_s
+        self.main = is_main_process()
+        self._last_progress = 0.0
+
+    def line(self, text: str, tag: Optional[str] = None) -> None:
+        if self.main:
+            print(f"[{tag or self.tag}] {text}", flush=True)
+
+    def progress(self, text: str, force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self._last_progress < self.min_interval_s:
+            return
+        self._last_progress = now
+        self.line(text)
+
+
 class RunLog:
     """One human line and one JSON line per logged chunk (process 0 only); TensorBoard when tensorboardX exists."""
 
     def __init__(self, workdir: str, total_steps: int, name: str = "train", min_interval_s: float = 5.0):
         self.total_steps = total_steps
-        self.min_interval_s = min_interval_s  # one-step dispatches (CPU) would otherwise print a line per step
-        self._last_print = 0.0
+        self.human = ProgressLog(name, min_interval_s)
         self.main = is_main_process()
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._tb = None
@@ -99,16 +120,10 @@ class RunLog:
 
     def progress(self, step: int, epoch: int, epochs: int, loss: float, lr: float, images_per_s: float,
                  seconds_per_step: float, extra: str = "", force: bool = False) -> None:
-        """A human progress line, at most one per ``min_interval_s`` unless ``force`` (the end of an epoch)."""
-        now = time.time()
-        if not self.main or (not force and now - self._last_print < self.min_interval_s):
-            return
-        self._last_print = now
+        """A human progress line (throttled, see ``ProgressLog``; ``force`` at the end of an epoch)."""
         eta = format_eta((self.total_steps - step) * seconds_per_step)
-        line = (f"[{self.name}] epoch {epoch}/{epochs} step {step}/{self.total_steps} loss {loss:.4f} lr {lr:.4g} "
-                f"{images_per_s:,.0f} img/s ETA {eta}{extra}")
-        print(line, flush=True)
-        logging.info(line)
+        self.human.progress(f"epoch {epoch}/{epochs} step {step}/{self.total_steps} loss {loss:.4f} lr {lr:.4g} "
+                            f"{images_per_s:,.0f} img/s ETA {eta}{extra}", force=force)
 
     def close(self) -> None:
         if self._tb is not None:

@@ -15,6 +15,7 @@ import time
 from typing import Iterable
 
 from flax import traverse_util
+from kdjax.errors import KdjaxError
 
 RUN_CONFIG = "run_config.json"
 # Fields that may change between a run and its resumption without changing its results.
@@ -76,7 +77,7 @@ STALE_AFTER_S = 600.0
 HEARTBEAT_S = 60.0
 
 
-class WorkdirBusy(RuntimeError):
+class WorkdirBusy(KdjaxError, RuntimeError):
     """Another live process holds the workdir."""
 
 
@@ -108,6 +109,21 @@ def _is_stale(holder, path: str, now: float) -> bool:
     if holder.get("host") == socket.gethostname() and not _pid_alive(int(holder.get("pid", -1))):
         return True
     return now - float(holder.get("heartbeat", 0.0)) > STALE_AFTER_S
+
+
+def remove_lock_held_by(workdir: str, host, pid):
+    """Take over a lock that a scheduler knows to be dead although this host cannot see it (a SLURM job's previous
+    incarnation on another node, an ended job): remove the workdir's lock if the process ``pid`` on ``host``
+    holds it. Returns the holder record, or None when the lock is absent, unreadable or held by another process."""
+    path = os.path.join(workdir, LOCK_FILE)
+    holder = read_lock(path)
+    if holder is None or holder.get("host") != host or holder.get("pid") != pid:
+        return None
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+    return holder
 
 
 class WorkdirLock:
@@ -213,7 +229,8 @@ def _differences(workdir: str, config, ignore: Iterable[str]):
     _adopt_recorded_schedule(config, upgraded)
     current = _flatten(_normalise(config.to_dict() if hasattr(config, "to_dict") else dict(config)))
     recorded = _flatten(upgraded)
-    skip = set(ignore)
+    # A field added to kdjax after the run started is absent from its record: left unset, it changes nothing.
+    skip = set(ignore) | {k for k, v in current.items() if v is None and k not in recorded}
     return {k: (recorded.get(k, "<absent>"), current.get(k, "<absent>")) for k in set(recorded) | set(current)
             if k not in skip and recorded.get(k, "<absent>") != current.get(k, "<absent>")}
 

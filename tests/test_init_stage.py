@@ -7,7 +7,6 @@ import pytest
 
 from helpers import load_config
 from kdjax import distillers, models
-from kdjax.tasks import distill as distill_task
 from kdjax.train import init_stage, recipe as recipe_lib, steps
 
 SIZE, BATCH = 8, 8
@@ -27,12 +26,12 @@ def _setup(name):
     s_vars = student.init(jax.random.key(0), x, train=False)
     t_vars = teacher.init(jax.random.key(1), x, train=False)
     distiller = distillers.create(name)
-    feats_s = distill_task.feature_shapes(student, s_vars, BATCH, SIZE, distiller.preact)
-    feats_t = distill_task.feature_shapes(teacher, t_vars, BATCH, SIZE, distiller.preact)
+    feats_s = models.feature_shapes(student, s_vars, BATCH, SIZE, distiller.preact)
+    feats_t = models.feature_shapes(teacher, t_vars, BATCH, SIZE, distiller.preact)
     heads = distiller.init_stage_heads(jax.random.key(2), feats_s, feats_t)
     config = load_config("distill", f"student={MODEL},teacher={MODEL},batch_size={BATCH},image_size={SIZE}")
     recipe = recipe_lib.make_recipe(config, 64, 1, MODEL)
-    stage = init_stage.make_init_recipe(config, recipe, distiller, MODEL, s_vars["params"], heads)
+    stage = init_stage.make_init_recipe(recipe, distiller, MODEL, s_vars["params"], heads)
     state = init_stage.init_stage_state(stage.tx, s_vars, heads)
     prepare = steps.make_prepare(jnp.full((3,), 0.5), jnp.full((3,), 0.25), 1)
     step = jax.jit(init_stage.make_init_step(student, MODEL, teacher, stage.tx, prepare, distiller))

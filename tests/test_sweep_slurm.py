@@ -182,7 +182,8 @@ def test_a_failing_job_logs_to_the_run_workdir_and_raises_for_submitit(tmp_path,
     monkeypatch.setenv("SLURM_JOB_ID", "31")
     monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
     workdir = tmp_path / "run"
-    job = slurm.RunJob(["teacher", "--config.model=resnet9", f"--workdir={workdir}"], str(workdir))
+    from kdjax import sweep, tasks
+    job = slurm.RunJob(sweep.Run("teacher", str(workdir), (("model", "resnet9"),), 0), tasks.run_command)
     with pytest.raises(RuntimeError, match=r"kdjax teacher failed \(exit status 1\).*unknown model 'resnet9'"):
         job()
     log = (workdir / slurm.LOG).read_text()

@@ -16,11 +16,20 @@ from helpers import load_config
 from kdjax import augment, distillers
 from kdjax.augment import transforms
 from kdjax.tasks import distill
+from kdjax.train import kd
 from kdjax.train import recipe, steps
 
 MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
 NUM_CLASSES, SIZE, BATCH, NUM_TRAIN = 4, 8, 8, 24
 LR, WD = 0.1, 5e-4
+
+
+def kd_weights(config):
+    return kd.KDMethod.from_config(config).weights
+
+
+def make_distiller(config):
+    return kd.KDMethod.from_config(config).distiller
 
 
 def np_log_softmax(z):
@@ -282,7 +291,7 @@ def distill_config(aug="cutmix_pick_t", distiller="crd", teacher_dir="", **field
 
 
 def test_config_weights_options_and_errors():
-    weights = lambda config: (lambda w: (w.gamma, w.alpha, w.beta))(distill.kd_weights(config))  # noqa: E731
+    weights = lambda config: (lambda w: (w.gamma, w.alpha, w.beta))(kd_weights(config))  # noqa: E731
     assert weights(distill_config("identity")) == (1.0, 0.0, 0.8)      # CRD alone: the original's
     assert weights(distill_config("cutmix")) == (0.1, 0.9, 0.8)        # with a scheme: the paper's KD weights
     assert weights(distill_config("identity", "kd")) == (0.1, 0.9, 0.0)
@@ -292,16 +301,16 @@ def test_config_weights_options_and_errors():
     config.loss.beta = 2.0
     assert weights(config) == (1.0, 1.0, 2.0)                           # an explicit weight wins
     config.distill.nce_k = 100
-    assert distill.make_distiller(config).nce_k == 100
+    assert make_distiller(config).nce_k == 100
 
     with pytest.raises(ValueError, match="unknown distiller 'crdd'; valid distillers: ab, at, cc, crd, dist, dkd, fsp, ft, hint"):
-        distill.validate(distill_config(distiller="crdd", teacher_dir="t"))
+        kd.validate(distill_config(distiller="crdd", teacher_dir="t"))
     config = distill_config(teacher_dir="t")
     config.distill.hint_layer = 1
     with pytest.raises(ValueError, match="unknown option.*hint_layer for distiller 'crd'; valid options"):
-        distill.validate(config)
+        kd.validate(config)
     with pytest.raises(ValueError, match="distiller=crd distils a teacher's features"):
-        distill.validate(distill_config("cutmix", teacher="none"))
+        kd.validate(distill_config("cutmix", teacher="none"))
 
 
 def _restore(step_dir):

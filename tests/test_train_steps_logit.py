@@ -17,12 +17,21 @@ from kdjax import augment, distillers, losses
 from kdjax.augment import transforms
 from kdjax.distillers import logit
 from kdjax.tasks import distill
+from kdjax.train import kd
 from kdjax.train import steps
 
 MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
 NUM_CLASSES, SIZE, BATCH, LR = 6, 8, 8, 0.1
 STEPS_PER_EPOCH = 10
 LW_MIX = (0.7, 0.0, 1.3)  # unequal, so that a term weighted by the wrong lw shows
+
+
+def kd_weights(config):
+    return kd.KDMethod.from_config(config).weights
+
+
+def make_distiller(config):
+    return kd.KDMethod.from_config(config).distiller
 
 
 def setup(aug, criterion="entropy"):
@@ -233,16 +242,16 @@ def config_of(arg, **loss):
 
 def test_config_weights_of_logit_distillers_and_logit_stand():
     weights = lambda c: (lambda w: (w.gamma, w.alpha, w.beta, w.logit_stand, w.ls_temperature))(  # noqa: E731
-        distill.kd_weights(c))
+        kd_weights(c))
     assert weights(config_of("distiller=dkd,aug=identity")) == (1.0, 1.0, 0.0, False, 2.0)
     assert weights(config_of("distiller=dist,aug=cutmix")) == (1.0, 2.0, 0.0, False, 2.0)
     assert weights(config_of("distiller=kd,aug=cutmix", logit_stand=True)) == (0.1, 9.0, 0.0, True, 2.0)
     assert weights(config_of("distiller=dkd,aug=cutmix", logit_stand=True, alpha=4.0)) == (1.0, 4.0, 0.0, True, 2.0)
     config = config_of("distiller=dkd,aug=cutmix")
     config.distill.warmup, config.distill.dkd_beta = 5, 2.0
-    assert distill.make_distiller(config) == distillers.create("dkd", warmup=5, dkd_beta=2.0)
+    assert make_distiller(config) == distillers.create("dkd", warmup=5, dkd_beta=2.0)
     config = config_of("distiller=correlation,aug=cutmix")
-    distill.validate(config)
+    kd.validate(config)
     assert config.distiller == "cc"  # the canonical name is what the workdir and the results record
     with pytest.raises(ValueError, match="standardises the logits of kd and dkd, not distiller=dist"):
-        distill.validate(config_of("distiller=dist,aug=cutmix", logit_stand=True))
+        kd.validate(config_of("distiller=dist,aug=cutmix", logit_stand=True))

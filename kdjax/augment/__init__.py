@@ -6,14 +6,16 @@ its order), ``register(name, factory)`` adds one. ``transforms`` holds what ever
 scheme (the loader's per-sample crop+flip and normalisation), the uint8 <-> normalised conversions and the
 scheme's label targets.
 """
-from kdjax.augment import transforms
-from kdjax.augment.registry import (CRITERIA, PAPER_SCHEMES, POLICIES, SCORERS, Scheme, as_stats, check_name, create,
-                                    label, names, register, scorer_of)
-from kdjax.augment.schemes import DatasetStats, Options, derangement
+from kdjax.augment import schemes, transforms  # noqa: F401  (schemes registers the built-in schemes)
+from kdjax.augment.registry import (CRITERIA, PAPER_SCHEMES, POLICIES, SCORERS, DatasetStats, Options, Scheme,
+                                    as_stats, check_name, config_block, create, label, names, option_help,
+                                    option_names, options_from_config, register, scorer_of)
+from kdjax.augment.schemes import derangement
 from kdjax.augment.transforms import (base_train_batch, base_train_transform, denormalize, mixed_targets, normalize,
                                       to_uint8_truncating)
 from kdjax.losses import entropy
 
 __all__ = ["CRITERIA", "DatasetStats", "Options", "PAPER_SCHEMES", "POLICIES", "SCORERS", "Scheme", "as_stats",
-           "base_train_batch", "base_train_transform", "check_name", "create", "denormalize", "derangement",
-           "entropy", "label", "mixed_targets", "names", "normalize", "register", "scorer_of", "to_uint8_truncating", "transforms"]
+           "base_train_batch", "base_train_transform", "check_name", "config_block", "create", "denormalize",
+           "derangement", "entropy", "label", "mixed_targets", "names", "normalize", "option_help", "option_names",
+           "options_from_config", "register", "scorer_of", "to_uint8_truncating", "transforms"]

@@ -1,13 +1,77 @@
-"""Name -> scheme factory registry and ``create``, the one entry point of the augmentation package."""
-import dataclasses
-from typing import Callable, Dict, Optional
+"""Name -> scheme factory registry, filled where each scheme is defined (``@builtin`` in ``schemes``, ``register``
+for a user's), the scheme options (declared once, on ``Options``: the ``augment`` config block and its ``--help``
+lines derive from them) and ``create``, the one entry point of the augmentation package.
 
-from kdjax.augment import schemes
-from kdjax.augment.schemes import DatasetStats, Options
+A leaf module: it imports nothing of kdjax, so the scheme modules can import it.
+"""
+import dataclasses
+from typing import Callable, Dict, Optional, Tuple
+
+import ml_collections
+from ml_collections import config_dict
+
+# The paper's nine schemes in the order of its tables: the one list every task and the sweep use (aug='all'). Named
+# here, apart from the registry, so that a scheme added to kdjax never joins "the paper's nine" by being built in.
+PAPER_SCHEMES = ("identity", "flip", "crop_flip", "cutout", "autoaugment", "mixup", "cutmix", "cutmix_pick_s",
+                 "cutmix_pick_t")
 
 SCORERS = (None, "student", "teacher")
 CRITERIA = ("entropy", "kld")
 POLICIES = ("cifar10", "imagenet")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetStats:
+    """What a scheme needs to know of its data: per-channel mean/std in [0, 1] pixel units, the square image
+    side, and (optional) the number of classes, which lets CutMixPick return soft label targets."""
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
+    image_size: int
+    num_classes: Optional[int] = None
+
+
+def _option(default, help_text: str):
+    return dataclasses.field(default=default, metadata={"help": help_text})
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """The scheme options, resolved by ``resolve_options`` (``create`` describes them). Each field declared with
+    ``_option`` is a config field ``augment.<name>`` of the tasks that run schemes, with this help line."""
+    per_sample: bool = _option(False, "each image gets its own draw (the original draws once per batch)")
+    cutout_size: Optional[int] = _option(None, "Cutout hole side; unset: image_size // 4 (8 at 32 px)")
+    policy: Optional[str] = _option(None, "AutoAugment policy, cifar10 or imagenet; unset: cifar10 below 64 px")
+    mix_n_run: int = _option(2, "CutMix draws pooled by CutMixPick")
+    n_pick: Optional[int] = _option(None, "images CutMixPick keeps; unset: the batch size, capped at the pool size")
+    criterion: str = _option("entropy", "CutMixPick score: 'entropy' (the paper) or 'kld'")
+    crop_pad: int = 0  # Crop+Flip's padding, derived from the image size (image_size // 8), not an option
+
+
+def option_names() -> Tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(Options) if "help" in f.metadata)
+
+
+def option_help(name: str) -> str:
+    return next((f.metadata["help"] for f in dataclasses.fields(Options) if f.name == name), "")
+
+
+def config_block(exclude: Tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+    """The ``augment`` group of a task config: every option with its default (unset ones as placeholders)."""
+    out = {}
+    for f in dataclasses.fields(Options):
+        if "help" not in f.metadata or f.name in exclude:
+            continue
+        kind = {"cutout_size": int, "policy": str, "n_pick": int}.get(f.name, type(f.default))
+        out[f.name] = config_dict.placeholder(kind) if f.default is None else f.default
+    return ml_collections.ConfigDict(out)
+
+
+def options_from_config(group, batch_size: int) -> dict:
+    """``create``'s options from a config's ``augment`` group: the set fields; ``n_pick`` unset is the
+    configured batch size, so a short last batch keeps min(n_pick, pool) images as the original does."""
+    options = {k: v for k, v in (group.items() if group is not None else ()) if v is not None}
+    options.setdefault("n_pick", int(batch_size))
+    return options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,28 +121,22 @@ class _Entry:
     label: Optional[str] = None  # how tables and plots name the scheme
 
 
-# The paper's nine, in the order of its tables (aug='all' runs them in this order).
-_BUILTIN: Dict[str, _Entry] = {
-    "identity": _Entry(schemes.identity, label="Identity"),
-    "flip": _Entry(schemes.flip, label="Flip"),
-    "crop_flip": _Entry(schemes.crop_flip, label="Crop+Flip"),
-    "cutout": _Entry(schemes.cutout, label="Cutout"),
-    "autoaugment": _Entry(schemes.autoaugment_scheme, label="AutoAugment"),
-    "mixup": _Entry(schemes.mixup, label="Mixup"),
-    "cutmix": _Entry(schemes.cutmix, label="CutMix"),
-    "cutmix_pick_s": _Entry(schemes.cutmix_pick_s, scorer="student", label="CutMixPick (S. ent.)"),
-    "cutmix_pick_t": _Entry(schemes.cutmix_pick_t, scorer="teacher", label="CutMixPick (T. ent.)"),
-}
+_BUILTIN: Dict[str, _Entry] = {}
 _USER: Dict[str, _Entry] = {}
-# The paper's nine scheme names in the order of its tables: the one list every task and the sweep use.
-PAPER_SCHEMES = tuple(_BUILTIN)
 
-_OPTION_NAMES = ("per_sample", "cutout_size", "policy", "mix_n_run", "n_pick", "criterion")
+
+def builtin(name: str, *, label: str, scorer: Optional[str] = None):
+    """Decorator of a built-in scheme's factory, where it is defined (``kdjax.augment.schemes``)."""
+    def add(factory: Callable) -> Callable:
+        _BUILTIN[name] = _Entry(factory, scorer, label)
+        return factory
+    return add
 
 
 def names():
-    """The nine built-in schemes in the paper's order, then user-registered ones in registration order."""
-    return list(_BUILTIN) + [name for name in _USER if name not in _BUILTIN]
+    """The paper's nine in its order, any other built-in scheme, then user-registered ones in registration order."""
+    return ([n for n in PAPER_SCHEMES if n in _BUILTIN] + [n for n in _BUILTIN if n not in PAPER_SCHEMES]
+            + [n for n in _USER if n not in _BUILTIN])
 
 
 def label(name: str) -> str:
@@ -185,10 +243,10 @@ def create(aug: str, dataset_stats, **options) -> Scheme:
     The schemes are pure and jittable with static shapes; nothing runs on the host.
     """
     check_name(aug)
-    unknown = sorted(set(options) - set(_OPTION_NAMES))
+    unknown = sorted(set(options) - set(option_names()))
     if unknown:
         raise ValueError(f"unknown augmentation option(s) {', '.join(unknown)}; valid options: "
-                         f"{', '.join(_OPTION_NAMES)}")
+                         f"{', '.join(option_names())}")
     stats = as_stats(dataset_stats)
     opts = resolve_options(stats, **options)
     entry = _BUILTIN.get(aug) or _USER[aug]

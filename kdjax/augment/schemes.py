@@ -8,35 +8,13 @@ crop offset, one AutoAugment sub-policy, one Cutout hole, one Mixup lambda, one 
 ``per_sample=True`` each image gets its own draw (a named extension, not the paper's setting). Permutations are
 always one per batch.
 """
-import dataclasses
-from typing import Callable, Optional, Tuple
+from typing import Callable, Tuple
 
 import jax
 import jax.numpy as jnp
 
 from kdjax.augment import transforms
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetStats:
-    """What a scheme needs to know of its data: per-channel mean/std in [0, 1] pixel units, the square image
-    side, and (optional) the number of classes, which lets CutMixPick return soft label targets."""
-    mean: Tuple[float, ...]
-    std: Tuple[float, ...]
-    image_size: int
-    num_classes: Optional[int] = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Options:
-    """Resolved scheme options (see ``kdjax.augment.create`` for their meaning and defaults)."""
-    per_sample: bool
-    cutout_size: int
-    policy: str
-    mix_n_run: int
-    n_pick: Optional[int]
-    criterion: str
-    crop_pad: int
+from kdjax.augment.registry import DatasetStats, Options, builtin
 
 
 def _lead_shape(batch: int, per_sample: bool) -> Tuple[int, ...]:
@@ -101,6 +79,7 @@ def _keep_dtype(out, images):
 # --------------------------------------------------------------------------------------------------- schemes
 
 
+@builtin("identity", label="Identity")
 def identity(stats: DatasetStats, opts: Options) -> Callable:
     """x' = x: the student sees the same batch twice."""
     def fn(key, images, labels, score_fn=None):
@@ -120,6 +99,7 @@ def _via_uint8(stats: DatasetStats, transform_uint8: Callable) -> Callable:
     return fn
 
 
+@builtin("flip", label="Flip")
 def flip(stats: DatasetStats, opts: Options) -> Callable:
     """RandomHorizontalFlip(0.5) through uint8: one coin for the batch (or one per image)."""
     def transform(key, pixels):
@@ -128,6 +108,7 @@ def flip(stats: DatasetStats, opts: Options) -> Callable:
     return _via_uint8(stats, transform)
 
 
+@builtin("crop_flip", label="Crop+Flip")
 def crop_flip(stats: DatasetStats, opts: Options) -> Callable:
     """RandomCrop(S, padding=S//8, zero fill) then RandomHorizontalFlip(0.5), through uint8; one offset and one
     coin for the batch (or one each per image)."""
@@ -138,6 +119,7 @@ def crop_flip(stats: DatasetStats, opts: Options) -> Callable:
     return _via_uint8(stats, transform)
 
 
+@builtin("cutout", label="Cutout")
 def cutout(stats: DatasetStats, opts: Options) -> Callable:
     """One square hole of side ``cutout_size`` (centre uniform over the image, clipped at the border) set to 0
     in normalised space, i.e. the dataset-mean colour. One hole per batch (or per image)."""
@@ -153,6 +135,7 @@ def cutout(stats: DatasetStats, opts: Options) -> Callable:
     return fn
 
 
+@builtin("autoaugment", label="AutoAugment")
 def autoaugment_scheme(stats: DatasetStats, opts: Options) -> Callable:
     """torchvision-0.10 AutoAugment through uint8: one sub-policy (with its probabilities and signs) for the
     whole batch (or per image); policy 'cifar10' at 32x32, 'imagenet' at 64x64."""
@@ -163,6 +146,7 @@ def autoaugment_scheme(stats: DatasetStats, opts: Options) -> Callable:
     return _via_uint8(stats, transform)
 
 
+@builtin("mixup", label="Mixup")
 def mixup(stats: DatasetStats, opts: Options) -> Callable:
     """x' = lam x + (1 - lam) x[perm] in normalised space; lam ~ Beta(1, 1) = U(0, 1), perm a plain random
     permutation (fixed points allowed, as the original's ``randperm``)."""
@@ -197,6 +181,7 @@ def _cutmix_once(key, images, per_sample: bool):
     return mixed, {"lam": lam_area, "perm": perm, "box": jnp.stack([y1, y2, x1, x2], axis=-1)}
 
 
+@builtin("cutmix", label="CutMix")
 def cutmix(stats: DatasetStats, opts: Options) -> Callable:
     """CutMix with the original's changes: even box side, a permutation without fixed points, lam (in aux) set
     to the kept area fraction 1 - box_area / (H W)."""
@@ -257,5 +242,5 @@ def _cutmix_pick(scorer_name: str) -> Callable:
     return factory
 
 
-cutmix_pick_s = _cutmix_pick("student")
-cutmix_pick_t = _cutmix_pick("teacher")
+cutmix_pick_s = builtin("cutmix_pick_s", label="CutMixPick (S. ent.)", scorer="student")(_cutmix_pick("student"))
+cutmix_pick_t = builtin("cutmix_pick_t", label="CutMixPick (T. ent.)", scorer="teacher")(_cutmix_pick("teacher"))

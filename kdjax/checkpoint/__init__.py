@@ -1,4 +1,4 @@
-"""Checkpoints: kdjax's orbax format, and import of the original PyTorch teachers.
+"""Checkpoints: kdjax's orbax format, checkpoints as a run's inputs, and import of the original PyTorch teachers.
 
 The names below are imported on first use (PEP 562): ``kdjax.checkpoint.store`` pulls in orbax and JAX, which the
 torch-free ``.pth`` reader (``kdjax.checkpoint.torch_pickle``) must not need -- it is used, and tested, where JAX
@@ -14,6 +14,11 @@ _EXPORTS = {
     "read_meta": "store",
     "resolve_step_dir": "store",
     "save_model": "store",
+    "check_against_dataset": "inputs",
+    "check_finished": "inputs",
+    "fill_data_fields": "inputs",
+    "input_record": "inputs",
+    "load_checkpoint": "inputs",
     "import_torch": "torch_import",
     "read_torch_checkpoint": "torch_import",
     "torch_to_variables": "torch_import",

@@ -19,12 +19,13 @@ from typing import Any, Mapping, Optional, Tuple
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from kdjax.errors import KdjaxError
 
 CHECKPOINT_SUBDIR = "checkpoints"
 DIGEST_KEY = "digest"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(KdjaxError, ValueError):
     """A checkpoint is missing, corrupt or does not fit the task's config."""
 
 

@@ -5,9 +5,10 @@ from typing import Dict, Mapping, Optional, Tuple
 import numpy as np
 
 from kdjax.checkpoint.torch_pickle import brief
+from kdjax.errors import KdjaxError
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(KdjaxError, ValueError):
     """A state_dict does not fit the architecture it is loaded into."""
 
 

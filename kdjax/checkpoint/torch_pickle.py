@@ -34,6 +34,7 @@ import zlib
 from typing import Any, Callable, Dict, Optional
 
 import numpy as np
+from kdjax.errors import KdjaxError
 
 # ------------------------------------------------------------------------------------------------------ limits
 # A state_dict's pickle holds names, shapes and storage keys (per tensor about 130 bytes, 35 opcodes, 9 memo
@@ -55,7 +56,7 @@ _READ_CHUNK = 2 ** 20  # zip members are read in pieces of this size, so no buff
 _HASH_MODULUS = 2 ** 61 - 1  # CPython hashes ints modulo this: larger int keys can be made to collide
 
 
-class TorchCheckpointError(ValueError):
+class TorchCheckpointError(KdjaxError, ValueError):
     """A file cannot be read as a PyTorch checkpoint."""
 
 

@@ -7,7 +7,7 @@ Small on purpose (16x16 digits, resnet14 -> resnet8, few epochs, one seed): the 
 illustrative, not a reproduction of the paper's numbers (use `kdjax sweep` on CIFAR-100 for that).
 """
 from kdjax.configs.parse import apply_arg
-from kdjax.sweep.grid import sweep_config
+from kdjax.configs.sweep import sweep_config
 
 
 def get_config(arg=None):

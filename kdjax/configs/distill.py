@@ -13,6 +13,7 @@
 import ml_collections
 from ml_collections import config_dict
 
+from kdjax import augment, distillers
 from kdjax.configs import fields
 from kdjax.configs.parse import apply_arg
 
@@ -31,34 +32,9 @@ def get_config(arg=None):
         logit_stand=False,
         ls_temperature=2.0,
     ))
+    # Every option a registered distiller declares (kdjax.distillers.option), unset: the method's own default.
     # Setting an option that the chosen distiller does not have is an error that lists the valid ones.
-    config.distill = ml_collections.ConfigDict(dict(
-        with_kd=config_dict.placeholder(bool),
-        feat_dim=config_dict.placeholder(int),
-        nce_k=config_dict.placeholder(int),
-        nce_t=config_dict.placeholder(float),
-        nce_m=config_dict.placeholder(float),
-        hint_layer=config_dict.placeholder(int),
-        p=config_dict.placeholder(float),
-        w_d=config_dict.placeholder(float),
-        w_a=config_dict.placeholder(float),
-        init_pred_var=config_dict.placeholder(float),
-        eps=config_dict.placeholder(float),
-        k=config_dict.placeholder(int),             # kdsvd: singular vectors kept per layer (1)
-        dkd_alpha=config_dict.placeholder(float),   # dkd: weight of TCKD (the paper's alpha, 1)
-        dkd_beta=config_dict.placeholder(float),    # dkd: weight of NCKD (the paper's beta, 8)
-        warmup=config_dict.placeholder(int),        # dkd: epochs over which its loss ramps in (20; 0: none)
-        dist_beta=config_dict.placeholder(float),   # dist: inter-class relation weight (1)
-        dist_gamma=config_dict.placeholder(float),  # dist: intra-class relation weight (1)
-        init_epochs=config_dict.placeholder(int),   # ab / ft / fsp: epochs of the init stage (30; 0: none)
-        init_lr=config_dict.placeholder(float),     # ab / ft / fsp: the init stage's constant lr (the original's rule)
-        margin=config_dict.placeholder(float),      # ab: activation-boundary margin (1)
-        ft_k=config_dict.placeholder(float),        # ft: the paraphraser's factor rate k (0.5)
-    ))
-    config.augment = ml_collections.ConfigDict(dict(
-        per_sample=False,
-        mix_n_run=2,
-        n_pick=config_dict.placeholder(int),
-        criterion="entropy",
-    ))
+    config.distill = ml_collections.ConfigDict({name: config_dict.placeholder(opt.type)
+                                                for name, opt in distillers.options().items()})
+    config.augment = augment.config_block()
     return apply_arg(fields.from_checkpoint(config), arg)

@@ -85,9 +85,6 @@ HELP = {
     "student": "student architecture (a zoo name)",
     "dataset": "data source: cifar100, cifar10, tiny_imagenet, digits, synthetic, or a registered one (tasks that "
                "read a checkpoint: unset takes the checkpoint's)",
-    "aug": "augmentation scheme: identity, flip, crop_flip, cutout, autoaugment, mixup, cutmix, cutmix_pick_s, "
-           "cutmix_pick_t ('all' = the nine, tstddev and gallery)",
-    "distiller": "loss beside or instead of KD: kd (none), crd, hint, at, sp, pkt, rkd, vid, nst, kdsvd, cc, dkd, dist",
     "teacher_checkpoint": "the teacher: a kdjax workdir (its latest step) or one step's directory",
     "student_checkpoint": "the fixed student that scores CutMixPick (S. ent.) in tstddev",
     "checkpoint": "the checkpoint to evaluate: a workdir or one step's directory",
@@ -127,34 +124,9 @@ HELP = {
     "loss.temperature": "KD temperature",
     "loss.lw_mix": "weights of KL on x, mixed-label CE on x', KL on x'",
     "distill": "options of the distiller (unset: the method's default)",
-    "distill.with_kd": "the '+KD' variant (e.g. CRD+KD): alpha 1 under identity",
-    "distill.feat_dim": "crd: embedding size (128)",
-    "distill.nce_k": "crd: negatives per anchor (16384), drawn with replacement",
-    "distill.nce_t": "crd: temperature (0.07)",
-    "distill.nce_m": "crd: memory-bank momentum (0.5)",
-    "distill.hint_layer": "hint: feature index (2)",
-    "distill.p": "at: exponent of the attention map (2)",
-    "distill.w_d": "rkd: distance weight (25)",
-    "distill.w_a": "rkd: angle weight (50)",
-    "distill.init_pred_var": "vid: initial predicted variance (5)",
-    "distill.eps": "pkt / vid: numerical epsilon",
-    "distill.k": "kdsvd: singular vectors kept per layer (1)",
-    "distill.dkd_alpha": "dkd: weight of the target-class term (1)",
-    "distill.dkd_beta": "dkd: weight of the non-target-class term (8)",
-    "distill.warmup": "dkd: epochs over which its loss ramps in (20; 0: none)",
-    "distill.dist_beta": "dist: weight of the inter-class relation (1)",
-    "distill.dist_gamma": "dist: weight of the intra-class relation (1)",
-    "distill.init_epochs": "ab / ft / fsp: epochs of the init stage before KD (30; 0 skips it)",
-    "distill.init_lr": "ab / ft / fsp: constant lr of the init stage (default: the student's; ft 0.01 on resnet/wrn)",
-    "distill.margin": "ab: margin of the activation-boundary loss (1)",
-    "distill.ft_k": "ft: factor rate k of the paraphraser and translator (0.5: half the teacher's channels)",
     "loss.logit_stand": "logit standardisation (z-scored logits) for the kd / dkd terms; CE and scores unchanged",
     "loss.ls_temperature": "base temperature of the standardised logits (2)",
     "augment": "options of the augmentation schemes",
-    "augment.per_sample": "each image gets its own draw (the original draws once per batch)",
-    "augment.mix_n_run": "CutMix draws pooled by CutMixPick",
-    "augment.n_pick": "images CutMixPick keeps; unset: the batch size, capped at the pool size",
-    "augment.criterion": "CutMixPick score: 'entropy' (the paper) or 'kld'",
     "num_classes": "classes of the imported checkpoint",
     "source": "the original's .pth checkpoint to import",
     "results_dir": "directory of results.json files to report on; unset: the workdir",
@@ -205,7 +177,17 @@ HELP = {
 
 
 def help_for(path: str) -> str:
-    """The help line of a dotted field name; fields of the teacher_checkpoints group share one."""
+    """The help line of a dotted field name; fields of the teacher_checkpoints group share one; the lines that
+    list names (distillers, schemes) and the distiller options come from the registries."""
+    from kdjax import augment, distillers
     if path.startswith("teacher_checkpoints."):
         return f"trained {path.split('.', 1)[1]} teacher (workdir or step directory)"
+    if path.startswith("distill."):
+        return distillers.option_help(path.split(".", 1)[1])
+    if path.startswith("augment."):
+        return augment.option_help(path.split(".", 1)[1])
+    if path == "distiller":
+        return f"loss beside or instead of KD: {', '.join(distillers.names())} (kd: plain KD)"
+    if path == "aug":
+        return f"augmentation scheme: {', '.join(augment.names())} ('all' = the paper's nine, tstddev and gallery)"
     return HELP.get(path, "")

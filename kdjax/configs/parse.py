@@ -11,9 +11,10 @@ import difflib
 from typing import Any, List
 
 import ml_collections
+from kdjax.errors import KdjaxError
 
 
-class ConfigError(ValueError):
+class ConfigError(KdjaxError, ValueError):
     """A config field or value the user gave cannot be used."""
 
 

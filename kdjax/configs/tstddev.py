@@ -12,6 +12,7 @@
 import ml_collections
 from ml_collections import config_dict
 
+from kdjax import augment
 from kdjax.configs import fields
 from kdjax.configs.parse import apply_arg
 
@@ -23,11 +24,8 @@ def get_config(arg=None):
         epochs=10, batch_size=64, seed=0, dtype="float32", steps_per_dispatch=200, steps_per_forward=8,
         **fields.run_fields(*fields.DATA_FIELDS, "compile_cache_dir")))
     config.dataset_options = fields.dataset_options()
-    config.augment = ml_collections.ConfigDict(dict(
-        per_sample=False,
-        mix_n_run=2,
-        n_pick=config_dict.placeholder(int),
-    ))
+    # T. stddev scores CutMixPick by entropy, the paper's criterion: no augment.criterion here
+    config.augment = augment.config_block(exclude=("criterion",))
     config.verbose = False
     config.note_skipped = True
     return apply_arg(fields.from_checkpoint(config), arg)

@@ -6,8 +6,8 @@ on the devices of a ("data",) mesh and gathers batches inside jit. Built-in sour
 scikit-learn, no download) and ``synthetic``; ``register_source`` adds more.
 """
 from kdjax.data.archives import ChecksumError, DataNotFoundError
-from kdjax.data.core import (Dataset, channel_stats, default_data_dir, load, names, register_source,
-                             resize_images)
+from kdjax.data.core import (Dataset, channel_stats, config_options, default_data_dir, load, load_for, names,
+                             register_source, resize_images)
 from kdjax.data.device import DeviceDataset
 from kdjax.data.digits import load_digits
 from kdjax.data.synthetic import load_synthetic
@@ -29,5 +29,5 @@ register_source("synthetic", load_synthetic)
 for _name in ("cifar10", "cifar100", "tiny_imagenet"):
     register_source(_name, _tfds_source(_name))
 
-__all__ = ["ChecksumError", "DataNotFoundError", "Dataset", "DeviceDataset", "channel_stats", "default_data_dir",
-           "load", "names", "register_source", "resize_images"]
+__all__ = ["ChecksumError", "DataNotFoundError", "Dataset", "DeviceDataset", "channel_stats", "config_options",
+           "default_data_dir", "load", "load_for", "names", "register_source", "resize_images"]

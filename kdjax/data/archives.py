@@ -16,6 +16,7 @@ import zipfile
 from typing import Iterator
 
 import numpy as np
+from kdjax.errors import KdjaxError
 
 
 # Normalisation statistics in [0, 1] pixel units. CIFAR-100: the original's dataset/cifar100.py; CIFAR-10: the usual
@@ -49,11 +50,11 @@ ARCHIVES = {
 }
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(KdjaxError, FileNotFoundError):
     """A dataset is neither prepared nor available as an archive in the manual directory."""
 
 
-class ChecksumError(ValueError):
+class ChecksumError(KdjaxError, ValueError):
     """An archive's md5 is not the official one."""
 
 

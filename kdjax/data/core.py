@@ -117,6 +117,20 @@ def load(name: str, *, data_dir=None, manual_dir=None, image_size: int | None = 
     return dataset
 
 
+def config_options(config) -> dict:
+    """The ``load`` arguments a run config sets: data_dir, manual_dir, image_size and the set fields of its
+    ``dataset_options`` group."""
+    options = {k: config[k] for k in ("data_dir", "manual_dir", "image_size") if config.get(k) is not None}
+    group = config.get("dataset_options")
+    options.update({k: v for k, v in (group.items() if group is not None else ()) if v is not None})
+    return options
+
+
+def load_for(config) -> Dataset:
+    """The dataset a run config names (``config.dataset``), with its options."""
+    return load(config.dataset, **config_options(config))
+
+
 def validate(dataset: Dataset, *, source: str = "") -> None:
     """Raise a clear error when ``dataset`` breaks the Dataset contract (dtypes, shapes, label range, stats)."""
     where = f"the source {source!r}" if source else "the dataset"

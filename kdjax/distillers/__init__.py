@@ -24,82 +24,32 @@ features asked with ``preact=d.preact``; ``make_extra(..., init_heads=heads)`` t
 KD stage (FT's paraphraser). ``ab`` and ``fsp`` have no KD-stage term (``d.stage_term`` False,
 ``has_feature_term`` False): their KD stage is plain KD.
 """
-import dataclasses
-from typing import Dict, Type
-
 import optax
 
 from kdjax.distillers.interface import (LOGIT_STAND_DISTILLERS, LS_TEMPERATURE, LS_WEIGHT,  # noqa: F401
                                         Distiller, resolve_weights)
-from kdjax.distillers.crd import CRD
-from kdjax.distillers.feature import AT, PKT, RKD, SP, VID, Hint
-from kdjax.distillers.logit import DIST, DKD, standardize  # noqa: F401
-from kdjax.distillers.relational import CC, KDSVD, NST
-from kdjax.distillers.two_stage import AB, FSP, FT
-
-_REGISTRY: Dict[str, Type[Distiller]] = {}
-
-# The original train_student.py's --distill spellings of the methods kdjax names by their short names.
-ALIASES = {"correlation": "cc", "abound": "ab", "factor": "ft", "attention": "at", "similarity": "sp"}
-
-
-def register(cls: Type[Distiller]) -> Type[Distiller]:
-    """Register a ``Distiller`` subclass under its ``name`` (usable as a class decorator)."""
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-for _cls in (Distiller, CRD, Hint, AT, SP, PKT, RKD, VID, NST, KDSVD, CC, DKD, DIST, AB, FT, FSP):
-    register(_cls)
-
-
-def names():
-    """The canonical names (aliases excluded)."""
-    return sorted(_REGISTRY)
+from kdjax.distillers.registry import (ALIASES, canonical, check_name, create, names, option,  # noqa: F401
+                                       option_help, options, register)
+# the method modules register their classes as they are defined
+from kdjax.distillers import crd, feature, logit, relational, two_stage  # noqa: F401,E402
+from kdjax.distillers.logit import standardize  # noqa: F401,E402
+from kdjax.distillers.registry import get as _get  # noqa: E402
 
 
 def feature_names():
     """The distillers with a feature term beside KD in the KD step (ft included; ab and fsp, whose KD stage is plain
     KD, are not)."""
-    return [n for n in names() if n != "kd" and not _REGISTRY[n].replaces_kl and _REGISTRY[n].stage_term]
+    return [n for n in names() if n != "kd" and not _get(n).replaces_kl and _get(n).stage_term]
 
 
 def init_stage_names():
     """The two-stage distillers, which train an init stage before the KD stage."""
-    return [n for n in names() if _REGISTRY[n].init_stage]
+    return [n for n in names() if _get(n).init_stage]
 
 
 def logit_names():
     """The distillers that replace KD's KL terms."""
-    return [n for n in names() if _REGISTRY[n].replaces_kl]
-
-
-def canonical(name: str) -> str:
-    """``name`` with an alias of the original code resolved; an unknown name fails with the valid ones."""
-    check_name(name)
-    return ALIASES.get(name, name)
-
-
-def check_name(name: str) -> None:
-    if ALIASES.get(name, name) not in _REGISTRY:
-        known = [f"{a} ({c})" for a, c in sorted(ALIASES.items()) if c in _REGISTRY]
-        if name in ALIASES:
-            raise ValueError(f"distiller {name!r} (the original's spelling of {ALIASES[name]!r}) is not built in "
-                             f"kdjax yet; valid distillers: {', '.join(names())}")
-        raise ValueError(f"unknown distiller {name!r}; valid distillers: {', '.join(names())}; aliases: "
-                         f"{', '.join(known)}")
-
-
-def create(name: str, **options) -> Distiller:
-    """The distiller ``name`` (or an alias of it) with its dataclass fields replaced by ``options`` (None values
-    are ignored, so a config can pass ``beta=None`` to mean "the method's default")."""
-    cls = _REGISTRY[canonical(name)]
-    valid = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise ValueError(f"unknown option(s) {', '.join(unknown)} for distiller {cls.name!r}; "
-                         f"valid options: {', '.join(valid)}")
-    return cls(**{k: v for k, v in options.items() if v is not None})
+    return [n for n in names() if _get(n).replaces_kl]
 
 
 def check_logit_stand(distiller) -> None:

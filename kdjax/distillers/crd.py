@@ -41,6 +41,7 @@ import numpy as np
 from kdjax.distillers import heads
 from kdjax.distillers.interface import (Distiller, check_feature_list, shape_of, student_features,
                                    teacher_features)
+from kdjax.distillers.registry import option, register
 
 NCE_EPS = 1e-7
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -116,6 +117,7 @@ def update_memory(memory, indices, v, momentum: float):
     return memory.at[indices].set(rows)
 
 
+@register
 @dataclasses.dataclass(frozen=True)
 class CRD(Distiller):
     """CRD on the pooled features f[-1]. ``loss`` needs ``labels``, ``indices`` (dataset indices) and ``key``."""
@@ -124,10 +126,10 @@ class CRD(Distiller):
     needs_indices: ClassVar[bool] = True
     uses_features: ClassVar[bool] = True
     beta: float = 0.8
-    feat_dim: int = 128
-    nce_k: int = 16384
-    nce_t: float = 0.07
-    nce_m: float = 0.5
+    feat_dim: int = option(128, "embedding size")
+    nce_k: int = option(16384, "negatives per anchor, drawn with replacement")
+    nce_t: float = option(0.07, "temperature of the NCE softmax")
+    nce_m: float = option(0.5, "memory-bank momentum")
 
     def __post_init__(self):
         if self.feat_dim < 1 or self.nce_k < 1:

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from kdjax.distillers import heads
 from kdjax.distillers.interface import (Distiller, apply_bn_head, check_feature_list, check_map, l2_normalize,
                                         match_spatial, shape_of, student_features, teacher_features)
+from kdjax.distillers.registry import option, register
 
 # ----------------------------------------------------------------------------------------------------------------
 # Pure losses (float32 inputs; the teacher side is expected to be a constant already)
@@ -111,6 +112,7 @@ def _paired_maps(feats_s, feats_t):
 # Distillers
 
 
+@register
 @dataclasses.dataclass(frozen=True)
 class Hint(Distiller):
     """FitNet: MSE between ConvReg(f_s[hint_layer]) and f_t[hint_layer].
@@ -124,7 +126,7 @@ class Hint(Distiller):
     name: ClassVar[str] = "hint"
     uses_features: ClassVar[bool] = True
     beta: float = 100.0
-    hint_layer: int = 2
+    hint_layer: int = option(2, "feature index")
 
     def _shapes(self, feats_s, feats_t):
         check_feature_list(feats_s, "student", 2)
@@ -156,6 +158,7 @@ class Hint(Distiller):
         return mse(out, f_t), state
 
 
+@register
 @dataclasses.dataclass(frozen=True)
 class AT(Distiller):
     """Attention transfer over f[1:-1], summed over layers."""
@@ -163,7 +166,7 @@ class AT(Distiller):
     name: ClassVar[str] = "at"
     uses_features: ClassVar[bool] = True
     beta: float = 1000.0
-    p: float = 2.0
+    p: float = option(2.0, "exponent of the attention map")
 
     def init(self, key, feats_s, feats_t, num_train=None, train_labels=None):
         check_feature_list(feats_s, "student", 3)
@@ -178,6 +181,7 @@ class AT(Distiller):
         return sum(at_loss(s, t, self.p) for s, t in pairs), state
 
 
+@register
 @dataclasses.dataclass(frozen=True)
 class SP(Distiller):
     """Similarity-preserving KD on f[-2]."""
@@ -195,6 +199,7 @@ class SP(Distiller):
         return sp_loss(student_features([feats_s[-2]])[0], teacher_features([feats_t[-2]])[0]), state
 
 
+@register
 @dataclasses.dataclass(frozen=True)
 class PKT(Distiller):
     """Probabilistic knowledge transfer on the pooled f[-1]."""
@@ -202,7 +207,7 @@ class PKT(Distiller):
     name: ClassVar[str] = "pkt"
     uses_features: ClassVar[bool] = True
     beta: float = 30000.0
-    eps: float = 1e-7
+    eps: float = option(1e-7, "numerical epsilon")
 
     def init(self, key, feats_s, feats_t, num_train=None, train_labels=None):
         check_feature_list(feats_s, "student", 1)
@@ -215,6 +220,7 @@ class PKT(Distiller):
         return pkt_loss(f_s, f_t, self.eps), state
 
 
+@register
 @dataclasses.dataclass(frozen=True)
 class RKD(Distiller):
     """Relational KD (distance and angle) on the pooled f[-1]."""
@@ -222,8 +228,8 @@ class RKD(Distiller):
     name: ClassVar[str] = "rkd"
     uses_features: ClassVar[bool] = True
     beta: float = 1.0
-    w_d: float = 25.0
-    w_a: float = 50.0
+    w_d: float = option(25.0, "distance weight")
+    w_a: float = option(50.0, "angle weight")
 
     def init(self, key, feats_s, feats_t, num_train=None, train_labels=None):
         check_feature_list(feats_s, "student", 1)
@@ -236,6 +242,7 @@ class RKD(Distiller):
         return rkd_loss(f_s, f_t, self.w_d, self.w_a), state
 
 
+@register
 @dataclasses.dataclass(frozen=True)
 class VID(Distiller):
     """Variational information distillation over f[1:-1]: one regressor per layer pair, NLLs summed.
@@ -247,8 +254,8 @@ class VID(Distiller):
     name: ClassVar[str] = "vid"
     uses_features: ClassVar[bool] = True
     beta: float = 1.0
-    init_pred_var: float = 5.0
-    eps: float = 1e-5
+    init_pred_var: float = option(5.0, "initial predicted variance")
+    eps: float = option(1e-5, "numerical epsilon")
 
     def _modules(self, feats_s, feats_t):
         check_feature_list(feats_s, "student", 3)

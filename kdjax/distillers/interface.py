@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdjax import losses
+from kdjax.distillers.registry import option, register
 
 # Schemes under which the KL block has nothing to add beyond the distiller: the original's setting (alpha 0).
 IDENTITY_AUGS = (None, "", "none", "identity")
@@ -54,6 +55,7 @@ LS_TEMPERATURE = 2.0
 LOGIT_STAND_DISTILLERS = ("kd", "dkd")
 
 
+@register
 @dataclasses.dataclass(frozen=True)
 class Distiller:
     """Base class; the ``kd`` distiller is this class itself (no extra loss)."""
@@ -77,7 +79,7 @@ class Distiller:
 
     beta: float = 0.0
     # The "+KD" variant of the original (e.g. CRD+KD: -a 1): the KL block keeps weight 1 at identity.
-    with_kd: bool = False
+    with_kd: bool = option(False, "the '+KD' variant (e.g. CRD+KD): alpha 1 under identity")
 
     @property
     def needs_teacher(self) -> bool:

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from kdjax.distillers.interface import LS_TEMPERATURE, LS_WEIGHT, Distiller
 from kdjax.losses import kd_kl
+from kdjax.distillers.registry import option, register
 
 # The official CIFAR-100 recipes (see the fixture script and the report for the file each number comes from).
 # DKD: mdistiller/engine/cfg.py (CE 1, alpha 1, beta 8, T 4, warm-up 20 epochs); per-pair configs lower beta to 2
@@ -157,6 +158,7 @@ class LogitDistiller(Distiller):
         return dict(gamma=self.ce_weight, alpha=LS_WEIGHT if logit_stand else self.kd_weight, beta=0.0)
 
 
+@register
 @dataclasses.dataclass(frozen=True)
 class DKD(LogitDistiller):
     """Decoupled KD on each logit pair: ``min(epoch / warmup, 1) * (dkd_alpha * TCKD + dkd_beta * NCKD)`` at the
@@ -168,9 +170,9 @@ class DKD(LogitDistiller):
     name: ClassVar[str] = "dkd"
     uses_labels: ClassVar[bool] = True
     ce_weight: ClassVar[float] = DKD_CIFAR100["ce_weight"]
-    dkd_alpha: float = DKD_CIFAR100["alpha"]
-    dkd_beta: float = DKD_CIFAR100["beta"]
-    warmup: int = DKD_CIFAR100["warmup_epochs"]
+    dkd_alpha: float = option(DKD_CIFAR100["alpha"], "weight of the target-class term")
+    dkd_beta: float = option(DKD_CIFAR100["beta"], "weight of the non-target-class term")
+    warmup: int = option(DKD_CIFAR100["warmup_epochs"], "epochs over which its loss ramps in (0: none)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -182,6 +184,7 @@ class DKD(LogitDistiller):
         return loss * dkd_warmup(epoch, int(self.warmup)) if int(self.warmup) > 0 else loss
 
 
+@register
 @dataclasses.dataclass(frozen=True)
 class DIST(LogitDistiller):
     """DIST on each logit pair: ``tau² (dist_beta * inter + dist_gamma * intra)`` with tau the step's temperature
@@ -190,8 +193,8 @@ class DIST(LogitDistiller):
     name: ClassVar[str] = "dist"
     ce_weight: ClassVar[float] = DIST_CIFAR100["ce_weight"]
     kd_weight: ClassVar[float] = DIST_CIFAR100["kd_weight"]
-    dist_beta: float = DIST_CIFAR100["beta"]
-    dist_gamma: float = DIST_CIFAR100["gamma"]
+    dist_beta: float = option(DIST_CIFAR100["beta"], "weight of the inter-class relation")
+    dist_gamma: float = option(DIST_CIFAR100["gamma"], "weight of the intra-class relation")
 
     def logit_loss(self, logits_s, logits_t, labels, epoch, temperature: float):
         del labels, epoch

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 
 from kdjax.distillers.interface import (Distiller, check_feature_list, check_map, l2_normalize, match_spatial,
                                    shape_of, student_features, teacher_features)
+from kdjax.distillers.registry import option, register
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -157,7 +158,7 @@ class LinearEmbed(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Distillers (not registered here; ``kdjax.distillers.register`` adds them)
+# Distillers
 
 
 def _paired_maps(feats_s, feats_t):
@@ -172,6 +173,7 @@ def _check_maps(feats_s, feats_t):
         check_map(shape_of(t), f"teacher feature {i}")
 
 
+@register
 @dataclasses.dataclass(frozen=True)
 class NST(Distiller):
     """NST over f[1:-1], summed over layers."""
@@ -189,6 +191,7 @@ class NST(Distiller):
         return sum(nst_loss(s, t) for s, t in pairs), state
 
 
+@register
 @dataclasses.dataclass(frozen=True)
 class KDSVD(Distiller):
     """KD-SVD over f[1:-1]."""
@@ -196,7 +199,7 @@ class KDSVD(Distiller):
     name: ClassVar[str] = "kdsvd"
     uses_features: ClassVar[bool] = True
     beta: float = 1.0
-    k: int = 1
+    k: int = option(1, "singular vectors kept per layer")
 
     def init(self, key, feats_s, feats_t, num_train=None, train_labels=None):
         _check_maps(feats_s, feats_t)
@@ -211,6 +214,7 @@ class KDSVD(Distiller):
         return kdsvd_loss([s for s, _ in pairs], [t for _, t in pairs], self.k), state
 
 
+@register
 @dataclasses.dataclass(frozen=True)
 class CC(Distiller):
     """CC on the pooled f[-1] through two trainable ``LinearEmbed`` heads: params ``{'embed_s', 'embed_t'}``."""
@@ -218,7 +222,7 @@ class CC(Distiller):
     name: ClassVar[str] = "cc"
     uses_features: ClassVar[bool] = True
     beta: float = 0.02
-    feat_dim: int = 128
+    feat_dim: int = option(128, "embedding size")
 
     def init(self, key, feats_s, feats_t, num_train=None, train_labels=None):
         check_feature_list(feats_s, "student", 1)

@@ -39,6 +39,7 @@ from kdjax.distillers import heads
 from kdjax.distillers.feature import at_map
 from kdjax.distillers.interface import (Distiller, apply_bn_head, check_feature_list, match_spatial, shape_of,
                                         student_features, teacher_features)
+from kdjax.distillers.registry import option, register
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -126,7 +127,7 @@ def _zoo_pair_hint(name: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Distillers (not registered here; ``kdjax.distillers.register`` adds them)
+# Distillers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,8 +138,9 @@ class TwoStage(Distiller):
     init_stage: ClassVar[bool] = True
     uses_features: ClassVar[bool] = True
 
-    init_epochs: int = 30
-    init_lr: Optional[float] = None
+    init_epochs: int = option(30, "epochs of the init stage before KD (0 skips it)")
+    init_lr: Optional[float] = option(None, "constant lr of the init stage (unset: the student's; ft 0.01 on "
+                                                  "resnet/wrn)")
 
     def __post_init__(self):
         if int(self.init_epochs) != self.init_epochs or self.init_epochs < 0:
@@ -147,6 +149,7 @@ class TwoStage(Distiller):
             raise ValueError(f"init_lr must be > 0 (or None for the original's rule), got {self.init_lr!r}")
 
 
+@register
 @dataclasses.dataclass(frozen=True)
 class AB(TwoStage):
     """Activation boundaries over the pre-activation f[1:-1]; init stage only.
@@ -162,7 +165,7 @@ class AB(TwoStage):
     stage_term: ClassVar[bool] = False
 
     beta: float = 1.0
-    margin: float = 1.0
+    margin: float = option(1.0, "margin of the activation-boundary loss")
 
     def _pairs(self, feats_s, feats_t):
         """``[(i, s_shape, t_shape, ConvReg or None)]`` over f[1:-1]."""
@@ -218,6 +221,7 @@ class AB(TwoStage):
         return ab_loss(g_s, g_t, self.margin)
 
 
+@register
 @dataclasses.dataclass(frozen=True)
 class FT(TwoStage):
     """Factor transfer on f[-2].
@@ -231,7 +235,8 @@ class FT(TwoStage):
     name: ClassVar[str] = "ft"
 
     beta: float = 200.0
-    ft_k: float = 0.5  # the paraphraser's factor rate k (config: distill.ft_k; kdsvd owns distill.k)
+    ft_k: float = option(0.5, "factor rate k of the paraphraser and translator (0.5: half the teacher's "
+                                 "channels)")
 
     def _shapes(self, feats_s, feats_t):
         check_feature_list(feats_t, "teacher", 2)
@@ -298,6 +303,7 @@ class FT(TwoStage):
         return factor_transfer_loss(factor_s, factor_t), state
 
 
+@register
 @dataclasses.dataclass(frozen=True)
 class FSP(TwoStage):
     """FSP matrices over f[:-1]; init stage only (it trains the student's feature modules; no heads)."""

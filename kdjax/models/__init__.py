@@ -4,6 +4,6 @@
 original's ``forward(x, is_feat=True, preact=...)``; ``feature_mask(name, params_or_batch_stats)``: which leaves
 belong to the original's ``get_feat_modules()``.
 """
-from kdjax.models.registry import (check_name, create, feature_mask, names, non_feature_modules,  # noqa: F401
-                                   register)
+from kdjax.models.registry import (abstract_feature_shapes, check_name, create, feature_mask,  # noqa: F401
+                                   feature_shapes, names, non_feature_modules, register)
 from kdjax.models import resnet, resnetv2, wrn, vgg, mobilenetv2, shufflenet  # noqa: F401,E402  (they register)

@@ -42,6 +42,23 @@ def create(name: str, num_classes: int, image_size: int = 32, dtype=jnp.float32)
     return _CONSTRUCTORS[name](num_classes=num_classes, image_size=image_size, dtype=dtype)
 
 
+def feature_shapes(model, variables, batch: int, image_size: int, preact: bool = False):
+    """The shapes (``jax.ShapeDtypeStruct``s) of ``model.apply(..., features=True)``'s feature list for a batch,
+    without computing anything: what a distiller sizes its heads and state from."""
+    x = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
+    asked = {"preact": True} if preact else {}  # only when asked: a user-registered model may lack the keyword
+    return jax.eval_shape(lambda v, x: model.apply(v, x, train=False, features=True, **asked)[0], variables, x)
+
+
+def abstract_feature_shapes(name: str, num_classes: int, image_size: int, batch: int, preact: bool = False):
+    """The feature shapes of a freshly initialised model ``name``, without computing anything (start-up checks
+    before any checkpoint or data is loaded)."""
+    model = create(name, num_classes, image_size, jnp.float32)
+    x = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+    return feature_shapes(model, variables, batch, image_size, preact)
+
+
 # The non-feature modules of a model class that declares none: its classifier, under the zoo's most common name.
 DEFAULT_NON_FEATURE_MODULES = ("fc",)
 

@@ -18,9 +18,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from kdjax import configs
 from kdjax.sweep.grid import Run
+from kdjax.errors import KdjaxError
 
 
-class SweepFailed(RuntimeError):
+class SweepFailed(KdjaxError, RuntimeError):
     """Some runs of a sweep failed (the others ran, and their results are kept)."""
 
 

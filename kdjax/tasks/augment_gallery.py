@@ -15,7 +15,7 @@ import numpy as np
 
 from kdjax import augment
 from kdjax.augment import transforms
-from kdjax.tasks import common
+from kdjax.data import load_for
 
 PROXY_NOTE = "scored by entropy of a fixed random linear classifier (untrained proxy)"
 
@@ -90,7 +90,7 @@ def run(config, workdir):
     os.makedirs(workdir, exist_ok=True)
     if int(config.num_images) < 2:
         raise ValueError(f"num_images must be >= 2 (mixing schemes pair images); got {config.num_images}")
-    dataset = common.load_dataset(config)
+    dataset = load_for(config)
     mean, std, size = dataset.mean, dataset.std, dataset.image_size
     images_uint8, labels = pick_test_images(dataset, int(config.num_images), int(config.seed))
 

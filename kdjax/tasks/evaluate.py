@@ -1,35 +1,59 @@
 """Task 'evaluate': test loss, top-1 and top-5 of a checkpoint (an imported teacher also shows its stored accuracy)."""
-import time
+import dataclasses
+from typing import Any
 
-from kdjax import models, parallel, runlog
-from kdjax.checkpoint import CheckpointError
-from kdjax.data import DeviceDataset
-from kdjax.tasks import common
+from kdjax import models, parallel
+from kdjax.checkpoint import CheckpointError, check_against_dataset, fill_data_fields, load_checkpoint, read_meta
+from kdjax.data import DeviceDataset, load_for
+from kdjax.tasks import frame
+from kdjax.train import recipe as recipe_lib
 from kdjax.train.evaluate import eval_batch_size, make_evaluator
 
 
-def run(config, workdir):
+def check(config):
     if not config.checkpoint:
         raise CheckpointError("give the checkpoint to evaluate: --config.checkpoint=DIR (a workdir or a step dir)")
-    variables, meta, model_name = common.load_checkpoint(config.checkpoint, config.model or None, field="checkpoint")
-    common.resolve_data(config, meta)
-    dtype = common.compute_dtype(config.dtype)
-    started = time.time()
-    dataset = common.load_dataset(config)
-    common.check_against_dataset(meta, config.checkpoint, dataset)
-    mesh = parallel.make_mesh()
-    data = DeviceDataset.create(dataset, mesh)
-    model = models.create(model_name, dataset.num_classes, dataset.image_size, dtype)
+    if config.model:
+        models.check_name(config.model)
+    recipe_lib.compute_dtype(config.dtype)
+    fill_data_fields(config, read_meta(config.checkpoint))
+
+
+@dataclasses.dataclass
+class Inputs:
+    variables: Any
+    meta: dict
+    model_name: str
+    dataset: Any
+
+
+def load(config, _) -> Inputs:
+    variables, meta, model_name = load_checkpoint(config.checkpoint, config.model or None, field="checkpoint")
+    dataset = load_for(config)
+    check_against_dataset(meta, config.checkpoint, dataset)
+    return Inputs(variables, meta, model_name, dataset)
+
+
+def run_evaluation(config, workdir, inputs: Inputs):
+    dataset, mesh = inputs.dataset, parallel.make_mesh()
+    model = models.create(inputs.model_name, dataset.num_classes, dataset.image_size,
+                          recipe_lib.compute_dtype(config.dtype))
     evaluate = make_evaluator(model, dataset.mean, dataset.std,
                               eval_batch_size(int(config.eval_batch_size), mesh.size), dataset.num_test)
-    out = evaluate(variables, data)
-    results = {"task": "evaluate", "model": model_name, "dataset": dataset.name, **out,
-               "wall_s": time.time() - started, "checkpoint": config.checkpoint}
-    line = f"[evaluate] {model_name} on {dataset.name}: test_loss {out['test_loss']:.6f} top1 {out['top1']:.4f} " \
-           f"top5 {out['top5']:.4f}"
-    if meta.get("accuracy") is not None:
-        results["stored_accuracy"] = meta["accuracy"]
-        line += f" (accuracy stored in the checkpoint: {meta['accuracy']})"
-    print(line, flush=True)
-    runlog.write_results(workdir, results, config)
-    return results
+    out = evaluate(inputs.variables, DeviceDataset.create(dataset, mesh))
+    results = {"task": "evaluate", "model": inputs.model_name, "dataset": dataset.name, **out,
+               "checkpoint": config.checkpoint}
+    line = (f"[evaluate] {inputs.model_name} on {dataset.name}: test_loss {out['test_loss']:.6f} top1 "
+            f"{out['top1']:.4f} top5 {out['top5']:.4f}")
+    stored = inputs.meta.get("accuracy")
+    if stored is not None:
+        results["stored_accuracy"] = stored
+        line += f" (accuracy stored in the checkpoint: {stored})"
+    return frame.Outcome(results, line)
+
+
+TASK = frame.Task("evaluate", check, load, run_evaluation)
+
+
+def run(config, workdir):
+    return frame.run_frame(TASK, config, workdir)

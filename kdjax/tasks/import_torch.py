@@ -4,26 +4,41 @@ The dataset's mean/std go into ``meta`` so that every task can check the teacher
 """
 import os
 
-from kdjax import models, runlog
+from kdjax import models
 from kdjax.checkpoint import read_torch_checkpoint, save_model, torch_to_variables
 from kdjax.checkpoint.store import CHECKPOINT_SUBDIR
 from kdjax.data.archives import STATS
+from kdjax.tasks import frame
 
 
-def run(config, workdir):
+def check(config):
     models.check_name(config.model)
     if not config.source:
         raise ValueError("give the PyTorch file to import: --config.source=PATH.pth")
+
+
+def load(config, _):
     state_dict, info = read_torch_checkpoint(config.source)
     variables = torch_to_variables(state_dict, config.model, int(config.num_classes), int(config.image_size),
                                    source=config.source)
+    return variables, info
+
+
+def run_import(config, workdir, inputs):
+    variables, info = inputs
     mean, std = STATS.get(config.dataset, (None, None))  # the datasets the original teachers know
     meta = {"model": config.model, "num_classes": int(config.num_classes), "image_size": int(config.image_size),
             "dataset": config.dataset, "mean": mean, "std": std, "source": os.path.abspath(config.source),
             "accuracy": info.get("accuracy"), "epoch": info.get("epoch")}
     directory = save_model(os.path.join(workdir, CHECKPOINT_SUBDIR), variables, meta)
     # The import's own record, written last: it marks the teacher as finished for the runs that consume it.
-    runlog.write_results(workdir, {"task": "import_torch", **meta}, config)
-    print(f"[import_torch] {config.model} ({config.num_classes} classes) from {config.source} -> {directory}"
-          f" (stored accuracy: {info.get('accuracy')})", flush=True)
-    return meta
+    line = (f"[import_torch] {config.model} ({config.num_classes} classes) from {config.source} -> {directory}"
+            f" (stored accuracy: {info.get('accuracy')})")
+    return frame.Outcome({"task": "import_torch", **meta}, line, returned=meta)
+
+
+TASK = frame.Task("import_torch", check, load, run_import)
+
+
+def run(config, workdir):
+    return frame.run_frame(TASK, config, workdir)

@@ -14,9 +14,8 @@ from kdjax.sweep import shards
 def _load_error(name: str, config) -> str:
     """'' when the dataset loads here, else its first line of error (which says how to provide it)."""
     from kdjax import data
-    from kdjax.tasks import common
     try:
-        data.load(name, **common.data_options(config))
+        data.load(name, **data.config_options(config))
         return ""
     except (FileNotFoundError, ValueError) as e:
         return str(e).splitlines()[0]
@@ -51,7 +50,8 @@ def preflight(config, runs) -> None:
 
 def check_mode(config) -> None:
     """distillers, executor, action, shard and their combinations, before anything is planned or loaded."""
-    from kdjax.sweep.grid import ACTIONS, EXECUTORS, parse_distillers
+    from kdjax.configs.sweep import ACTIONS, EXECUTORS
+    from kdjax.sweep.grid import parse_distillers
     parse_distillers(config.get("distillers", ("kd",)))  # a mistyped distiller fails here, before any data is looked at
     if config.executor not in EXECUTORS:
         raise ValueError(f"executor={config.executor!r}: choose one of {', '.join(EXECUTORS)}")
@@ -106,7 +106,8 @@ def _write_report(config, workdir):
 
 def _run_slurm(config, workdir, runs, started):
     from kdjax.sweep import slurm
-    outcome = slurm.run(workdir, runs, config.slurm, int(config.max_retries), poll_s=float(config.poll_s))
+    outcome = slurm.run(workdir, runs, config.slurm, int(config.max_retries), tasks.run_command,
+                        poll_s=float(config.poll_s))
     report = _write_report(config, workdir) if outcome.finished else None
     follow = "" if outcome.finished or not outcome.active else \
         "; follow with --config.action=status, stop with --config.action=cancel"

@@ -17,6 +17,7 @@ learning rate ``distiller.init_stage_lr`` (the student's lr; 0.01 for FT on CIFA
 original's init stage reads the plain training loader). Parameters outside the trained set are never touched:
 ``optax.multi_transform`` sends them to ``set_to_zero``, so not even weight decay reaches them.
 """
+import dataclasses
 import json
 import os
 from typing import Any, Dict
@@ -47,15 +48,16 @@ def trained_labels(student_name: str, params, heads, trains_student: bool):
     return {"student": student, "heads": jax.tree.map(lambda _: "train", heads)}
 
 
-def make_init_recipe(config, recipe: recipe_lib.Recipe, distiller, student_name: str, params, heads):
-    """The init stage's ``Recipe``: the KD stage's epoch plan and dispatch chunk, ``distiller.init_epochs`` epochs,
-    a constant lr, and SGD on the trained set only."""
+def make_init_recipe(recipe: recipe_lib.Recipe, distiller, student_name: str, params, heads):
+    """The init stage's ``Recipe``: the KD stage's epoch plan, dispatch chunk, momentum and weight decay,
+    ``distiller.init_epochs`` epochs, a constant lr, and SGD on the trained set only."""
     lr = float(distiller.init_stage_lr(student_name, recipe.base_lr))
-    sgd, schedule = recipe_lib.make_optimizer(lr, recipe.plan.steps_per_epoch, (), 1.0, config.optim.momentum,
-                                              config.optim.weight_decay)
+    sgd, schedule = recipe_lib.make_optimizer(lr, recipe.plan.steps_per_epoch, (), 1.0, recipe.momentum,
+                                              recipe.weight_decay)
     labels = trained_labels(student_name, params, heads, distiller.init_trains_student)
     tx = optax.multi_transform({"train": sgd, "frozen": optax.set_to_zero()}, labels)
-    return recipe_lib.Recipe(int(distiller.init_epochs), recipe.plan, recipe.chunk, lr, (), 1.0, tx, schedule)
+    return dataclasses.replace(recipe, epochs=int(distiller.init_epochs), base_lr=lr, decay_epochs=(),
+                               decay_rate=1.0, tx=tx, schedule=schedule)
 
 
 def init_stage_state(tx, student_state: Dict[str, Any], heads) -> Dict[str, Any]:

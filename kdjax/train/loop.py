@@ -20,13 +20,14 @@ from kdjax.data import epochs as epochs_lib
 from kdjax.train.evaluate import eval_batch_size, make_evaluator
 from kdjax.train import recipe as recipe_lib
 from kdjax.train.recipe import Recipe
+from kdjax.errors import KdjaxError
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(KdjaxError, RuntimeError):
     """The loss became NaN or infinite."""
 
 
-class RunInterrupted(RuntimeError):
+class RunInterrupted(KdjaxError, RuntimeError):
     """Ctrl-C (SIGINT) during training; the message says what was saved and how to resume."""
 
 
@@ -93,15 +94,15 @@ def fit(workdir: str, config, recipe: Recipe, trainee: Trainee, data, mesh) -> D
     state = jax.device_put(trainee.state, replicated)
     teacher_vars = jax.device_put(trainee.teacher_vars, replicated) if trainee.teacher_vars is not None else None
 
-    if runlog.is_main_process():
-        print(f"[{name}] {data.name}: {data.num_train} train / {data.num_test} test images, {data.placement} on "
-              f"{mesh.size} device(s); {epochs} epochs of {plan.steps_per_epoch} steps, {recipe.chunk} per dispatch; "
-              f"{recipe_lib.describe_schedule(recipe.base_lr, recipe.decay_epochs, recipe.decay_rate)}", flush=True)
+    human = runlog.ProgressLog(name)
+    human.line(f"{data.name}: {data.num_train} train / {data.num_test} test images, {data.placement} on "
+               f"{mesh.size} device(s); {epochs} epochs of {plan.steps_per_epoch} steps, {recipe.chunk} per dispatch; "
+               f"{recipe_lib.describe_schedule(recipe.base_lr, recipe.decay_epochs, recipe.decay_rate)}")
     latest = ckpt.latest_step()
     if latest is not None:
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
         state, _ = ckpt.restore(latest, abstract)
-        print(f"[{name}] resuming from step {latest} (epoch {latest // plan.steps_per_epoch})", flush=True)
+        human.line(f"resuming from step {latest} (epoch {latest // plan.steps_per_epoch})")
     global_step = int(jax.device_get(state["step"]))
     if global_step % plan.steps_per_epoch:
         raise ValueError(f"checkpoint step {global_step} is not at an epoch end of this run's plan "
@@ -160,9 +161,8 @@ def fit(workdir: str, config, recipe: Recipe, trainee: Trainee, data, mesh) -> D
                 last_eval = evaluate({"params": state["params"], "batch_stats": state["batch_stats"]}, data)
                 log.write(global_step, {"epoch": epoch + 1, **last_eval})
                 best = _better(best, {"epoch": epoch + 1, **last_eval})
-                if log.main:
-                    print(f"[{name}] epoch {epoch + 1} test_loss {last_eval['test_loss']:.6f} "
-                          f"top1 {last_eval['top1']:.4f} top5 {last_eval['top5']:.4f}", flush=True)
+                log.human.line(f"epoch {epoch + 1} test_loss {last_eval['test_loss']:.6f} "
+                               f"top1 {last_eval['top1']:.4f} top5 {last_eval['top5']:.4f}")
             if (epoch + 1) % ckpt_every == 0 or epoch + 1 == epochs:
                 _save_or_explain(ckpt, global_step, state, trainee.meta, last_saved)
                 last_saved = global_step

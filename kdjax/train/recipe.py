@@ -6,12 +6,77 @@ epochs x epoch_factor), so that a shortened run anneals as the paper's does; ``o
 ones. ``make_recipe`` derives all of it, with the epoch plan, from a training config.
 """
 import dataclasses
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
+import jax
+import jax.numpy as jnp
 import optax
 
-from kdjax import parallel
+from kdjax import models, parallel
 from kdjax.data import epochs as epochs_lib
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str):
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+POSITIVE_FIELDS = ("epochs", "epoch_factor", "batch_size", "eval_batch_size", "keep_checkpoints", "checkpoint_every",
+                   "eval_every", "steps_per_dispatch", "steps_per_forward")
+
+
+def validate_run(config, *model_names) -> None:
+    """The run fields every task shares, checked before any data loading or compiling: counts >= 1 (``epochs=0``
+    would write a result for an untrained model, ``keep_checkpoints=0`` would delete every checkpoint), a known
+    dtype, and an image size each model can run at."""
+    for field in POSITIVE_FIELDS:
+        if field in config and (isinstance(config[field], bool) or int(config[field]) < 1):
+            raise ValueError(f"{field} must be >= 1, got {config[field]}: set --config.{field}=N with N >= 1")
+    if config.get("image_size") is not None and int(config.image_size) < 1:
+        raise ValueError(f"image_size must be >= 1, got {config.image_size}; leave it unset for the dataset's own size")
+    if "dtype" in config:
+        compute_dtype(config.dtype)
+    if config.get("image_size") is not None:
+        for name in model_names:
+            check_model_runs_at(name, int(config.image_size))
+
+
+def check_model_runs_at(name: str, image_size: int, num_classes: int = 10) -> None:
+    """Trace the model's forward at ``image_size`` (shapes only, nothing compiles): an architecture whose pooling
+    would shrink the image to nothing fails here in one line instead of inside compilation."""
+    model = models.create(name, num_classes, image_size)
+    x = jnp.zeros((2, image_size, image_size, 3))
+
+    def forward():
+        variables = model.init(jax.random.key(0), x)
+        return model.apply(variables, x, train=True, mutable=["batch_stats"])
+
+    try:
+        jax.eval_shape(forward)
+    except Exception as e:  # flax and XLA raise many types for impossible shapes
+        raise ValueError(f"model {name} cannot run at {image_size}x{image_size} pixels ({type(e).__name__}): use a "
+                         f"larger --config.image_size") from None
+
+
+def init_state(model, tx, key, image_size: int) -> Dict[str, Any]:
+    """A freshly initialised training state: the model's params and BatchNorm statistics, the optimiser state,
+    the step and ``extra`` (a distiller's heads and state, filled by ``kdjax.train.kd``)."""
+    x = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
+    variables = jax.jit(lambda k: model.init(k, x, train=False))(key)
+    params = variables["params"]
+    return {"params": params, "batch_stats": variables.get("batch_stats", {}), "opt_state": tx.init(params),
+            "step": jnp.zeros((), jnp.int32), "extra": {}}
+
+
+def model_meta(model_name: str, dataset, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The ``meta`` item of a checkpoint (see the README's checkpoint conventions)."""
+    meta = {"model": model_name, "num_classes": int(dataset.num_classes), "image_size": int(dataset.image_size),
+            "dataset": dataset.name, "mean": [float(v) for v in dataset.mean], "std": [float(v) for v in dataset.std]}
+    meta.update(extra or {})
+    return meta
 
 # The original forces lr 0.01 for these students/teachers; kdjax uses it only when optim.lr is None.
 LOW_LR_MODELS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
@@ -91,6 +156,8 @@ class Recipe:
     decay_rate: float
     tx: optax.GradientTransformation
     schedule: Callable
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
 
 
 def make_recipe(config, num_train: int, num_devices: int, model_name: str) -> Recipe:
@@ -102,4 +169,5 @@ def make_recipe(config, num_train: int, num_devices: int, model_name: str) -> Re
     decay_epochs = decay_milestones(config.optim, config.epochs, config.epoch_factor)
     tx, schedule = make_optimizer(base_lr, plan.steps_per_epoch, decay_epochs, config.optim.decay_rate,
                                   config.optim.momentum, config.optim.weight_decay)
-    return Recipe(epochs, plan, chunk, base_lr, decay_epochs, float(config.optim.decay_rate), tx, schedule)
+    return Recipe(epochs, plan, chunk, base_lr, decay_epochs, float(config.optim.decay_rate), tx, schedule,
+                  float(config.optim.momentum), float(config.optim.weight_decay))

@@ -15,7 +15,8 @@ from helpers import launch_env, load_config
 from kdjax import workdir as workdir_lib
 from kdjax.checkpoint import CheckpointError, load_model, save_model
 from kdjax.sweep import executor, grid
-from kdjax.tasks import common, teacher
+from kdjax.checkpoint import inputs as checkpoint_inputs
+from kdjax.tasks import teacher
 
 
 def _teacher(tmp_path, **fields):
@@ -71,9 +72,9 @@ def test_an_unfinished_run_is_not_consumed(trained, tmp_path):
     shutil.copytree(trained, unfinished)
     os.remove(unfinished / "results.json")
     with pytest.raises(CheckpointError, match="unfinished.*--config.teacher_checkpoint=.*checkpoints"):
-        common.load_checkpoint(str(unfinished), "tiny_cnn", "teacher")
+        checkpoint_inputs.load_checkpoint(str(unfinished), "tiny_cnn", "teacher")
     step_dir = next(p for p in (unfinished / "checkpoints").iterdir() if p.name.isdigit())
-    assert common.load_checkpoint(str(step_dir), "tiny_cnn", "teacher")[2] == "tiny_cnn"  # an explicit step
+    assert checkpoint_inputs.load_checkpoint(str(step_dir), "tiny_cnn", "teacher")[2] == "tiny_cnn"  # an explicit step
 
 
 def test_a_sweep_reruns_a_run_whose_input_changed(tmp_path):
@@ -83,7 +84,7 @@ def test_a_sweep_reruns_a_run_whose_input_changed(tmp_path):
     (model_dir / "results.json").write_text("{}")
     run = grid.Run("distill", str(tmp_path / "student"), (), stage=0)
     os.makedirs(run.workdir)
-    record = common.input_record(str(model_dir), {"digest": "not-the-digest"})
+    record = checkpoint_inputs.input_record(str(model_dir), {"digest": "not-the-digest"})
     pathlib.Path(run.workdir, "results.json").write_text(json.dumps({"inputs": {"teacher": record}}))
     assert run.done and executor.stale(run)
     executor.set_aside(run, log=lambda line: None)

@@ -179,7 +179,8 @@ def test_a_requeued_job_resumes_from_its_checkpoint_and_ends_bit_identical(slurm
     alone = sweep.Run("teacher", str(tmp_path / "local"), run.fields, 0)
     tasks.run("teacher", sweep.build_config(alone), alone.workdir)
 
-    submitter = slurm.SlurmSweep(str(tmp_path / "slurm"), [run], config.slurm, 0, log=lambda line: None)
+    submitter = slurm.SlurmSweep(str(tmp_path / "slurm"), [run], config.slurm, 0, log=lambda line: None,
+                                 run_command=tasks.run_command)
     states = submitter.assess()
     assert submitter.submit(submitter.plan_groups(states), states) == 1
     job = submitter.record.jobs(run)[-1]["job_id"]
@@ -261,7 +262,8 @@ def test_a_job_at_its_time_limit_requeues_itself_and_resumes(slurm_cluster, job_
     config = slurm_sweep(augs=("cutmix",), seeds=(0,), teacher_epochs=epochs, eval_every=100, checkpoint_every=25,
                          **{"slurm.time": 2, "dataset_options.num_train": 64})
     run = [r for r in sweep.plan(config, str(tmp_path / "slurm")) if r.task == "teacher"][0]
-    submitter = slurm.SlurmSweep(str(tmp_path / "slurm"), [run], config.slurm, 0, log=lambda line: None)
+    submitter = slurm.SlurmSweep(str(tmp_path / "slurm"), [run], config.slurm, 0, log=lambda line: None,
+                                 run_command=tasks.run_command)
     states = submitter.assess()
     submitter.submit(submitter.plan_groups(states), states)
     job = submitter.record.jobs(run)[-1]["job_id"]
