@@ -25,6 +25,13 @@ def device_kind() -> str:
     return jax.devices()[0].device_kind
 
 
+def devices_line(num_devices: int) -> str:
+    """"2 x NVIDIA H100 80GB HBM3 (gpu)": what a run computes on, named in its first line so that a silent fall-back
+    to the CPU is visible."""
+    device = jax.devices()[0]
+    return f"{num_devices} x {device.device_kind} ({device.platform})"
+
+
 def is_main_process() -> bool:
     return jax.process_index() == 0
 

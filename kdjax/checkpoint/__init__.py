@@ -17,6 +17,7 @@ _EXPORTS = {
     "check_against_dataset": "inputs",
     "check_finished": "inputs",
     "fill_data_fields": "inputs",
+    "fill_model_field": "inputs",
     "input_record": "inputs",
     "load_checkpoint": "inputs",
     "import_torch": "torch_import",

@@ -4,7 +4,8 @@ data, and fills the dataset fields a config leaves unset."""
 import os
 from typing import Any, Dict, Optional
 
-from kdjax.checkpoint.store import CHECKPOINT_SUBDIR, CheckpointError, check_meta, load_model, resolve_step_dir
+from kdjax.checkpoint.store import (CHECKPOINT_SUBDIR, CheckpointError, check_meta, load_model, read_meta,
+                                   resolve_step_dir)
 
 DONE_MARKER = "results.json"
 
@@ -41,6 +42,22 @@ def load_checkpoint(path: str, model: Optional[str] = None, role: str = "model",
     models.check_name(name)
     check_meta(meta, path, model=name)
     return variables, meta, name
+
+
+def fill_model_field(config, field: str, checkpoint_field: str) -> None:
+    """An unset architecture field (``teacher``) is the model its checkpoint's meta names, read without loading
+    the arrays; with neither set, one line names both ways to give it."""
+    if config.get(field) is not None:
+        return
+    path = config.get(checkpoint_field)
+    if not path:
+        raise CheckpointError(f"give the {field}: --config.{checkpoint_field}=DIR (its architecture is read from "
+                              f"the checkpoint), or --config.{field}=<model>")
+    model = read_meta(path).get("model")
+    if not model:
+        raise CheckpointError(f"the checkpoint {path} does not name its model: set --config.{field}=<model>")
+    with config.unlocked():
+        config[field] = model
 
 
 def fill_data_fields(config, meta: Optional[Dict[str, Any]]) -> None:

@@ -19,7 +19,7 @@ from kdjax.configs.parse import apply_arg
 
 
 def get_config(arg=None):
-    config = fields.training_config("distill", teacher="resnet56", student="resnet20", aug="identity",
+    config = fields.training_config("distill", teacher=config_dict.placeholder(str), student="resnet20", aug="identity",
                                     distiller="kd", teacher_checkpoint=config_dict.placeholder(str))
     config.loss = ml_collections.ConfigDict(dict(
         gamma=config_dict.placeholder(float),

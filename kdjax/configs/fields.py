@@ -81,7 +81,8 @@ def training_config(task: str, **fields) -> ml_collections.ConfigDict:
 HELP = {
     "task": "the task this config runs (kdjax.tasks.<task>)",
     "model": "architecture (a zoo name, see `kdjax.models.names()`)",
-    "teacher": "teacher architecture (a zoo name; 'none' in distill trains on labels only)",
+    "teacher": "teacher architecture (a zoo name; unset: the one teacher_checkpoint names; 'none' in distill trains "
+               "on labels only)",
     "student": "student architecture (a zoo name)",
     "dataset": "data source: cifar100, cifar10, tiny_imagenet, digits, synthetic, or a registered one (tasks that "
                "read a checkpoint: unset takes the checkpoint's)",

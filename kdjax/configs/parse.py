@@ -28,10 +28,34 @@ def _dotted_names(config: ml_collections.ConfigDict, prefix: str = "") -> List[s
     return names
 
 
-def _unknown_field(config, path: str) -> ConfigError:
-    names = _dotted_names(config)
+# The spellings other tools use for kdjax's field names (the last component of a dotted name).
+SYNONYMS = {"learning_rate": "lr", "base_lr": "lr", "wd": "weight_decay", "weight_decay_rate": "weight_decay",
+            "num_epochs": "epochs", "n_epochs": "epochs", "bs": "batch_size", "batch": "batch_size",
+            "temp": "temperature", "T": "temperature", "augmentation": "aug", "model_dir": "workdir",
+            "lr_decay_epochs": "decay_epochs", "milestones": "decay_epochs", "lr_decay_rate": "decay_rate",
+            "gamma_decay": "decay_rate", "data": "dataset", "random_seed": "seed"}
+
+
+def suggestion(path: str, names: List[str]) -> str:
+    """The known field a mistyped ``path`` most likely means, or '': another tool's word for a field of the same
+    group (``optim.learning_rate`` -> ``optim.lr``), else a close spelling of the whole name, else a close spelling
+    of its last part within its group."""
+    group, _, leaf = path.rpartition(".")
+    prefix = group + "." if group else ""
+    synonym = prefix + SYNONYMS.get(leaf, "")
+    if leaf in SYNONYMS and synonym in names:
+        return synonym
     close = difflib.get_close_matches(path, names, n=1, cutoff=0.6)
-    hint = f"did you mean {close[0]!r}? " if close else ""
+    if close:
+        return close[0]
+    siblings = [n[len(prefix):] for n in names if n.startswith(prefix) and "." not in n[len(prefix):]]
+    close = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.5)
+    return prefix + close[0] if close else ""
+
+
+def _unknown_field(config, path: str) -> ConfigError:
+    close = suggestion(path, _dotted_names(config))
+    hint = f"did you mean {close!r}? " if close else ""
     top = sorted(k for k in config.keys())
     return ConfigError(f"unknown config field {path!r}; {hint}fields: {', '.join(top)} (`--help` lists them all)")
 

@@ -19,7 +19,7 @@ from kdjax.configs.parse import apply_arg
 
 def get_config(arg=None):
     config = ml_collections.ConfigDict(dict(
-        task="tstddev", teacher="resnet56", aug="all", teacher_checkpoint=config_dict.placeholder(str),
+        task="tstddev", teacher=config_dict.placeholder(str), aug="all", teacher_checkpoint=config_dict.placeholder(str),
         student=config_dict.placeholder(str), student_checkpoint=config_dict.placeholder(str),
         epochs=10, batch_size=64, seed=0, dtype="float32", steps_per_dispatch=200, steps_per_forward=8,
         **fields.run_fields(*fields.DATA_FIELDS, "compile_cache_dir")))

@@ -33,9 +33,8 @@ def available_datasets(config) -> list:
     return kept
 
 
-def preflight(config, runs) -> None:
-    """Every dataset and given teacher checkpoint, before any run starts or any directory is made: one line per
-    missing thing, saying how to provide it."""
+def missing_inputs(config) -> list:
+    """One line per dataset or given teacher checkpoint that is not there, saying how to provide it."""
     from kdjax.checkpoint import CheckpointError, resolve_step_dir
     problems = [f"dataset {name}: {problem}" for name in config.datasets
                 if (problem := _load_error(name, config))]
@@ -44,6 +43,19 @@ def preflight(config, runs) -> None:
             resolve_step_dir(path)
         except CheckpointError as e:
             problems.append(f"teacher_checkpoints.{model}: {e}")
+    return problems
+
+
+def report_missing_inputs(config) -> None:
+    """A dry run names what the real run would stop on."""
+    for problem in missing_inputs(config):
+        print(f"[sweep] missing, the sweep would not start: {problem}", flush=True)
+
+
+def preflight(config, runs) -> None:
+    """Every dataset and given teacher checkpoint, before any run starts or any directory is made: one line per
+    missing thing, saying how to provide it."""
+    problems = missing_inputs(config)
     if problems:
         raise ValueError(f"the sweep cannot start ({len(runs)} runs planned, none started):\n" + "\n".join(problems))
 
@@ -136,6 +148,8 @@ def run(config, workdir):
     if config.action == "status":
         _local_status(runs)
         return {"runs": len(runs), "done": sum(r.done for r in runs)}
+    if config.dry_run:
+        report_missing_inputs(config)
     if config.dry_run and config.executor == "slurm":
         from kdjax.sweep import slurm
         groups = slurm.dry_run(workdir, runs, config.slurm, int(config.max_retries))

@@ -13,7 +13,8 @@ from typing import Any, List, Optional
 
 from kdjax import augment, models, parallel, runlog, workdir as workdir_lib
 from kdjax.augment import transforms
-from kdjax.checkpoint import check_against_dataset, fill_data_fields, input_record, load_checkpoint, read_meta
+from kdjax.checkpoint import (check_against_dataset, fill_data_fields, fill_model_field, input_record,
+                              load_checkpoint, read_meta)
 from kdjax.data import DeviceDataset, load_for
 from kdjax.tasks import frame
 from kdjax.train import recipe as recipe_lib
@@ -35,7 +36,9 @@ def scheme_names(config) -> List[str]:
 
 
 def check(config) -> None:
-    """Every name and required field, before any checkpoint, data or compile."""
+    """Every name and required field, before any checkpoint, data or compile (an unset ``teacher`` is the
+    architecture its checkpoint's meta names)."""
+    fill_model_field(config, "teacher", "teacher_checkpoint")
     models.check_name(config.teacher)
     if config.aug != ALL:
         try:
@@ -119,7 +122,8 @@ def run_tstddev(config, workdir, inputs: Inputs):
     mesh = parallel.make_mesh()
     data = DeviceDataset.create(dataset, mesh)
     log = runlog.ProgressLog("tstddev")
-    log.line(f"{config.teacher} on {dataset.name}: {len(names)} scheme(s), {plan.epochs} epochs x "
+    log.line(f"{config.teacher} on {dataset.name}, {runlog.devices_line(mesh.size)}: {len(names)} scheme(s), "
+             f"{plan.epochs} epochs x "
              f"{plan.steps_per_epoch} steps (short batch {plan.short_batch}), {plan.expected_groups()} groups; "
              f"compiling")
     compile_s = evaluator.compile(inputs.teacher_vars, data, inputs.student_vars, int(config.seed))

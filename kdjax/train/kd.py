@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, Optional
 import jax
 
 from kdjax import augment, distillers, models
+from kdjax.checkpoint import inputs as checkpoint_inputs
 from kdjax.augment import transforms
 from kdjax.train import init_stage, loop, recipe as recipe_lib, steps
 
@@ -62,7 +63,9 @@ def has_teacher(config) -> bool:
 def validate(config) -> KDMethod:
     """Every name and combination of a distill config, before data loading or compiling; returns the run's
     ``KDMethod``. The original's distiller spellings (correlation, attention, ...) become the canonical name,
-    which the workdir's recorded config and the results then carry."""
+    which the workdir's recorded config and the results then carry. An unset ``teacher`` is the architecture
+    its checkpoint names."""
+    checkpoint_inputs.fill_model_field(config, "teacher", "teacher_checkpoint")
     if has_teacher(config):
         models.check_name(config.teacher)
     models.check_name(config.student)

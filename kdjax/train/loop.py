@@ -96,7 +96,7 @@ def fit(workdir: str, config, recipe: Recipe, trainee: Trainee, data, mesh) -> D
 
     human = runlog.ProgressLog(name)
     human.line(f"{data.name}: {data.num_train} train / {data.num_test} test images, {data.placement} on "
-               f"{mesh.size} device(s); {epochs} epochs of {plan.steps_per_epoch} steps, {recipe.chunk} per dispatch; "
+               f"{runlog.devices_line(mesh.size)}; {epochs} epochs of {plan.steps_per_epoch} steps, {recipe.chunk} per dispatch; "
                f"{recipe_lib.describe_schedule(recipe.base_lr, recipe.decay_epochs, recipe.decay_rate)}")
     latest = ckpt.latest_step()
     if latest is not None:

@@ -56,7 +56,9 @@ def test_overrides_reach_the_config_and_lists_are_comma_separated():
 
 @pytest.mark.parametrize("args, message", [
     (("teacher", "--config.epochz=3", "--workdir=w"), "unknown config field 'epochz'; did you mean 'epochs'?"),
-    (("teacher", "--config.optim.learning_rate=3", "--workdir=w"), "did you mean 'optim.decay_rate'?"),
+    (("teacher", "--config.optim.learning_rate=3", "--workdir=w"), "did you mean 'optim.lr'?"),
+    (("teacher", "--config.num_epochs=3", "--workdir=w"), "did you mean 'epochs'?"),
+    (("teacher", "--config.optim.wd=0.1", "--workdir=w"), "did you mean 'optim.weight_decay'?"),
     (("teacher", "--config.epochs=three", "--workdir=w"), "epochs='three': expected int"),
     (("--config=nowhere.py", "--workdir=w"), "config file"),
     (("teachr", "--workdir=w"), "unknown task 'teachr'"),

@@ -3,6 +3,7 @@ from SLURM's own variables (gloo collectives on CPU) and trains with the same pe
 holding two devices. Runs on the real single-node cluster of tests/slurm_cluster.py."""
 import json
 import pathlib
+import re
 import sys
 
 import numpy as np
@@ -37,6 +38,6 @@ def test_srun_two_tasks_train_like_one_process(slurm_cluster, tmp_path):
     record = slurm_cluster.wait_for(job, timeout=300)
     out = (slurm_cluster.dir / "jobs" / f"{job}.out").read_text()
     assert record["JobState"] == "COMPLETED", out[-3000:]
-    assert "on 2 device(s)" in out  # one device per task, one mesh over both
+    assert re.search(r"on 2 x .* \(cpu\)", out)  # one device per task, one mesh over both
     launch(RUN[0], tmp_path / "one", *RUN[1:], devices=2)
     np.testing.assert_allclose(_losses(workdir), _losses(tmp_path / "one"), rtol=1e-5, atol=1e-5)

@@ -65,6 +65,12 @@ def test_dry_run_and_status_of_a_local_sweep_start_nothing(tmp_path, capsys):
     assert sweep_task.run(config, str(tmp_path / "w")) == {"runs": 3, "done": 0}
     assert "[sweep] 3 runs: 0 finished, 0 locked" in capsys.readouterr().out
     assert not (tmp_path / "w").exists()
+    # a dataset that is not here: the dry run names it (the real run would stop on it before starting)
+    config = load_config("demo", f"pairs=tiny_cnn:tiny_cnn,augs=cutmix,image_size=8,dry_run=true,datasets=cifar100,"
+                                 f"data_dir={tmp_path / 'tfds'},manual_dir={tmp_path / 'manual'}")
+    sweep_task.run(config, str(tmp_path / "w"))
+    assert "[sweep] missing, the sweep would not start: dataset cifar100: " in capsys.readouterr().out
+    assert not (tmp_path / "w").exists()
 
 
 @pytest.mark.parametrize("augs", [("identity", "cutmix"),

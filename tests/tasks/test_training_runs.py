@@ -188,11 +188,13 @@ def test_bad_inputs_give_one_line_errors(teacher_dir, tmp_path):
 
 def test_a_run_builds_its_distiller_once(teacher_dir, tmp_path, monkeypatch):
     """kdjax.train.kd.KDMethod is built once, at the checks, and the run uses that object: the distiller
-    (here CC's, whose embedding heads are sized from the models' feature shapes) is constructed exactly once per run."""
+    (here CC's, whose embedding heads are sized from the models' feature shapes) is constructed exactly once per run.
+    The teacher's architecture is left unset: it is the one its checkpoint names."""
     from kdjax import distillers
     from kdjax.tasks import distill
     built = []
     create = distillers.create
     monkeypatch.setattr(distillers, "create", lambda name, **options: built.append(name) or create(name, **options))
-    results = distill.run(tiny_distill_config("flip", teacher_dir, distiller="cc"), str(tmp_path / "s"))
+    results = distill.run(tiny_distill_config("flip", teacher_dir, distiller="cc", teacher=None), str(tmp_path / "s"))
     assert built == ["cc"] and results["distiller"] == "cc" and np.isfinite(results["test_loss"])
+    assert results["teacher"] == "tiny_cnn"

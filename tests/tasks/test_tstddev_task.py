@@ -27,9 +27,9 @@ def test_task_checks_fields_before_loading(tmp_path):
         task.run(_config(teacher=TINY, aug="cutmix_pick_s", teacher_checkpoint=str(tmp_path / "nothing")),
                  str(tmp_path / "w1"))
     with pytest.raises(ValueError, match="teacher_checkpoint"):
-        task.validate(_config(teacher=TINY, aug="identity"))
+        task.check(_config(teacher=TINY, aug="identity"))
     with pytest.raises(ValueError, match="valid augmentations.*'all'"):
-        task.validate(_config(teacher=TINY, aug="cutmixx", teacher_checkpoint="x"))
+        task.check(_config(teacher=TINY, aug="cutmixx", teacher_checkpoint="x"))
     assert not os.path.exists(tmp_path / "w1")
     names = task.scheme_names(_config(teacher=TINY, aug="all"))
     assert names == [n for n in augment.PAPER_SCHEMES if n != "cutmix_pick_s"]
