@@ -45,6 +45,7 @@ def get_config(arg=None):
         init_pred_var=config_dict.placeholder(float),
         eps=config_dict.placeholder(float),
         k=config_dict.placeholder(int),             # kdsvd: singular vectors kept per layer (1)
+        svd_signs=config_dict.placeholder(str),     # kdsvd: teacher vector signs, original (the SVD's) or aligned
         dkd_alpha=config_dict.placeholder(float),   # dkd: weight of TCKD (the paper's alpha, 1)
         dkd_beta=config_dict.placeholder(float),    # dkd: weight of NCKD (the paper's beta, 8)
         warmup=config_dict.placeholder(int),        # dkd: epochs over which its loss ramps in (20; 0: none)

@@ -30,8 +30,8 @@ from kdjax.distillers.interface import LS_TEMPERATURE, LS_WEIGHT, Distiller
 from kdjax.losses import kd_kl
 
 # The official CIFAR-100 recipes (see the fixture script and the report for the file each number comes from).
-# DKD: mdistiller/engine/cfg.py (CE 1, alpha 1, beta 8, T 4, warm-up 20 epochs); per-pair configs lower beta to 2
-# (resnet56/resnet20, resnet110/resnet32) or 6 (vgg13 students and teachers, wrn_40_2/wrn_16_2, wrn_40_2/wrn_40_1).
+# DKD: mdistiller/engine/cfg.py (CE 1, alpha 1, beta 8, T 4, warm-up 20 epochs), the default; the per-pair configs
+# that lower beta (2 or 6) are the table kdjax/configs/recipes.py, which a distill run applies to its pair.
 DKD_CIFAR100 = dict(ce_weight=1.0, alpha=1.0, beta=8.0, temperature=4.0, warmup_epochs=20)
 # DIST: configs/strategies/distill/dist_cifar.yaml (ori_loss_weight 1, kd_loss_weight 2, kd 'dist_t4').
 DIST_CIFAR100 = dict(ce_weight=1.0, kd_weight=2.0, beta=1.0, gamma=1.0, tau=4.0)

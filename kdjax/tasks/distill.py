@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from kdjax import augment, distillers, models, parallel, workdir as workdir_lib
 from kdjax.augment import transforms
 from kdjax.checkpoint import read_meta
+from kdjax.configs import recipes
 from kdjax.data import DeviceDataset
 from kdjax.tasks import common
 from kdjax.train import init_stage, loop, recipe as recipe_lib, steps
@@ -18,9 +19,11 @@ NO_TEACHER = "none"
 
 
 def distiller_options(config) -> dict:
-    """The ``config.distill`` fields that are set (not None): they replace the chosen distiller's defaults."""
+    """The pair's official recipe (``kdjax.configs.recipes``) with the ``config.distill`` fields that are set (not
+    None) replacing it: they replace the chosen distiller's defaults."""
     options = config.get("distill")
-    return {k: v for k, v in (options.to_dict() if options is not None else {}).items() if v is not None}
+    options = {k: v for k, v in (options.to_dict() if options is not None else {}).items() if v is not None}
+    return recipes.with_recipe(distillers.canonical(config.distiller), config.teacher, config.student, options)
 
 
 def make_distiller(config) -> distillers.Distiller:
@@ -154,6 +157,9 @@ def run(config, workdir):
 
 
 def _train(config, workdir):
+    recipe_line = recipes.describe(config.distiller, config.teacher, config.student, config.distill.to_dict())
+    if recipe_line:
+        print(f"[distill] {recipe_line}", flush=True)
     teacher_vars, teacher_meta = (None, None)
     if config.teacher != NO_TEACHER:
         teacher_vars, teacher_meta, _ = common.load_checkpoint(config.teacher_checkpoint, config.teacher, "teacher")
@@ -206,6 +212,7 @@ def _train(config, workdir):
         out["compile_s"] += stage["compile_s"]
     fields = {"task": "distill", "teacher": config.teacher, "student": config.student, "dataset": dataset.name,
               "aug": config.aug, "distiller": config.distiller, "logit_stand": weights.logit_stand,
+              "recipe": recipes.applied(config.distiller, config.teacher, config.student, config.distill.to_dict()),
               "loss_weights": {"gamma": weights.gamma, "alpha": weights.alpha, "beta": weights.beta},
               **({} if stage is None else {"init_stage": stage["record"]}),
               "inputs": {} if teacher_meta is None else {
