@@ -6,7 +6,7 @@
 ``teacher=none`` trains the student on labels only (cross-entropy on x and x'), the paper's KD-versus-CE baseline.
 ``distiller=crd`` (or hint, at, sp, pkt, rkd, vid, nst, kdsvd, cc, ft) adds a feature distiller's loss beside KD;
 ``distiller=ab``, ``ft`` and ``fsp`` first train an init stage (``distill.init_epochs``, in ``<workdir>/init_stage``);
-``distiller=dkd`` (or dist) replaces KD's KL terms on x and x' by that logit loss. Their options are under
+``distiller=dkd`` (or dist, nkd, wttm) replaces KD's KL terms on x and x' by that logit loss. Their options are under
 ``--config.distill.*`` and their weights default to the method's (``--config.loss.beta`` etc. override them).
 ``--config.loss.logit_stand=true`` z-scores the logits of the kd or dkd terms (logit standardisation, CVPR'24).
 """
@@ -51,6 +51,9 @@ def get_config(arg=None):
         warmup=config_dict.placeholder(int),        # dkd: epochs over which its loss ramps in (20; 0: none)
         dist_beta=config_dict.placeholder(float),   # dist: inter-class relation weight (1)
         dist_gamma=config_dict.placeholder(float),  # dist: intra-class relation weight (1)
+        nkd_temp=config_dict.placeholder(float),    # nkd: temperature of the non-target term (3)
+        nkd_gamma=config_dict.placeholder(float),   # nkd: weight of the non-target term (3.5)
+        ttm_l=config_dict.placeholder(float),       # wttm: power of the teacher's probabilities (0.2)
         init_epochs=config_dict.placeholder(int),   # ab / ft / fsp: epochs of the init stage (30; 0: none)
         init_lr=config_dict.placeholder(float),     # ab / ft / fsp: the init stage's constant lr (the original's rule)
         margin=config_dict.placeholder(float),      # ab: activation-boundary margin (1)

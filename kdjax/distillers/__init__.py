@@ -1,7 +1,7 @@
 """The distillers of the KD step: ``kd`` (plain KD), the feature distillers beside KD (``crd``, ``hint``, ``at``,
 ``sp``, ``pkt``, ``rkd``, ``vid``, ``nst``, ``kdsvd``, ``cc``), the logit distillers that replace KD's KL terms
-(``dkd``, ``dist``) and the original's two-stage methods (``ab``, ``ft``, ``fsp``), which train an init stage
-before the KD stage.
+(``dkd``, ``dist``, ``nkd``, ``wttm``) and the original's two-stage methods (``ab``, ``ft``, ``fsp``), which train
+an init stage before the KD stage.
 
 ``create(name, **options)`` returns a ``Distiller`` (see ``kdjax.distillers.interface`` for the interface);
 ``names()`` lists the registered names; the original code's ``--distill`` spellings (``correlation``, ``attention``,
@@ -33,7 +33,7 @@ from kdjax.distillers.interface import (LOGIT_STAND_DISTILLERS, LS_TEMPERATURE, 
                                         Distiller, resolve_weights)
 from kdjax.distillers.crd import CRD
 from kdjax.distillers.feature import AT, PKT, RKD, SP, VID, Hint
-from kdjax.distillers.logit import DIST, DKD, standardize  # noqa: F401
+from kdjax.distillers.logit import DIST, DKD, NKD, WTTM, standardize  # noqa: F401
 from kdjax.distillers.relational import CC, KDSVD, NST
 from kdjax.distillers.two_stage import AB, FSP, FT
 
@@ -49,7 +49,7 @@ def register(cls: Type[Distiller]) -> Type[Distiller]:
     return cls
 
 
-for _cls in (Distiller, CRD, Hint, AT, SP, PKT, RKD, VID, NST, KDSVD, CC, DKD, DIST, AB, FT, FSP):
+for _cls in (Distiller, CRD, Hint, AT, SP, PKT, RKD, VID, NST, KDSVD, CC, DKD, DIST, NKD, WTTM, AB, FT, FSP):
     register(_cls)
 
 
