@@ -3,7 +3,8 @@ the SVD's derivative, and a KD-SVD step on XLA:CPU that must finish (it deadlock
 
 tests/fixtures/distillers/kdsvd_wide.npz (written by tests/fixtures/make_distiller_fixtures.py, fixture
 ``kdsvd_wide``): the official distiller_zoo/KDSVD.py in float64 on maps whose last teacher layer is 2x2x16. Its
-SVD (PyTorch's CPU wheel: MKL's LAPACK) gave that layer's teacher vectors the sign opposite to the other layers' (``out_teacher_sign``), so
+SVD (PyTorch's CPU wheel: MKL's LAPACK) gave that layer's teacher vectors the sign opposite to the other layers'
+(``out_teacher_sign``), so
 the official loss (``loss``) differs from the one with every teacher vector flipped to a non-negative sum
 (``loss_aligned``, the official module with that flip). Which sign an SVD returns is the library's choice, so
 "equal to the original" is checked as: given the signs the official run's SVD returned, kdjax's loss and

@@ -30,6 +30,8 @@ def get_config(arg=None):
         # temperature 2) with its weight (alpha 9 unless set); CE and the CutMixPick 'kld' score keep temperature
         logit_stand=False,
         ls_temperature=2.0,
+        # 'entropy': each sample's kd / dkd term weighted by EA-KD's teacher/student entropy weight
+        sample_weights="none",
     ))
     # Setting an option that the chosen distiller does not have is an error that lists the valid ones.
     config.distill = ml_collections.ConfigDict(dict(

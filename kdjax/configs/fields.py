@@ -154,6 +154,7 @@ HELP = {
     "distill.ft_k": "ft: factor rate k of the paraphraser and translator (0.5: half the teacher's channels)",
     "loss.logit_stand": "logit standardisation (z-scored logits) for the kd / dkd terms; CE and scores unchanged",
     "loss.ls_temperature": "base temperature of the standardised logits (2)",
+    "loss.sample_weights": "'entropy': EA-KD's per-sample weights on the kd / dkd terms (teacher and student entropy)",
     "augment": "options of the augmentation schemes",
     "augment.per_sample": "each image gets its own draw (the original draws once per batch)",
     "augment.mix_n_run": "CutMix draws pooled by CutMixPick",

@@ -91,10 +91,16 @@ def dkd_loss(logits_s, logits_t, labels, alpha: float = 1.0, beta: float = 8.0, 
     ``labels`` are integer ``[B]`` class ids. ``logit_stand=True`` standardises both logits first (LS-DKD; pair
     it with the LS weights, ``LS_DKD_CIFAR100``).
     """
+    return jnp.mean(dkd_loss_per_sample(logits_s, logits_t, labels, alpha, beta, temperature, logit_stand))
+
+
+def dkd_loss_per_sample(logits_s, logits_t, labels, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0,
+                        logit_stand: bool = False):
+    """``dkd_loss``'s ``[B]`` per-sample terms (times T²), whose batch mean it is (EA-KD weights these)."""
     s, t = _student(logits_s), _teacher(logits_t)
     if logit_stand:
         s, t = standardize(s), standardize(t)
-    b, c = s.shape
+    c = s.shape[1]
     target = jax.nn.one_hot(jnp.asarray(labels).astype(jnp.int32), c, dtype=jnp.bool_)
     zs, zt = s / temperature, t / temperature
 
@@ -105,12 +111,12 @@ def dkd_loss(logits_s, logits_t, labels, alpha: float = 1.0, beta: float = 8.0, 
         log_rest = jax.nn.logsumexp(jnp.where(target, -jnp.inf, log_p), axis=-1)
         return jnp.stack([log_target, log_rest], axis=-1)
 
-    tckd = jnp.sum(_kl_rows(binary(zt), binary(zs))) / b
+    tckd = _kl_rows(binary(zt), binary(zs))
 
     def non_target(z):
         return jax.nn.log_softmax(z - _TARGET_SHIFT * target, axis=-1)
 
-    nckd = jnp.sum(_kl_rows(non_target(zt), non_target(zs))) / b
+    nckd = _kl_rows(non_target(zt), non_target(zs))
     return (alpha * tckd + beta * nckd) * (temperature * temperature)
 
 
@@ -190,6 +196,7 @@ class LogitDistiller(Distiller):
     so unlike a feature distiller's alpha 0 it never silences the scheme)."""
 
     replaces_kl: ClassVar[bool] = True
+    per_sample: ClassVar[bool] = False  # unless a subclass gives its per-sample terms (dkd)
     # True when ``logit_loss`` reads the integer labels (on x' the step then derives each row's dominant label).
     uses_labels: ClassVar[bool] = False
     ce_weight: ClassVar[float] = 1.0
@@ -225,8 +232,13 @@ class DKD(LogitDistiller):
         if int(self.warmup) < 0:
             raise ValueError(f"distill.warmup must be >= 0 epochs, got {self.warmup}")
 
+    per_sample: ClassVar[bool] = True
+
     def logit_loss(self, logits_s, logits_t, labels, epoch, temperature: float):
-        loss = dkd_loss(logits_s, logits_t, labels, self.dkd_alpha, self.dkd_beta, temperature)
+        return jnp.mean(self.per_sample_logit_loss(logits_s, logits_t, labels, epoch, temperature))
+
+    def per_sample_logit_loss(self, logits_s, logits_t, labels, epoch, temperature: float):
+        loss = dkd_loss_per_sample(logits_s, logits_t, labels, self.dkd_alpha, self.dkd_beta, temperature)
         return loss * dkd_warmup(epoch, int(self.warmup)) if int(self.warmup) > 0 else loss
 
 

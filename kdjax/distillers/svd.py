@@ -29,13 +29,19 @@ import threadpoolctl
 _BLAS = None
 
 
-def _one_blas_thread():
-    """A context in which NumPy's BLAS runs on one thread: its threads would compete with XLA's for these small
-    matrices (on a busy 2-core machine a [64, 1024, 16] SVD took 10 s with them, 0.15 s without)."""
+def _blas_controller():
+    """threadpoolctl's view of the loaded BLAS libraries, made once, when a program with the callback is traced (in
+    the tracing thread: the callback itself then only sets a thread count, never inspects libraries)."""
     global _BLAS
     if _BLAS is None:
         _BLAS = threadpoolctl.ThreadpoolController()
-    return _BLAS.limit(limits=1, user_api="blas")
+    return _BLAS
+
+
+def _one_blas_thread():
+    """A context in which NumPy's BLAS runs on one thread: its threads would compete with XLA's for these small
+    matrices (on a busy 2-core machine a [64, 1024, 16] SVD took 10 s with them, 0.15 s without)."""
+    return _blas_controller().limit(limits=1, user_api="blas")
 
 
 def _numpy_svd(a):
@@ -46,6 +52,7 @@ def _numpy_svd(a):
 
 def _host_svd(a):
     """NumPy's thin SVD of ``[..., m, n]`` on the host (batched natively: one call for the whole batch)."""
+    _blas_controller()
     m, n = a.shape[-2:]
     r = min(m, n)
     shapes = (jax.ShapeDtypeStruct(a.shape[:-2] + (m, r), a.dtype), jax.ShapeDtypeStruct(a.shape[:-2] + (r,), a.dtype),

@@ -11,6 +11,7 @@ from kdjax import augment, distillers, models, parallel, workdir as workdir_lib
 from kdjax.augment import transforms
 from kdjax.checkpoint import read_meta
 from kdjax.configs import recipes
+from kdjax.distillers import sample_weights
 from kdjax.data import DeviceDataset
 from kdjax.tasks import common
 from kdjax.train import init_stage, loop, recipe as recipe_lib, steps
@@ -46,7 +47,8 @@ def kd_weights(config, distiller=None) -> steps.KDWeights:
     return steps.KDWeights(gamma=w["gamma"], alpha=w["alpha"], beta=w["beta"],
                            temperature=float(loss.temperature), lw_mix=tuple(float(w) for w in loss.lw_mix),
                            logit_stand=logit_stand(config),
-                           ls_temperature=float(loss.get("ls_temperature", distillers.LS_TEMPERATURE)))
+                           ls_temperature=float(loss.get("ls_temperature", distillers.LS_TEMPERATURE)),
+                           sample_weights=str(loss.get("sample_weights", "none")))
 
 
 def feature_shapes(model, variables, batch: int, image_size: int, preact: bool = False):
@@ -129,6 +131,7 @@ def validate(config) -> None:
     distiller = make_distiller(config)  # option names and values
     if logit_stand(config):
         distillers.check_logit_stand(distiller)
+    sample_weights.check_sample_weights(str(config.loss.get("sample_weights", "none")), distiller)
     if config.teacher == NO_TEACHER and distiller.needs_teacher:
         what = "logits" if distiller.replaces_kl else "features"
         raise ValueError(f"distiller={config.distiller} distils a teacher's {what}: set teacher= and "
@@ -212,6 +215,7 @@ def _train(config, workdir):
         out["compile_s"] += stage["compile_s"]
     fields = {"task": "distill", "teacher": config.teacher, "student": config.student, "dataset": dataset.name,
               "aug": config.aug, "distiller": config.distiller, "logit_stand": weights.logit_stand,
+              "sample_weights": weights.sample_weights,
               "recipe": recipes.applied(config.distiller, config.teacher, config.student, config.distill.to_dict()),
               "loss_weights": {"gamma": weights.gamma, "alpha": weights.alpha, "beta": weights.beta},
               **({} if stage is None else {"init_stage": stage["record"]}),
