@@ -73,3 +73,16 @@ def test_the_step_weights_the_kd_terms_on_x_and_x_aug():
         LW_MIX[0] * float(weighted(ls, lt)) + LW_MIX[2] * float(weighted(lsa, lta)))
     assert float(metrics["loss"]) == pytest.approx(want, rel=1e-5)
     assert float(metrics["kl"]) == pytest.approx(float(weighted(ls, lt)), rel=1e-5)
+
+
+def test_distill_refuses_it_before_loading_anything():
+    from kdjax.tasks import distill
+    from test_train_steps_logit import config_of
+    config = config_of("distiller=dist,aug=cutmix")
+    config.loss.sample_weights = "entropy"
+    with pytest.raises(ValueError, match="not distiller=dist"):
+        distill.validate(config)
+    config = config_of("distiller=dkd,aug=cutmix")
+    config.loss.sample_weights = "entropy"
+    distill.validate(config)
+    assert distill.kd_weights(config).sample_weights == "entropy"
