@@ -65,3 +65,24 @@ def test_recipe_is_recorded_and_described_when_applied():
     # the pair has no recipe for another distiller, and the alias-free canonical name is what is looked up
     assert recipes.describe("kd", "vgg13", "vgg8", unset) is None
     assert distill.make_distiller(load_config("distill")).name == "kd"
+
+
+@pytest.mark.slow
+def test_a_run_of_a_recipe_pair_prints_and_records_it(tmp_path, monkeypatch, capsys):
+    """Through the command line (in this process, so that the table can hold the tiny pair): the recipe's line
+    among the run's first lines, its values in results.json, and the distiller built with them."""
+    import json
+
+    from kdjax import cli
+    tiny = ["--config.dataset=digits", "--config.image_size=8", "--config.batch_size=32", "--config.last_batch=drop",
+            "--config.epochs=1", "--config.eval_every=1"]
+    cli.main(["teacher", "--config.model=resnet8", *tiny, f"--workdir={tmp_path / 'teacher'}"])
+    monkeypatch.setitem(recipes.RECIPES, ("dkd", "resnet8", "resnet8"),
+                        recipes.Entry({"dkd_beta": 2.0}, "a test's own table entry"))
+    capsys.readouterr()
+    cli.main(["distill", "--config.teacher=resnet8", "--config.student=resnet8", "--config.distiller=dkd", *tiny,
+              f"--config.teacher_checkpoint={tmp_path / 'teacher'}", f"--workdir={tmp_path / 'student'}"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == ("[distill] recipe for dkd resnet8->resnet8: dkd_beta=2.0; from a test's own table entry")
+    results = json.loads((tmp_path / "student" / "results.json").read_text())
+    assert results["recipe"] == {"dkd_beta": 2.0}
