@@ -37,7 +37,8 @@ The distillers are timed on the first ``--pairs`` pair (``--distiller-pairs``), 
 (or of ``--distillers``); ``--time-budget`` stops starting new ones when the next would not finish in time (skip
 rows again), ``--compile-workers`` compiles several at once. ``--no-crd`` (the former option) = ``--distillers
 none``; ``--crd-setting`` = ``--distiller-setting``.
-``kdsvd`` is skipped on XLA:CPU with jaxlib < 0.11 (``CPU_LAPACK_DISTILLERS``; ``--cpu-lapack`` to run it).
+Distillers in ``CPU_LAPACK_DISTILLERS`` (none now) are skipped on XLA:CPU with jaxlib < 0.11 (``--cpu-lapack`` to
+run them).
 
 The table goes to stdout and a JSON file to ``bench/results/kd_step_<device kind>_<date>[_quick].json``.
 """
@@ -77,8 +78,9 @@ CRD_TARGET_RATIO = 1.3  # CRD step cost / KD step cost at batch 64
 # waiting for it; when as many such calls run at once as the pool has threads (2 on a 2-core machine: the
 # student's and the teacher's SVDs) the process hangs for good. Seen here with jax 0.10.2 (both tf_XLAEigen
 # threads in lapack_sgesdd_ffi -> ParallelBatchMap -> BlockingCounter::Wait). Skipped on XLA:CPU with such a
-# jaxlib unless --cpu-lapack; GPUs run cuSOLVER and are not affected.
-CPU_LAPACK_DISTILLERS = ("kdsvd",)
+# jaxlib unless --cpu-lapack; GPUs run cuSOLVER and are not affected. KD-SVD's SVD now runs NumPy's LAPACK through a
+# host callback on CPU (kdjax/distillers/svd.py), outside XLA's pool, so nothing is skipped any more.
+CPU_LAPACK_DISTILLERS = ()
 LS = "+ls"  # suffix of a distiller spec: the same distiller with logit standardisation (loss.logit_stand)
 # The default order of --distillers (the priority under --time-budget): CRD first (it has a target), the original
 # repository's order of the others, logit standardisation, then the two-stage methods (init-stage rows too).

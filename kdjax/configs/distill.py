@@ -6,7 +6,7 @@
 ``teacher=none`` trains the student on labels only (cross-entropy on x and x'), the paper's KD-versus-CE baseline.
 ``distiller=crd`` (or hint, at, sp, pkt, rkd, vid, nst, kdsvd, cc, ft) adds a feature distiller's loss beside KD;
 ``distiller=ab``, ``ft`` and ``fsp`` first train an init stage (``distill.init_epochs``, in ``<workdir>/init_stage``);
-``distiller=dkd`` (or dist) replaces KD's KL terms on x and x' by that logit loss. Their options are under
+``distiller=dkd`` (or dist, nkd, wttm) replaces KD's KL terms on x and x' by that logit loss. Their options are under
 ``--config.distill.*`` and their weights default to the method's (``--config.loss.beta`` etc. override them).
 ``--config.loss.logit_stand=true`` z-scores the logits of the kd or dkd terms (logit standardisation, CVPR'24).
 """
@@ -31,6 +31,8 @@ def get_config(arg=None):
         # temperature 2) with its weight (alpha 9 unless set); CE and the CutMixPick 'kld' score keep temperature
         logit_stand=False,
         ls_temperature=2.0,
+        # 'entropy': each sample's kd / dkd term weighted by EA-KD's teacher/student entropy weight
+        sample_weights=config_dict.placeholder(str),
     ))
     # Every option a registered distiller declares (kdjax.distillers.option), unset: the method's own default.
     # Setting an option that the chosen distiller does not have is an error that lists the valid ones.

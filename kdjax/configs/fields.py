@@ -127,6 +127,8 @@ HELP = {
     "distill": "options of the distiller (unset: the method's default)",
     "loss.logit_stand": "logit standardisation (z-scored logits) for the kd / dkd terms; CE and scores unchanged",
     "loss.ls_temperature": "base temperature of the standardised logits (2)",
+    "loss.sample_weights": "'entropy': EA-KD's per-sample weights on the kd / dkd terms (teacher and student "
+                           "entropy); unset: none",
     "augment": "options of the augmentation schemes",
     "num_classes": "classes of the imported checkpoint",
     "source": "the original's .pth checkpoint to import",

@@ -1,7 +1,7 @@
 """The distillers of the KD step: ``kd`` (plain KD), the feature distillers beside KD (``crd``, ``hint``, ``at``,
 ``sp``, ``pkt``, ``rkd``, ``vid``, ``nst``, ``kdsvd``, ``cc``), the logit distillers that replace KD's KL terms
-(``dkd``, ``dist``) and the original's two-stage methods (``ab``, ``ft``, ``fsp``), which train an init stage
-before the KD stage.
+(``dkd``, ``dist``, ``nkd``, ``wttm``) and the original's two-stage methods (``ab``, ``ft``, ``fsp``), which train
+an init stage before the KD stage.
 
 ``create(name, **options)`` returns a ``Distiller`` (see ``kdjax.distillers.interface`` for the interface);
 ``names()`` lists the registered names; the original code's ``--distill`` spellings (``correlation``, ``attention``,

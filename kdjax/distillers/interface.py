@@ -68,6 +68,9 @@ class Distiller:
     # True for a logit distiller: ``logit_loss`` takes the place of KD's KL_T on x and x' and there is no feature
     # term; False for ``kd`` (its ``logit_loss`` is KL_T) and for the feature distillers, which keep KD beside them.
     replaces_kl: ClassVar[bool] = False
+    # True when ``per_sample_logit_loss`` gives the per-sample terms whose mean is ``logit_loss`` (kd's KL_T, dkd),
+    # which ``loss.sample_weights`` weights; False for a loss over the batch as a whole (DIST's correlations).
+    per_sample: ClassVar[bool] = True
     # Two-stage methods (ab, ft, fsp): an init stage trained before the KD stage.
     init_stage: ClassVar[bool] = False
     # The init stage also trains the student's feature modules (ab, fsp), not only the heads.
@@ -105,6 +108,11 @@ class Distiller:
         """The term of one logit pair (x or x'): KD's batch-mean KL_T times T² (``labels`` and ``epoch`` unused)."""
         del labels, epoch
         return losses.kd_kl(logits_s, logits_t, temperature)
+
+    def per_sample_logit_loss(self, logits_s, logits_t, labels, epoch, temperature: float):
+        """``[B]`` terms whose batch mean is ``logit_loss``: KD's per-sample KL_T times T²."""
+        del labels, epoch
+        return losses.kd_kl_per_sample(logits_s, logits_t, temperature) * (temperature * temperature)
 
     def init(self, key, feats_s: Sequence[Any], feats_t: Sequence[Any], num_train: int | None = None,
              train_labels=None) -> Tuple[Any, Any]:

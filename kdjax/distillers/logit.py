@@ -1,4 +1,4 @@
-"""Logit distillers beyond plain KD: DKD, DIST and logit standardisation (LS), as pure loss functions.
+"""Logit distillers beyond plain KD: DKD, DIST, NKD, WTTM and logit standardisation (LS), as pure loss functions.
 
 Each takes ``[B, C]`` student and teacher logits, computes in float32 whatever their dtype, and treats the teacher
 as a constant (``stop_gradient``). They are checked value-for-value and gradient-for-gradient against the official
@@ -12,6 +12,15 @@ PyTorch code in tests/test_distiller_fixtures.py (fixtures written by tests/fixt
   probabilities, row-wise (inter-class) and column-wise (intra-class), each times tau².
 * LS (Sun et al., CVPR 2024; sunshangquan/logit-standardization-KD): the KD or DKD loss on per-row z-scored
   logits, at a "base temperature" (2 on CIFAR-100) and with a larger loss weight (9).
+
+* NKD (Yang et al., ICCV 2023; yzd-v/cls_KD, mmcls/models/dis_losses/nkd.py): the teacher's target probability
+  as the weight of the student's target log-probability, ``-mean(p_t[y] log p_s[y])`` (temperature 1), plus
+  ``gamma * temp²`` times the cross-entropy between the teacher's and the student's distributions over the
+  non-target classes alone at temperature ``temp``.
+* WTTM (Zheng and Yang, ICLR 2024; zkxufo/TTM, distiller_zoo/wttm.py): transformed teacher matching, KL(p̃_t ||
+  p_s) with the teacher's probabilities raised to the power ``l`` and renormalised (p̃_t = softmax(l * z_t)) and the
+  student at temperature 1, each row weighted by the teacher's power sum ``sum_c p_t^l`` (larger for a smoother
+  teacher); batch mean.
 
 The ``*_CIFAR100`` dicts give the weights the official repositories train CIFAR-100 students with.
 
@@ -31,8 +40,8 @@ from kdjax.losses import kd_kl
 from kdjax.distillers.registry import option, register
 
 # The official CIFAR-100 recipes (see the fixture script and the report for the file each number comes from).
-# DKD: mdistiller/engine/cfg.py (CE 1, alpha 1, beta 8, T 4, warm-up 20 epochs); per-pair configs lower beta to 2
-# (resnet56/resnet20, resnet110/resnet32) or 6 (vgg13 students and teachers, wrn_40_2/wrn_16_2, wrn_40_2/wrn_40_1).
+# DKD: mdistiller/engine/cfg.py (CE 1, alpha 1, beta 8, T 4, warm-up 20 epochs), the default; the per-pair configs
+# that lower beta (2 or 6) are the table kdjax/configs/recipes.py, which a distill run applies to its pair.
 DKD_CIFAR100 = dict(ce_weight=1.0, alpha=1.0, beta=8.0, temperature=4.0, warmup_epochs=20)
 # DIST: configs/strategies/distill/dist_cifar.yaml (ori_loss_weight 1, kd_loss_weight 2, kd 'dist_t4').
 DIST_CIFAR100 = dict(ce_weight=1.0, kd_weight=2.0, beta=1.0, gamma=1.0, tau=4.0)
@@ -41,6 +50,13 @@ DIST_CIFAR100 = dict(ce_weight=1.0, kd_weight=2.0, beta=1.0, gamma=1.0, tau=4.0)
 LS_KD_CIFAR100 = dict(ce_weight=0.1, kd_weight=LS_WEIGHT, temperature=LS_TEMPERATURE)
 LS_DKD_CIFAR100 = dict(ce_weight=1.0, alpha=LS_WEIGHT * 1.0, beta=LS_WEIGHT * 8.0, temperature=LS_TEMPERATURE,
                        warmup_epochs=20)
+
+# NKD: cls_KD configs/distillers/cifar100/res34_distill_res18_cifar.py (NKDLoss temp 3.0, gamma 3.5; its loss
+# and the student's CE both with weight 1); the ImageNet configs use temp 1, gamma 1.5.
+NKD_CIFAR100 = dict(ce_weight=1.0, kd_weight=1.0, temperature=3.0, gamma=3.5)
+# WTTM: the TTM repository's README example of WTTM (--add wttm --ttm_l 0.2 -a 4, with -r 1); the paper lists its
+# per-pair T and beta in its appendix A.4, which the repository does not carry.
+WTTM_CIFAR100 = dict(ce_weight=1.0, kd_weight=4.0, power=0.2)
 
 # NCKD removes the target class by lowering its logit this much below the others: its softmax weight underflows to
 # exactly 0 in float32, while every term stays finite (a -inf logit would turn the gradient into nan).
@@ -76,10 +92,16 @@ def dkd_loss(logits_s, logits_t, labels, alpha: float = 1.0, beta: float = 8.0, 
     ``labels`` are integer ``[B]`` class ids. ``logit_stand=True`` standardises both logits first (LS-DKD; pair
     it with the LS weights, ``LS_DKD_CIFAR100``).
     """
+    return jnp.mean(dkd_loss_per_sample(logits_s, logits_t, labels, alpha, beta, temperature, logit_stand))
+
+
+def dkd_loss_per_sample(logits_s, logits_t, labels, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0,
+                        logit_stand: bool = False):
+    """``dkd_loss``'s ``[B]`` per-sample terms (times T²), whose batch mean it is (EA-KD weights these)."""
     s, t = _student(logits_s), _teacher(logits_t)
     if logit_stand:
         s, t = standardize(s), standardize(t)
-    b, c = s.shape
+    c = s.shape[1]
     target = jax.nn.one_hot(jnp.asarray(labels).astype(jnp.int32), c, dtype=jnp.bool_)
     zs, zt = s / temperature, t / temperature
 
@@ -90,12 +112,12 @@ def dkd_loss(logits_s, logits_t, labels, alpha: float = 1.0, beta: float = 8.0, 
         log_rest = jax.nn.logsumexp(jnp.where(target, -jnp.inf, log_p), axis=-1)
         return jnp.stack([log_target, log_rest], axis=-1)
 
-    tckd = jnp.sum(_kl_rows(binary(zt), binary(zs))) / b
+    tckd = _kl_rows(binary(zt), binary(zs))
 
     def non_target(z):
         return jax.nn.log_softmax(z - _TARGET_SHIFT * target, axis=-1)
 
-    nckd = jnp.sum(_kl_rows(non_target(zt), non_target(zs))) / b
+    nckd = _kl_rows(non_target(zt), non_target(zs))
     return (alpha * tckd + beta * nckd) * (temperature * temperature)
 
 
@@ -131,6 +153,38 @@ def ls_kd_loss(logits_s, logits_t, temperature: float = 2.0):
     return kd_kl(standardize(logits_s), standardize(_teacher(logits_t)), temperature)
 
 
+def nkd_loss(logits_s, logits_t, labels, temperature: float = 1.0, gamma: float = 1.5):
+    """NKD: ``-mean_b(p_t[y] log p_s[y]) - gamma * T² * mean_b(sum_{c != y} p̂_t log p̂_s)``, the first term at
+    temperature 1, the second over the non-target classes (renormalised) at temperature ``T``.
+
+    ``labels`` are integer ``[B]`` class ids. The target column is removed as in DKD's NCKD: shifted far below the
+    others, its softmax weight is exactly 0 in float32."""
+    s, t = _student(logits_s), _teacher(logits_t)
+    b, c = s.shape
+    target = jax.nn.one_hot(jnp.asarray(labels).astype(jnp.int32), c, dtype=jnp.bool_)
+    log_ps = jax.nn.log_softmax(s, axis=-1)
+    pt = jax.nn.softmax(t, axis=-1)
+    target_term = -jnp.mean(jnp.sum(jnp.where(target, pt * log_ps, 0.0), axis=-1))
+
+    def non_target(z):
+        return jax.nn.log_softmax(z / temperature - _TARGET_SHIFT * target, axis=-1)
+
+    log_qs, log_qt = non_target(s), non_target(t)
+    cross = jnp.mean(jnp.sum(jnp.exp(log_qt) * log_qs, axis=-1))
+    return target_term - gamma * temperature * temperature * cross
+
+
+def wttm_loss(logits_s, logits_t, power: float = 0.2):
+    """WTTM: ``mean_b(U_b * KL(p̃_t || p_s))`` with p̃_t = p_t^l / U_b = softmax(l * z_t), U_b = sum_c p_t^l the
+    teacher's power sum (the sample-adaptive weight) and p_s = softmax(z_s) at temperature 1."""
+    s, t = _student(logits_s), _teacher(logits_t)
+    log_pt = jax.nn.log_softmax(t, axis=-1)
+    log_weight = jax.nn.logsumexp(power * log_pt, axis=-1)  # log U_b
+    log_target = power * log_pt - log_weight[:, None]
+    kl = _kl_rows(log_target, jax.nn.log_softmax(s, axis=-1))
+    return jnp.mean(jnp.exp(log_weight) * kl)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The logit distillers of the KD step (registered by ``kdjax.distillers``)
 
@@ -143,6 +197,7 @@ class LogitDistiller(Distiller):
     so unlike a feature distiller's alpha 0 it never silences the scheme)."""
 
     replaces_kl: ClassVar[bool] = True
+    per_sample: ClassVar[bool] = False  # unless a subclass gives its per-sample terms (dkd)
     # True when ``logit_loss`` reads the integer labels (on x' the step then derives each row's dominant label).
     uses_labels: ClassVar[bool] = False
     ce_weight: ClassVar[float] = 1.0
@@ -179,8 +234,13 @@ class DKD(LogitDistiller):
         if int(self.warmup) < 0:
             raise ValueError(f"distill.warmup must be >= 0 epochs, got {self.warmup}")
 
+    per_sample: ClassVar[bool] = True
+
     def logit_loss(self, logits_s, logits_t, labels, epoch, temperature: float):
-        loss = dkd_loss(logits_s, logits_t, labels, self.dkd_alpha, self.dkd_beta, temperature)
+        return jnp.mean(self.per_sample_logit_loss(logits_s, logits_t, labels, epoch, temperature))
+
+    def per_sample_logit_loss(self, logits_s, logits_t, labels, epoch, temperature: float):
+        loss = dkd_loss_per_sample(logits_s, logits_t, labels, self.dkd_alpha, self.dkd_beta, temperature)
         return loss * dkd_warmup(epoch, int(self.warmup)) if int(self.warmup) > 0 else loss
 
 
@@ -199,3 +259,49 @@ class DIST(LogitDistiller):
     def logit_loss(self, logits_s, logits_t, labels, epoch, temperature: float):
         del labels, epoch
         return dist_loss(logits_s, logits_t, self.dist_beta, self.dist_gamma, temperature)
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class NKD(LogitDistiller):
+    """NKD on each logit pair: ``nkd_loss`` with its own temperature ``nkd_temp`` (the official CIFAR-100 config's
+    3; the step's loss.temperature is not used) and ``nkd_gamma`` (3.5); CE 1 and loss weight 1. On x' the target
+    class of a mixed image is its dominant label, as the official loss takes the arg-max of a soft label."""
+
+    name: ClassVar[str] = "nkd"
+    uses_labels: ClassVar[bool] = True
+    ce_weight: ClassVar[float] = NKD_CIFAR100["ce_weight"]
+    kd_weight: ClassVar[float] = NKD_CIFAR100["kd_weight"]
+    nkd_temp: float = option(NKD_CIFAR100["temperature"], "temperature of the non-target-class term")
+    nkd_gamma: float = option(NKD_CIFAR100["gamma"], "weight of the non-target-class term")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not float(self.nkd_temp) > 0:
+            raise ValueError(f"distill.nkd_temp must be > 0, got {self.nkd_temp}")
+
+    def logit_loss(self, logits_s, logits_t, labels, epoch, temperature: float):
+        del epoch, temperature
+        return nkd_loss(logits_s, logits_t, labels, float(self.nkd_temp), float(self.nkd_gamma))
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class WTTM(LogitDistiller):
+    """WTTM on each logit pair: ``wttm_loss`` with the power ``ttm_l`` (the official ``--ttm_l``, 0.2 as its
+    README's WTTM example; the step's loss.temperature is not used: 1 / ttm_l plays its part on the teacher side);
+    CE 1 and loss weight 4 (that example's ``-a 4``)."""
+
+    name: ClassVar[str] = "wttm"
+    ce_weight: ClassVar[float] = WTTM_CIFAR100["ce_weight"]
+    kd_weight: ClassVar[float] = WTTM_CIFAR100["kd_weight"]
+    ttm_l: float = option(WTTM_CIFAR100["power"], "power of the teacher's probabilities, 1 / its temperature")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not float(self.ttm_l) > 0:
+            raise ValueError(f"distill.ttm_l must be > 0 (the power of the teacher's probabilities), got {self.ttm_l}")
+
+    def logit_loss(self, logits_s, logits_t, labels, epoch, temperature: float):
+        del labels, epoch, temperature
+        return wttm_loss(logits_s, logits_t, float(self.ttm_l))

@@ -14,13 +14,15 @@ paper code ships it) in tests/test_distiller_fixtures.py.
   of consecutive layers: squared differences, summed, divided by the batch size. Layers f[1:-1]; student and
   teacher must have the same channel count at each layer. No beta for it in RepDistiller's script; mdistiller
   uses 1.
-  Deliberate deviation: the original leaves the sign of each teacher vector to the SVD routine, and the RBF
-  relations between layers change with the relative sign of consecutive layers' vectors. LAPACK (PyTorch on the
-  CPU) returns the leading vector of a non-negative [H*W, C] matrix with a negative sum when H*W >= C and a
-  positive one when H*W < C (e.g. resnet32x4's 8x8x256 last map), and other backends choose otherwise. Here each
-  teacher vector is flipped to a non-negative sum (all-positive for post-ReLU maps), so all layers agree; this
-  equals the original whenever its SVD returned one sign for all layers of a sample (a global flip of every
-  layer leaves the loss unchanged).
+  Signs (``distill.svd_signs``): the RBF relations between layers change with the relative sign of consecutive
+  layers' teacher vectors, which no SVD defines. 'original' (default) keeps them as the SVD returns them, as the
+  original does, so, as the original's, its value depends on the SVD library: PyTorch's CPU wheels (MKL's
+  LAPACK) return the leading vector of a non-negative [H*W, C] matrix with a negative sum when H*W >= C and a
+  positive one when H*W < C (wrn_40_2's f3, vgg13's f2-f4, resnet32x4's f3), NumPy's OpenBLAS LAPACK, which
+  kdjax uses on CPU, a negative one in both cases seen (tests/test_kdsvd.py), cuSOLVER its own. 'aligned' flips
+  each teacher vector to a non-negative sum, the same convention at every layer and on every backend. The two
+  agree whenever the SVD returned one sign for all layers of a sample (a global flip leaves the loss unchanged).
+  docs/fidelity.md, "KD-SVD", says what is compared with the original and how.
 * CC (correlation congruence, the variant RepDistiller got from the authors): both pooled features go through a
   trainable linear embedding (``LinearEmbed``, 128-d, no normalisation); with d = |e_s - e_t|, the loss is the
   mean over consecutive sample pairs (i, i+1) of sum_k d[i, k] d[i+1, k]. RepDistiller's CIFAR-100 beta: 0.02.
@@ -36,6 +38,7 @@ import jax.numpy as jnp
 from kdjax.distillers.interface import (Distiller, check_feature_list, check_map, l2_normalize, match_spatial,
                                    shape_of, student_features, teacher_features)
 from kdjax.distillers.registry import option, register
+from kdjax.distillers.svd import singular_values_and_right_vectors
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -72,11 +75,12 @@ def _finite(x):
 
 
 def _leading_right_vectors(f, n: int):
-    """The first ``n`` right-singular vectors ``[B, C, n]`` of each sample's ``[H*W, C]`` matrix, and the first n
-    singular values ``[B, n]`` scaled to unit norm; both with non-finite entries zeroed."""
+    """The first ``n`` right-singular vectors ``[B, C, n]`` of each sample's ``[H*W, C]`` matrix, with the signs the
+    SVD returns them with, and the first n singular values ``[B, n]`` scaled to unit norm; both with non-finite
+    entries zeroed. The SVD is ``kdjax.distillers.svd``'s (NumPy's on CPU: XLA:CPU's batched SVD can deadlock)."""
     b, h, w, c = f.shape
-    _, sv, vh = jnp.linalg.svd(f.reshape(b, h * w, c), full_matrices=False)
-    v = _finite(jnp.swapaxes(vh, 1, 2))[:, :, :n]
+    sv, v = singular_values_and_right_vectors(f.reshape(b, h * w, c))
+    v = _finite(v)[:, :, :n]
     sv = _finite(sv)[:, :n]
     return l2_normalize(v, axis=1), l2_normalize(sv, axis=1)
 
@@ -84,6 +88,19 @@ def _leading_right_vectors(f, n: int):
 def _positive_sum(v):
     """Each column of ``[B, C, n]`` with the sign that makes its sum >= 0 (a zero sum keeps its sign)."""
     return v * jnp.where(jnp.sum(v, axis=1, keepdims=True) < 0, -1.0, 1.0)
+
+
+# How KD-SVD signs each teacher singular vector (``distill.svd_signs``).
+SVD_SIGNS = ("original", "aligned")
+
+
+def _teacher_signs(v_t, signs, layer: int):
+    """The teacher vectors ``[B, C, k]`` of ``layer`` signed as ``signs`` asks: 'original' as the SVD returned
+    them, 'aligned' with a non-negative sum, or an array ``[layers, B, k]`` of +-1 multiplying the aligned vectors
+    (the signs another SVD library gave, to compare against it)."""
+    if isinstance(signs, str):
+        return v_t if signs == "original" else _positive_sum(v_t)
+    return _positive_sum(v_t) * jnp.asarray(signs, v_t.dtype)[layer][:, None, :]
 
 
 def _align(v_s, v_t):
@@ -99,18 +116,22 @@ def _rbf(v, v_prev):
     return jnp.exp(-((v[:, :, None, :] - v_prev[:, None, :, :]) ** 2) / 8.0)
 
 
-def kdsvd_loss(feats_s, feats_t, k: int = 1):
+def kdsvd_loss(feats_s, feats_t, k: int = 1, signs="original"):
     """KD-SVD over paired lists of NHWC maps (the original's f[1:-1]): RBF relations between the aligned singular
     vectors of consecutive layers, squared differences summed and divided by the batch size, summed over the
-    consecutive pairs. Needs at least two layers for a non-zero value."""
+    consecutive pairs. Needs at least two layers for a non-zero value. ``signs``: the teacher vectors' signs,
+    'original' (as the SVD returns them, the original code's), 'aligned' or a ``[layers, B, k]`` array (see
+    ``_teacher_signs``); the student's signs never matter (each is matched to its teacher vector's)."""
+    if isinstance(signs, str) and signs not in SVD_SIGNS:
+        raise ValueError(f"KD-SVD signs must be one of {', '.join(SVD_SIGNS)}, got {signs!r}")
     total = jnp.zeros((), jnp.float32)
     prev = None
-    for f_s, f_t in zip(feats_s, feats_t):
+    for layer, (f_s, f_t) in enumerate(zip(feats_s, feats_t)):
         if f_s.shape[-1] != f_t.shape[-1]:
             raise ValueError(f"KD-SVD needs the same channel count for student and teacher at each layer, got "
                              f"{f_s.shape[-1]} and {f_t.shape[-1]}")
         v_t, s_t = _leading_right_vectors(jax.lax.stop_gradient(f_t), k)
-        v_t = _positive_sum(v_t)
+        v_t = _teacher_signs(v_t, signs, layer)
         v_s, _ = _leading_right_vectors(f_s, k + 3)
         v_s = _align(v_s, v_t)
         scale = s_t[:, None, :]
@@ -200,6 +221,14 @@ class KDSVD(Distiller):
     uses_features: ClassVar[bool] = True
     beta: float = 1.0
     k: int = option(1, "singular vectors kept per layer")
+    # 'original': the teacher vectors' signs as the SVD returns them (the original code); 'aligned': each flipped
+    # to a non-negative sum, the same for every layer (docs/fidelity.md, KD-SVD)
+    svd_signs: str = option("original", "teacher singular vectors' signs: 'original' (as the SVD returns them) "
+                                        "or 'aligned'")
+
+    def __post_init__(self):
+        if self.svd_signs not in SVD_SIGNS:
+            raise ValueError(f"distill.svd_signs must be one of {', '.join(SVD_SIGNS)}, got {self.svd_signs!r}")
 
     def init(self, key, feats_s, feats_t, num_train=None, train_labels=None):
         _check_maps(feats_s, feats_t)
@@ -211,7 +240,7 @@ class KDSVD(Distiller):
 
     def loss(self, params, state, feats_s, feats_t, *, labels=None, indices=None, key=None, train=True):
         pairs = _paired_maps(student_features(feats_s), teacher_features(feats_t))
-        return kdsvd_loss([s for s, _ in pairs], [t for _, t in pairs], self.k), state
+        return kdsvd_loss([s for s, _ in pairs], [t for _, t in pairs], self.k, self.svd_signs), state
 
 
 @register

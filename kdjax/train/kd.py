@@ -18,8 +18,10 @@ from typing import Any, Callable, Dict, Optional
 
 import jax
 
-from kdjax import augment, distillers, models
+from kdjax import augment, distillers, models, runlog
 from kdjax.checkpoint import inputs as checkpoint_inputs
+from kdjax.configs import recipes
+from kdjax.distillers import sample_weights
 from kdjax.augment import transforms
 from kdjax.train import init_stage, loop, recipe as recipe_lib, steps
 
@@ -27,9 +29,11 @@ NO_TEACHER = "none"
 
 
 def distiller_options(config) -> dict:
-    """The ``config.distill`` fields that are set (not None): they replace the chosen distiller's defaults."""
+    """The pair's official recipe (``kdjax.configs.recipes``) with the ``config.distill`` fields that are set (not
+    None) replacing it: together they replace the chosen distiller's defaults."""
     options = config.get("distill")
-    return {k: v for k, v in (options.to_dict() if options is not None else {}).items() if v is not None}
+    options = {k: v for k, v in (options.to_dict() if options is not None else {}).items() if v is not None}
+    return recipes.with_recipe(distillers.canonical(config.distiller), config.teacher, config.student, options)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +56,8 @@ class KDMethod:
         weights = steps.KDWeights(gamma=w["gamma"], alpha=w["alpha"], beta=w["beta"],
                                   temperature=float(loss.temperature), lw_mix=tuple(float(v) for v in loss.lw_mix),
                                   logit_stand=logit_stand,
-                                  ls_temperature=float(loss.get("ls_temperature", distillers.LS_TEMPERATURE)))
+                                  ls_temperature=float(loss.get("ls_temperature", distillers.LS_TEMPERATURE)),
+                                  sample_weights=str(loss.get("sample_weights") or "none"))
         return cls(distiller, weights)
 
 
@@ -76,6 +81,7 @@ def validate(config) -> KDMethod:
     distiller = method.distiller
     if method.weights.logit_stand:
         distillers.check_logit_stand(distiller)
+    sample_weights.check_sample_weights(method.weights.sample_weights, distiller)
     if not has_teacher(config):
         if distiller.needs_teacher:
             what = "logits" if distiller.replaces_kl else "features"
@@ -190,6 +196,9 @@ def train_student(method: KDMethod, config, workdir: str, dataset, data, mesh, t
     stage first for a two-stage distiller, then the KD stage. Returns ``fit``'s output, with the recipe and the
     results.json fields of the method."""
     setup = KDSetup.create(method, config, dataset, with_teacher=teacher_vars is not None)
+    recipe_line = recipes.describe(config.distiller, config.teacher, config.student, config.distill.to_dict())
+    if recipe_line:
+        runlog.ProgressLog("distill").line(recipe_line)
     recipe = recipe_lib.make_recipe(config, dataset.num_train, mesh.size, config.student)
     run_key = jax.random.key(int(config.seed))
     state = recipe_lib.init_state(setup.student, recipe.tx, jax.random.fold_in(run_key, 0), dataset.image_size)
@@ -213,6 +222,9 @@ def train_student(method: KDMethod, config, workdir: str, dataset, data, mesh, t
     weights = method.weights
     out["recipe"], out["seed"] = recipe, int(config.seed)
     out["fields"] = {"distiller": config.distiller, "logit_stand": weights.logit_stand,
+                     "sample_weights": weights.sample_weights,
+                     "recipe": recipes.applied(config.distiller, config.teacher, config.student,
+                                               config.distill.to_dict()),
                      "loss_weights": {"gamma": weights.gamma, "alpha": weights.alpha, "beta": weights.beta},
                      **({} if stage is None else {"init_stage": stage["record"]})}
     return out

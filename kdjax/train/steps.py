@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from kdjax import distillers, losses
+from kdjax.distillers import sample_weights
 from kdjax.augment import transforms
 
 
@@ -45,6 +46,8 @@ class KDWeights:
     lw_mix: tuple = (1.0, 0.0, 1.0)
     logit_stand: bool = False
     ls_temperature: float = distillers.LS_TEMPERATURE
+    # 'entropy': each sample's L weighted by EA-KD's entropy weight (kdjax.distillers.sample_weights)
+    sample_weights: str = "none"
 
 
 def make_prepare(mean, std, pad: int):
@@ -113,6 +116,8 @@ def logit_term(weights: KDWeights, distiller=None):
     with ``weights.logit_stand`` both logits are z-scored first and the base temperature replaces T, for these
     terms only."""
     d = distillers.Distiller() if distiller is None else distiller
+    if weights.sample_weights != "none":
+        return sample_weights.weighted_term(weights, d)
     if weights.logit_stand:
         distillers.check_logit_stand(d)
 

@@ -1,0 +1,80 @@
+"""The official per-pair hyper-parameters of the distillers, as data.
+
+A distiller's dataclass defaults are its official *default* recipe (DKD's beta 8, mdistiller/engine/cfg.py). Some
+official repositories change a value for particular teacher/student pairs; ``RECIPES`` holds those changes, keyed
+by (distiller, teacher, student) with kdjax's model names, each citing the repository and file it comes from. All
+entries are the CIFAR-100 recipes (the only dataset these repositories tune per pair for kdjax's models).
+
+``recipe_for`` gives the options of a run's pair; ``with_recipe`` lays the options a config sets over them (a
+config value always wins, field by field); ``applied`` and ``describe`` are what a run records and prints.
+"""
+from typing import Dict, Mapping, NamedTuple, Optional, Tuple
+
+
+class Entry(NamedTuple):
+    options: Mapping[str, float]
+    source: str  # repository and file(s) the values were read from
+
+
+MDISTILLER = "megvii-research/mdistiller"
+LS_REPO = "sunshangquan/logit-standardization-KD"
+
+
+def _dkd(beta: float, mdistiller_file: str, ls_file: str) -> Entry:
+    """A DKD pair whose config sets ``DKD.BETA``; the logit-standardisation repository repeats mdistiller's
+    config (its tools/train.py multiplies alpha and beta by --kd-weight for LS-DKD, which kdjax's loss.logit_stand
+    does through the loss weight, so the same beta serves both)."""
+    return Entry({"dkd_beta": beta}, f"{MDISTILLER} configs/cifar100/dkd/{mdistiller_file}; "
+                                     f"{LS_REPO} configs/cifar100/dkd/{ls_file}")
+
+
+# Pairs absent here use the distiller's defaults: for DKD the cfg.py default beta 8 (mdistiller
+# mdistiller/engine/cfg.py CFG.DKD.BETA), which the configs res32x4_res8x4, res32x4_shuv1, res32x4_shuv2,
+# res50_mv2 and wrn40_2_shuv1 keep.
+RECIPES: Dict[Tuple[str, str, str], Entry] = {
+    # mdistiller configs/cifar100/dkd/res56_res20.yaml (DKD: BETA: 2.0); LS repo resnet56_resnet20.yaml (same)
+    ("dkd", "resnet56", "resnet20"): _dkd(2.0, "res56_res20.yaml", "resnet56_resnet20.yaml"),
+    # mdistiller configs/cifar100/dkd/res110_res32.yaml (BETA: 2.0); LS repo resnet110_resnet32.yaml (same)
+    ("dkd", "resnet110", "resnet32"): _dkd(2.0, "res110_res32.yaml", "resnet110_resnet32.yaml"),
+    # mdistiller configs/cifar100/dkd/vgg13_vgg8.yaml (BETA: 6.0); LS repo vgg13_vgg8.yaml (same)
+    ("dkd", "vgg13", "vgg8"): _dkd(6.0, "vgg13_vgg8.yaml", "vgg13_vgg8.yaml"),
+    # mdistiller configs/cifar100/dkd/vgg13_mv2.yaml (BETA: 6.0); LS repo vgg13_MobileNetV2.yaml (same)
+    ("dkd", "vgg13", "MobileNetV2"): _dkd(6.0, "vgg13_mv2.yaml", "vgg13_MobileNetV2.yaml"),
+    # mdistiller configs/cifar100/dkd/wrn40_2_wrn_16_2.yaml (BETA: 6.0); LS repo wrn_40_2_wrn_16_2.yaml (same)
+    ("dkd", "wrn_40_2", "wrn_16_2"): _dkd(6.0, "wrn40_2_wrn_16_2.yaml", "wrn_40_2_wrn_16_2.yaml"),
+    # mdistiller configs/cifar100/dkd/wrn40_2_wrn_40_1.yaml (BETA: 6.0); LS repo wrn_40_2_wrn_40_1.yaml (same)
+    ("dkd", "wrn_40_2", "wrn_40_1"): _dkd(6.0, "wrn40_2_wrn_40_1.yaml", "wrn_40_2_wrn_40_1.yaml"),
+}
+
+
+def _entry(distiller: str, teacher: str, student: str) -> Optional[Entry]:
+    return RECIPES.get((distiller, teacher, student))
+
+
+def recipe_for(distiller: str, teacher: str, student: str) -> dict:
+    """The official per-pair options of ``distiller`` (canonical name) for teacher -> student; ``{}`` when the
+    pair uses the distiller's defaults."""
+    entry = _entry(distiller, teacher, student)
+    return dict(entry.options) if entry is not None else {}
+
+
+def with_recipe(distiller: str, teacher: str, student: str, options: Mapping) -> dict:
+    """The options a run uses: the pair's recipe, with every option the config sets (not None) replacing it."""
+    return {**recipe_for(distiller, teacher, student), **{k: v for k, v in options.items() if v is not None}}
+
+
+def applied(distiller: str, teacher: str, student: str, options: Mapping) -> dict:
+    """The recipe values a run actually uses: those the config does not set (recorded in results.json)."""
+    return {k: v for k, v in recipe_for(distiller, teacher, student).items() if options.get(k) is None}
+
+
+def describe(distiller: str, teacher: str, student: str, options: Mapping) -> Optional[str]:
+    """One line naming the recipe values applied and their source, or None when the pair has no recipe."""
+    entry = _entry(distiller, teacher, student)
+    if entry is None:
+        return None
+    used = applied(distiller, teacher, student, options)
+    overridden = sorted(set(entry.options) - set(used))
+    values = ", ".join(f"{k}={v}" for k, v in used.items()) or "none"
+    kept = f" (set by the config: {', '.join(overridden)})" if overridden else ""
+    return f"recipe for {distiller} {teacher}->{student}: {values}{kept}; from {entry.source}"
