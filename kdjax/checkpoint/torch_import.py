@@ -1,6 +1,7 @@
 """Import the original PyTorch checkpoints (teachers and students) into kdjax variables, without torch.
 
-``read_torch_checkpoint(path) -> (state_dict, info)`` reads a ``.pth`` file safely (see ``torch_pickle``);
+``read_torch_checkpoint(path) -> (state_dict, info)`` reads a ``.pth`` file safely (see ``torch_pickle``), or a
+``.safetensors`` file (see ``safetensors_reader``);
 ``import_torch(path, arch, num_classes, image_size)`` turns it into ``{'params', 'batch_stats'}`` of a zoo model,
 checked entry by entry against the architecture.
 """
@@ -50,6 +51,7 @@ def _split_checkpoint(obj, path: str) -> Tuple[Mapping, Dict[str, Any]]:
 def read_torch_checkpoint(path) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
     """The state_dict of a ``torch.save`` file and what the file says about it.
 
+    A ``.safetensors`` file is read by ``safetensors_reader.read_safetensors`` (``format`` 'safetensors').
     Reads the zip and the legacy serialisation, a ``{'epoch', 'model', 'accuracy', 'optimizer'[, 'ExpID']}``
     dict or a bare state_dict; a ``module.`` prefix (DataParallel) on every key is removed. Nothing in the file is
     executed and torch is not needed.
@@ -60,6 +62,10 @@ def read_torch_checkpoint(path) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
     state_dict) and ``stripped_prefix`` (True when ``module.`` was removed).
     """
     path = os.fspath(path)
+    from kdjax.checkpoint import safetensors_reader  # (no jax either)
+
+    if safetensors_reader.is_safetensors_path(path):
+        return safetensors_reader.read_safetensors(path)
     obj, serialisation = load_with_format(path)
     state_dict, others = _split_checkpoint(obj, path)
     state_dict_in_file = state_dict
