@@ -1,29 +1,25 @@
-"""Task 'import_torch': convert an original PyTorch checkpoint into a kdjax checkpoint (``workdir/checkpoints``).
+"""Task 'import_torch': convert an original PyTorch checkpoint into a kdjax checkpoint (``workdir/checkpoints``), or
+every teacher of an archive (``cifar_teachers.tar``, RepDistiller's ``save/models``) into ``workdir/<model>/``.
 
 The dataset's mean/std go into ``meta`` so that every task can check the teacher against its config.
 """
 import os
 
-from kdjax import models, runlog
-from kdjax.checkpoint import read_torch_checkpoint, save_model, torch_to_variables
-from kdjax.checkpoint.store import CHECKPOINT_SUBDIR
-from kdjax.data.archives import STATS
+from kdjax import models
+from kdjax.checkpoint import archive_import
 
 
 def run(config, workdir):
-    models.check_name(config.model)
     if not config.source:
-        raise ValueError("give the PyTorch file to import: --config.source=PATH.pth")
-    state_dict, info = read_torch_checkpoint(config.source)
-    variables = torch_to_variables(state_dict, config.model, int(config.num_classes), int(config.image_size),
-                                   source=config.source)
-    mean, std = STATS.get(config.dataset, (None, None))  # the datasets the original teachers know
-    meta = {"model": config.model, "num_classes": int(config.num_classes), "image_size": int(config.image_size),
-            "dataset": config.dataset, "mean": mean, "std": std, "source": os.path.abspath(config.source),
-            "accuracy": info.get("accuracy"), "epoch": info.get("epoch")}
-    directory = save_model(os.path.join(workdir, CHECKPOINT_SUBDIR), variables, meta)
-    # The import's own record, written last: it marks the teacher as finished for the runs that consume it.
-    runlog.write_results(workdir, {"task": "import_torch", **meta}, config)
-    print(f"[import_torch] {config.model} ({config.num_classes} classes) from {config.source} -> {directory}"
-          f" (stored accuracy: {info.get('accuracy')})", flush=True)
-    return meta
+        raise ValueError("give the PyTorch file to import: --config.source=PATH.pth (or .safetensors, or a teacher "
+                         "archive: cifar_teachers.tar or a directory of <model>_vanilla/ckpt_epoch_240.pth)")
+    if archive_import.is_archive(config.source):
+        return archive_import.import_and_report(config, workdir)
+    models.check_name(config.model)
+    source = os.path.abspath(config.source)
+    record = archive_import.import_teacher(config.source, config.model, config.num_classes, config.image_size,
+                                           config.dataset, workdir, source, archive_import.file_sha256(source),
+                                           config)
+    print(f"[import_torch] {config.model} ({config.num_classes} classes) from {config.source} -> {workdir}"
+          f" (stored accuracy: {record['accuracy']})", flush=True)
+    return record
