@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import os
+import pathlib
 import tarfile
 
 import numpy as np
@@ -30,17 +31,13 @@ LEFT_OUT = {"cifar_teachers/resnet8_vanilla/ckpt_epoch_40.pth": FIXTURES / "resn
 
 
 def sha256(path) -> str:
-    return hashlib.sha256(pathlib_bytes(path)).hexdigest()
-
-
-def pathlib_bytes(path) -> bytes:
-    return open(path, "rb").read()
+    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
 
 
 def make_tar(path, members) -> str:
     with tarfile.open(path, "w") as tar:
         for name, source in members.items():
-            data = b"see the README of mdistiller\n" if source is None else pathlib_bytes(source)
+            data = b"see the README of mdistiller\n" if source is None else pathlib.Path(source).read_bytes()
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -107,7 +104,7 @@ def test_repdistiller_directory_layout(tmp_path):
     for name, source in GOOD.items():
         target = save / name.split("/", 1)[1]
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(pathlib_bytes(source))
+        target.write_bytes(pathlib.Path(source).read_bytes())
     rows = run_import(save, tmp_path / "teachers")
     assert [r["model"] for r in rows] == ["resnet8", "wrn_16_1"]
     results = json.loads((tmp_path / "teachers" / "wrn_16_1" / "results.json").read_text())

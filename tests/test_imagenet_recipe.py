@@ -53,28 +53,27 @@ def test_unknown_pair_is_one_line():
 @pytest.mark.slow  # ~1-2 min on 2 CPU cores: two ImageNet models compiled for training
 def test_imported_torchvision_teacher_evaluates_and_distills_from_the_recipe(tmp_path):
     """A torchvision resnet18 .pth (random weights, 10 classes) -> import_torch -> evaluate -> KD into
-    MobileNetV1 with the recipe (digits at 32 px, one epoch)."""
+    MobileNetV1 with the recipe (digits at 16 px, one epoch)."""
     sys.path.insert(0, str(FIXTURES))
     import imagenet_parity_common as common
     import test_torch_reader as craft
     from test_safetensors_import import torchvision_pth
     from helpers import load_config
-    from kdjax import data as kdata
     from kdjax.tasks import distill, evaluate, import_torch
 
     shapes = json.loads((FIXTURES / "imagenet_state_dict_shapes.json").read_text())["resnet18_c10_s64"]
     pth = craft.write(tmp_path, "resnet18-f37072fd.pth", torchvision_pth(common.state_dict(shapes)))
-    config = load_config("import_torch", "model=resnet18_imagenet,num_classes=10,image_size=32,dataset=digits")
+    config = load_config("import_torch", "model=resnet18_imagenet,num_classes=10,image_size=16,dataset=digits")
     config.source = str(pth)
     import_torch.run(config, str(tmp_path / "teacher"))
 
-    config = load_config("evaluate", "dataset=digits,image_size=32")
+    config = load_config("evaluate", "dataset=digits,image_size=16")
     config.checkpoint = str(tmp_path / "teacher")
     results = evaluate.run(config, str(tmp_path / "eval"))
     assert 0.0 <= results["top1"] <= 1.0 and np.isfinite(results["test_loss"])
 
     config = configs.file_config(CONFIG, "r34_r18,teacher=resnet18_imagenet,student=mobilenetv1_imagenet,"
-                                         "dataset=digits,image_size=32,epochs=1,batch_size=64,last_batch=drop")
+                                         "dataset=digits,image_size=16,epochs=1,batch_size=64,last_batch=drop")
     config.teacher_checkpoint = str(tmp_path / "teacher")
     config.optim.lr = 0.01
     results = distill.run(config, str(tmp_path / "student"))

@@ -146,16 +146,29 @@ def test_bfloat16_forward_is_close_to_float32():
     assert 0 < err < 0.05 * scale, err
 
 
-def test_train_mode_updates_batch_statistics_as_pytorch():
-    """Train mode normalises with the batch and moves the running statistics by momentum 0.1 (unbiased var)."""
-    model = models.create("mobilenetv1_imagenet", 10, 32)
-    x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
-    variables = model.init(jax.random.key(1), x)
-    _, updated = model.apply(variables, x, train=True, mutable=["batch_stats"])
-    conv = jax.lax.conv_general_dilated(x, variables["params"]["model_0_0"]["kernel"], (2, 2), ((1, 1), (1, 1)),
+@pytest.mark.parametrize("arch", ["mobilenetv1_imagenet", "resnet18_imagenet"])
+def test_train_mode_statistics_and_bn_groups(arch):
+    """Train mode moves the running statistics as PyTorch (momentum 0.1, unbiased variance), and the student's
+    forward on x and x' in one batch (bn_groups=2) is the original's two train-mode passes."""
+    model = models.create(arch, 10, 16)
+    x1, x2 = jax.random.normal(jax.random.key(0), (2, 4, 16, 16, 3))
+    variables = model.init(jax.random.key(1), x1)
+    train = jax.jit(lambda m, v, x: m.apply(v, x, train=True, mutable=["batch_stats"]), static_argnums=0)
+    l1, s1 = train(model, variables, x1)
+    l2, s2 = train(model, {**variables, **s1}, x2)
+    lg, sg = train(model.clone(bn_groups=2), variables, jnp.concatenate([x1, x2]))
+    # the stem's BN after one step: 0.9 * (0, 1) + 0.1 * (batch mean, unbiased batch variance)
+    stem = "model_0" if arch.startswith("mobilenet") else "conv1"
+    stem_bn = "model_0_1" if arch.startswith("mobilenet") else "bn1"
+    kernel = variables["params"][stem + ("_0" if arch.startswith("mobilenet") else "")]["kernel"]
+    stride, pad = (2, 1) if arch.startswith("mobilenet") else (2, 3)
+    conv = jax.lax.conv_general_dilated(x1, kernel, (stride, stride), ((pad, pad), (pad, pad)),
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
     count = conv.size // conv.shape[-1]
-    np.testing.assert_allclose(updated["batch_stats"]["model_0_1"]["mean"], 0.1 * conv.mean(axis=(0, 1, 2)),
-                               rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(updated["batch_stats"]["model_0_1"]["var"],
+    np.testing.assert_allclose(s1["batch_stats"][stem_bn]["mean"], 0.1 * conv.mean(axis=(0, 1, 2)), rtol=1e-4,
+                               atol=1e-6)
+    np.testing.assert_allclose(s1["batch_stats"][stem_bn]["var"],
                                0.9 + 0.1 * conv.var(axis=(0, 1, 2)) * count / (count - 1), rtol=1e-4, atol=1e-6)
+    # float32 rounding only: the last maps are 1x1, so a BN's batch variance rests on 4 values per channel
+    np.testing.assert_allclose(lg, jnp.concatenate([l1, l2]), rtol=1e-3, atol=1e-3)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4), sg, s2)

@@ -13,6 +13,7 @@ member's own name), and each file goes through the bounded ``.pth`` reader.
 """
 import dataclasses
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -121,8 +122,6 @@ def import_teacher(path: str, model: str, num_classes: int, image_size: int, dat
 
 
 def _already_imported(out_dir: str) -> Optional[dict]:
-    import json
-
     path = os.path.join(out_dir, RESULTS)
     if not os.path.exists(path):
         return None

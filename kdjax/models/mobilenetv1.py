@@ -10,9 +10,12 @@ none). 4,231,976 parameters at 1000 classes. Names follow the reference's state_
 The reference pools with ``AvgPool2d(7)``, which is the global average at its 224 px; here the pool is global at
 every size (the reference cannot run below 224 px, so nothing else is comparable).
 
-``features=True`` gives the ReLU outputs of blocks 3, 5, 11 and 13 (widths 128, 256, 512, 1024 at strides 8, 16,
-32, 32) and the pooled vector, as the reference's ``feats`` + ``pooled_feat``; ``preact=True`` gives those blocks'
-last BN output before the ReLU (the reference's ``preact_feats``).
+``features=True`` gives the stem's output (after its ReLU, 32 channels at stride 2), the ReLU outputs of blocks 3,
+5, 11 and 13 (widths 128, 256, 512, 1024 at strides 4, 8, 16, 32) and the pooled vector: the reference's ``feats``
++ ``pooled_feat`` with the stem in front, so that the list matches the ImageNet ResNets' entry by entry in length
+and spatial size (stem, four stages, pooled) for the feature distillers of the ResNet50 -> MobileNetV1 pair.
+``preact=True`` gives those blocks' last BN output before the ReLU (the reference's ``preact_feats``); the stem and
+pooled entries are unchanged, as in the rest of the zoo.
 """
 from typing import Any
 
@@ -37,17 +40,18 @@ class MobileNetV1(nn.Module):
     num_classes: int
     image_size: int = 224
     dtype: Any = jnp.float32
+    bn_groups: int = 1  # >1: the batch is that many parts, each with its own statistics (layers.BatchNorm)
 
     @nn.compact
     def __call__(self, x, train: bool = False, features: bool = False, preact: bool = False):
         def conv_bn(y, width, kernel, stride, name_conv, name_bn, groups=1):
             y = conv(width, kernel, stride, self.dtype, name_conv, kernel_init=torch_default_kernel, groups=groups)(y)
-            return layers.BatchNorm(dtype=self.dtype, name=name_bn)(y, train)
+            return layers.BatchNorm(groups=self.bn_groups, dtype=self.dtype, name=name_bn)(y, train)
 
         x = x.astype(self.dtype)
         # the flax names glue the Sequential indices: model.0.1 (a BN) -> model_0_1 (see layers' naming rule)
         x = nn.relu(conv_bn(x, 32, 3, 2, "model_0_0", "model_0_1"))
-        feats = []
+        feats = [x]
         for i, (width, stride) in enumerate(BLOCKS, start=1):
             x = nn.relu(conv_bn(x, x.shape[-1], 3, stride, f"model_{i}_0", f"model_{i}_1", groups=x.shape[-1]))
             pre = conv_bn(x, width, 1, 1, f"model_{i}_3", f"model_{i}_4")

@@ -27,12 +27,12 @@ from kdjax.models.layers import conv, global_avg_pool, torch_linear
 from kdjax.models.registry import register
 
 
-def _downsample(x, out_planes: int, stride: int, dtype, train: bool):
+def _downsample(x, out_planes: int, stride: int, dtype, bn_groups: int, train: bool):
     """Identity, or conv1x1(stride) + BN when the block changes shape (torchvision's ``downsample`` Sequential)."""
     if stride == 1 and x.shape[-1] == out_planes:
         return x
     y = conv(out_planes, 1, stride, dtype, "downsample_0")(x)
-    return layers.BatchNorm(dtype=dtype, name="downsample_1")(y, train)
+    return layers.BatchNorm(groups=bn_groups, dtype=dtype, name="downsample_1")(y, train)
 
 
 class BasicBlock(nn.Module):
@@ -42,14 +42,15 @@ class BasicBlock(nn.Module):
     planes: int
     stride: int = 1
     dtype: Any = jnp.float32
+    bn_groups: int = 1
     expansion = 1
 
     @nn.compact
     def __call__(self, x, train: bool, preact: bool = False):
-        bn = lambda name: layers.BatchNorm(dtype=self.dtype, name=name)  # noqa: E731
+        bn = lambda name: layers.BatchNorm(groups=self.bn_groups, dtype=self.dtype, name=name)  # noqa: E731
         out = nn.relu(bn("bn1")(conv(self.planes, 3, self.stride, self.dtype, "conv1")(x), train))
         out = bn("bn2")(conv(self.planes, 3, 1, self.dtype, "conv2")(out), train)
-        out = out + _downsample(x, self.planes, self.stride, self.dtype, train)
+        out = out + _downsample(x, self.planes, self.stride, self.dtype, self.bn_groups, train)
         return (nn.relu(out), out) if preact else nn.relu(out)
 
 
@@ -60,16 +61,17 @@ class Bottleneck(nn.Module):
     planes: int
     stride: int = 1
     dtype: Any = jnp.float32
+    bn_groups: int = 1
     expansion = 4
 
     @nn.compact
     def __call__(self, x, train: bool, preact: bool = False):
-        bn = lambda name: layers.BatchNorm(dtype=self.dtype, name=name)  # noqa: E731
+        bn = lambda name: layers.BatchNorm(groups=self.bn_groups, dtype=self.dtype, name=name)  # noqa: E731
         out_planes = self.expansion * self.planes
         out = nn.relu(bn("bn1")(conv(self.planes, 1, 1, self.dtype, "conv1")(x), train))
         out = nn.relu(bn("bn2")(conv(self.planes, 3, self.stride, self.dtype, "conv2")(out), train))
         out = bn("bn3")(conv(out_planes, 1, 1, self.dtype, "conv3")(out), train)
-        out = out + _downsample(x, out_planes, self.stride, self.dtype, train)
+        out = out + _downsample(x, out_planes, self.stride, self.dtype, self.bn_groups, train)
         return (nn.relu(out), out) if preact else nn.relu(out)
 
 
@@ -89,19 +91,21 @@ class ImageNetResNet(nn.Module):
     num_classes: int
     image_size: int = 224
     dtype: Any = jnp.float32
+    bn_groups: int = 1  # >1: the batch is that many parts, each with its own statistics (layers.BatchNorm)
 
     @nn.compact
     def __call__(self, x, train: bool = False, features: bool = False, preact: bool = False):
         x = x.astype(self.dtype)
         x = conv(64, 7, 2, self.dtype, "conv1")(x)
-        x = nn.relu(layers.BatchNorm(dtype=self.dtype, name="bn1")(x, train))
+        x = nn.relu(layers.BatchNorm(groups=self.bn_groups, dtype=self.dtype, name="bn1")(x, train))
         feats = [x]
         x = torch_max_pool_3x3_s2(x)
         for stage, (planes, stride) in enumerate(zip((64, 128, 256, 512), (1, 2, 2, 2)), start=1):
             n = self.num_blocks[stage - 1]
             for i in range(n - 1):
-                x = self.block(planes, stride if i == 0 else 1, self.dtype, name=f"layer{stage}_{i}")(x, train)
-            x, pre = self.block(planes, stride if n == 1 else 1, self.dtype,
+                x = self.block(planes, stride if i == 0 else 1, self.dtype, self.bn_groups,
+                               name=f"layer{stage}_{i}")(x, train)
+            x, pre = self.block(planes, stride if n == 1 else 1, self.dtype, self.bn_groups,
                                 name=f"layer{stage}_{n - 1}")(x, train, preact=True)
             feats.append(pre if preact else x)
         pooled = global_avg_pool(x, self.dtype)
