@@ -16,7 +16,10 @@ import struct
 from typing import Any, Dict, Tuple
 
 import numpy as np
+import safetensors
+import safetensors.numpy
 
+from kdjax.checkpoint.torch_import import strip_data_parallel
 from kdjax.checkpoint.torch_pickle import MAX_TENSOR_DIMS, TorchCheckpointError, brief, checkpoint_error
 
 MAX_HEADER_BYTES = 100 * 2 ** 20  # the safetensors library's own limit on the JSON header
@@ -119,21 +122,14 @@ def read_safetensors(path) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
     (the header's ``__metadata__``), ``epoch``/``accuracy`` None, ``entries`` [] and ``stripped_prefix``."""
     path = os.fspath(path)
     header, _ = read_header(path)
-    import safetensors
-    import safetensors.numpy
-
     try:
         arrays = safetensors.numpy.load_file(path)
     except (safetensors.SafetensorError, OSError, ValueError) as e:
         raise checkpoint_error(SafetensorsFileError, path, f"the safetensors library cannot read it: "
                                                            f"{brief(str(e), 200)}; {_FIX}") from None
     names = [k for k in header if k != METADATA_KEY]
-    state_dict = {k: np.asarray(arrays[k], order="C") for k in names}  # (ascontiguousarray makes 0-d 1-d)
-    from kdjax.checkpoint.torch_import import DATA_PARALLEL_PREFIX
-
-    stripped = len(state_dict) > 0 and all(k.startswith(DATA_PARALLEL_PREFIX) for k in state_dict)
-    if stripped:
-        state_dict = {k[len(DATA_PARALLEL_PREFIX):]: v for k, v in state_dict.items()}
+    state_dict, stripped = strip_data_parallel({k: np.asarray(arrays[k], order="C")  # (ascontiguousarray: 0-d -> 1-d)
+                                                for k in names})
     info = {"epoch": None, "accuracy": None, "format": "safetensors", "metadata": dict(header.get(METADATA_KEY, {})),
             "entries": [], "stripped_prefix": stripped}
     return state_dict, info

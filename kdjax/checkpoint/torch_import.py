@@ -48,6 +48,14 @@ def _split_checkpoint(obj, path: str) -> Tuple[Mapping, Dict[str, Any]]:
                            f"state_dict nor tensors only; save model.state_dict() (or {{'model': model.state_dict()}})")
 
 
+def strip_data_parallel(state_dict: Mapping[str, Any]) -> Tuple[Mapping[str, Any], bool]:
+    """(``state_dict`` without the ``module.`` prefix that DataParallel puts on every key, whether it had one)."""
+    stripped = len(state_dict) > 0 and all(k.startswith(DATA_PARALLEL_PREFIX) for k in state_dict)
+    if stripped:
+        state_dict = {k[len(DATA_PARALLEL_PREFIX):]: v for k, v in state_dict.items()}
+    return state_dict, stripped
+
+
 def read_torch_checkpoint(path) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
     """The state_dict of a ``torch.save`` file and what the file says about it.
 
@@ -74,9 +82,7 @@ def read_torch_checkpoint(path) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
             raise checkpoint_error(NotATorchCheckpointError, path,
                                    f"state_dict entry {brief(key)} is a {type(value).__name__}, not a tensor; save "
                                    f"model.state_dict()")
-    stripped = len(state_dict) > 0 and all(k.startswith(DATA_PARALLEL_PREFIX) for k in state_dict)
-    if stripped:
-        state_dict = {k[len(DATA_PARALLEL_PREFIX):]: v for k, v in state_dict.items()}
+    state_dict, stripped = strip_data_parallel(state_dict)
     info: Dict[str, Any] = {"epoch": None, "accuracy": None}
     for key, value in others.items():
         plain = _plain(value)
