@@ -155,3 +155,12 @@ def test_the_sweep_takes_the_teachers_of_teacher_dir(imported):
     config.teacher_dir = "/no/such/dir"
     with pytest.raises(ValueError, match="teacher_dir=/no/such/dir: no such directory"):
         grid.given_teachers(config)
+
+
+def test_a_single_file_import_records_the_same(tmp_path):
+    """``import_torch`` of one .pth: results.json has the digest and the source's SHA-256 too."""
+    source = GOOD["cifar_teachers/resnet8_vanilla/ckpt_epoch_240.pth"]
+    record = run_import(source, tmp_path / "t", model="resnet8")
+    results = json.loads((tmp_path / "t" / "results.json").read_text())
+    assert results["source_sha256"] == record["source_sha256"] == sha256(source)
+    assert results["digest"] == read_meta(str(tmp_path / "t"))["digest"] and results["source"] == str(source)
