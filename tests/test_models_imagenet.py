@@ -10,6 +10,7 @@ import functools
 import json
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +19,7 @@ import pytest
 from conftest import FIXTURES
 from kdjax import models
 from kdjax.checkpoint import CheckpointMismatch, torch_names, torch_to_variables
+from kdjax.models import layers
 
 sys.path.insert(0, str(FIXTURES))
 import imagenet_parity_common as common  # noqa: E402
@@ -146,7 +148,25 @@ def test_bfloat16_forward_is_close_to_float32():
     assert 0 < err < 0.05 * scale, err
 
 
-@pytest.mark.parametrize("arch", ["mobilenetv1_imagenet", "resnet18_imagenet"])
+@pytest.mark.parametrize("arch", sorted(PARAM_COUNTS))
+def test_every_batchnorm_takes_bn_groups(arch):
+    """clone(bn_groups=2) reaches every BatchNorm (traced, not compiled); the numbers are checked below."""
+    model = models.create(arch, 10, 32).clone(bn_groups=2)
+    variables = torch_names.abstract_variables(model, 32)
+    seen = []
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, layers.BatchNorm) and context.method_name == "__call__":
+            seen.append(context.module.groups)
+        return next_fun(*args, **kwargs)
+
+    x = jax.ShapeDtypeStruct((4, 32, 32, 3), jnp.float32)
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]), variables, x)
+    assert len(seen) == len(jax.tree.leaves(variables["batch_stats"])) // 2 and set(seen) == {2}
+
+
+@pytest.mark.parametrize("arch", ["mobilenetv1_imagenet", pytest.param("resnet18_imagenet", marks=pytest.mark.slow)])
 def test_train_mode_statistics_and_bn_groups(arch):
     """Train mode moves the running statistics as PyTorch (momentum 0.1, unbiased variance), and the student's
     forward on x and x' in one batch (bn_groups=2) is the original's two train-mode passes."""
