@@ -222,5 +222,7 @@ def import_and_report(config, workdir: str) -> List[dict]:
         raise ValueError(f"{len(failed)} of {len(rows)} teachers did not import; first, {failed[0]['model']}: "
                          f"{failed[0]['error']}")
     print(f"[import_torch] {len(rows)} teachers in {os.path.abspath(workdir)}; give the sweep "
-          f"--config.teacher_dir={workdir}", flush=True)
+          f"--config.teacher_dir={workdir}; their top-1 on the test split: kdjax evaluate "
+          f"--config.checkpoint={os.path.join(workdir, rows[0]['model'])} --workdir=DIR (one per teacher)",
+          flush=True)
     return rows
