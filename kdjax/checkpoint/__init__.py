@@ -29,6 +29,8 @@ _EXPORTS = {
     "TruncatedCheckpointError": "torch_pickle",
     "UnsafePickleError": "torch_pickle",
     "CheckpointMismatch": "torch_names",
+    "SafetensorsFileError": "safetensors_reader",
+    "read_safetensors": "safetensors_reader",
 }
 _SUBMODULES = set(_EXPORTS.values())  # ``kdjax.checkpoint.store.X`` after a bare ``import kdjax.checkpoint``
 __all__ = sorted(_EXPORTS)

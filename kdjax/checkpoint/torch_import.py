@@ -1,6 +1,7 @@
 """Import the original PyTorch checkpoints (teachers and students) into kdjax variables, without torch.
 
-``read_torch_checkpoint(path) -> (state_dict, info)`` reads a ``.pth`` file safely (see ``torch_pickle``);
+``read_torch_checkpoint(path) -> (state_dict, info)`` reads a ``.pth`` file safely (see ``torch_pickle``), or a
+``.safetensors`` file (see ``safetensors_reader``);
 ``import_torch(path, arch, num_classes, image_size)`` turns it into ``{'params', 'batch_stats'}`` of a zoo model,
 checked entry by entry against the architecture.
 """
@@ -47,9 +48,18 @@ def _split_checkpoint(obj, path: str) -> Tuple[Mapping, Dict[str, Any]]:
                            f"state_dict nor tensors only; save model.state_dict() (or {{'model': model.state_dict()}})")
 
 
+def strip_data_parallel(state_dict: Mapping[str, Any]) -> Tuple[Mapping[str, Any], bool]:
+    """(``state_dict`` without the ``module.`` prefix that DataParallel puts on every key, whether it had one)."""
+    stripped = len(state_dict) > 0 and all(k.startswith(DATA_PARALLEL_PREFIX) for k in state_dict)
+    if stripped:
+        state_dict = {k[len(DATA_PARALLEL_PREFIX):]: v for k, v in state_dict.items()}
+    return state_dict, stripped
+
+
 def read_torch_checkpoint(path) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
     """The state_dict of a ``torch.save`` file and what the file says about it.
 
+    A ``.safetensors`` file is read by ``safetensors_reader.read_safetensors`` (``format`` 'safetensors').
     Reads the zip and the legacy serialisation, a ``{'epoch', 'model', 'accuracy', 'optimizer'[, 'ExpID']}``
     dict or a bare state_dict; a ``module.`` prefix (DataParallel) on every key is removed. Nothing in the file is
     executed and torch is not needed.
@@ -60,6 +70,10 @@ def read_torch_checkpoint(path) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
     state_dict) and ``stripped_prefix`` (True when ``module.`` was removed).
     """
     path = os.fspath(path)
+    from kdjax.checkpoint import safetensors_reader  # (no jax either)
+
+    if safetensors_reader.is_safetensors_path(path):
+        return safetensors_reader.read_safetensors(path)
     obj, serialisation = load_with_format(path)
     state_dict, others = _split_checkpoint(obj, path)
     state_dict_in_file = state_dict
@@ -68,9 +82,7 @@ def read_torch_checkpoint(path) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
             raise checkpoint_error(NotATorchCheckpointError, path,
                                    f"state_dict entry {brief(key)} is a {type(value).__name__}, not a tensor; save "
                                    f"model.state_dict()")
-    stripped = len(state_dict) > 0 and all(k.startswith(DATA_PARALLEL_PREFIX) for k in state_dict)
-    if stripped:
-        state_dict = {k[len(DATA_PARALLEL_PREFIX):]: v for k, v in state_dict.items()}
+    state_dict, stripped = strip_data_parallel(state_dict)
     info: Dict[str, Any] = {"epoch": None, "accuracy": None}
     for key, value in others.items():
         plain = _plain(value)

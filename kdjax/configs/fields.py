@@ -131,7 +131,8 @@ HELP = {
                            "entropy); unset: none",
     "augment": "options of the augmentation schemes",
     "num_classes": "classes of the imported checkpoint",
-    "source": "the original's .pth checkpoint to import",
+    "source": "the original's .pth (or a .safetensors) checkpoint to import, or a teacher archive "
+              "(cifar_teachers.tar, a directory of <model>_vanilla/ckpt_epoch_240.pth): every teacher -> workdir/<model>",
     "results_dir": "directory of results.json files to report on; unset: the workdir",
     "error_bars": "error bars in the plots (T. stddev: jackknife s.e. with one seed, else std over seeds; student "
                   "loss: std over seeds)",
@@ -147,6 +148,8 @@ HELP = {
     "datasets": "datasets of the sweep",
     "optional_datasets": "datasets used only when their data is present here",
     "teacher_checkpoints": "trained teachers by model (--config.teacher_checkpoints.resnet56=DIR); others are trained",
+    "teacher_dir": "a directory of imported teachers (<dir>/<model>/, kdjax import_torch of an archive): used for "
+                   "every model it holds that teacher_checkpoints does not name",
     "teacher_epochs": "epochs of the teachers the sweep trains",
     "tstddev_epochs": "epochs of the T. stddev runs (10, the original's)",
     "parallel": "runs at a time, each in its own process sharing the devices (1: one after another, in process)",

@@ -66,6 +66,7 @@ def sweep_config(**fields_) -> ml_collections.ConfigDict:
     config.slurm = slurm_options()
     config.teacher_checkpoints = ml_collections.ConfigDict({name: config_dict.placeholder(str)
                                                             for name in models.names()})
+    config.teacher_dir = config_dict.placeholder(str)  # imported teachers, <dir>/<model>/ (archive_import)
     return config
 
 

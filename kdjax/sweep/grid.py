@@ -131,8 +131,13 @@ def parse_distillers(entries) -> List[Tuple[str, bool]]:
 
 
 def given_teachers(config) -> Dict[str, str]:
-    """The teachers that need no training: {model: checkpoint} of the teacher_checkpoints that are set."""
-    return {name: path for name, path in config.teacher_checkpoints.items() if path}
+    """The teachers that need no training: {model: checkpoint} of the teacher_checkpoints that are set, then those
+    of ``teacher_dir`` (``<dir>/<model>/`` with a results.json) for the other models."""
+    given = {name: path for name, path in config.teacher_checkpoints.items() if path}
+    if config.get("teacher_dir"):
+        from kdjax.checkpoint.archive_import import teacher_dirs
+        given = dict(teacher_dirs(config.teacher_dir, models.names()), **given)
+    return given
 
 
 def run_fields(common: Dict[str, Any], **fields_) -> Tuple[Tuple[str, Any], ...]:
