@@ -19,6 +19,7 @@ from conftest import FIXTURES
 from helpers import load_config
 from kdjax import models
 from kdjax.checkpoint import archive_import, load_model, read_meta
+from kdjax.configs.sweep import sweep_config
 from kdjax.sweep import grid
 
 GOOD = {"cifar_teachers/resnet8_vanilla/ckpt_epoch_240.pth": FIXTURES / "resnet8_c100_s32.pth",
@@ -140,7 +141,7 @@ def test_two_files_of_one_model_and_epoch_are_refused():
 
 def test_the_sweep_takes_the_teachers_of_teacher_dir(imported):
     _, teachers, _ = imported
-    config = grid.sweep_config(pairs=("resnet8:resnet8", "wrn_16_1:resnet8", "resnet20:resnet8"), augs=("identity",),
+    config = sweep_config(pairs=("resnet8:resnet8", "wrn_16_1:resnet8", "resnet20:resnet8"), augs=("identity",),
                                seeds=(0,))
     config.teacher_dir = str(teachers)
     given = grid.given_teachers(config)
