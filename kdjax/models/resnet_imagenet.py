@@ -22,57 +22,20 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from kdjax.models import layers
+from kdjax.models import layers, resnetv2
 from kdjax.models.layers import conv, global_avg_pool, torch_linear
 from kdjax.models.registry import register
 
 
-def _downsample(x, out_planes: int, stride: int, dtype, bn_groups: int, train: bool):
-    """Identity, or conv1x1(stride) + BN when the block changes shape (torchvision's ``downsample`` Sequential)."""
-    if stride == 1 and x.shape[-1] == out_planes:
-        return x
-    y = conv(out_planes, 1, stride, dtype, "downsample_0")(x)
-    return layers.BatchNorm(groups=bn_groups, dtype=dtype, name="downsample_1")(y, train)
+class BasicBlock(resnetv2.BasicBlock):
+    """The CIFAR zoo's BasicBlock (``kdjax.models.resnetv2``) under torchvision's names: the projection is
+    ``downsample``."""
+    shortcut: str = "downsample"
 
 
-class BasicBlock(nn.Module):
-    """conv3x3(stride)-BN-ReLU-conv3x3-BN + identity or downsample, ReLU. With ``preact=True`` it returns
-    ``(output, sum before the ReLU)``."""
-
-    planes: int
-    stride: int = 1
-    dtype: Any = jnp.float32
-    bn_groups: int = 1
-    expansion = 1
-
-    @nn.compact
-    def __call__(self, x, train: bool, preact: bool = False):
-        bn = lambda name: layers.BatchNorm(groups=self.bn_groups, dtype=self.dtype, name=name)  # noqa: E731
-        out = nn.relu(bn("bn1")(conv(self.planes, 3, self.stride, self.dtype, "conv1")(x), train))
-        out = bn("bn2")(conv(self.planes, 3, 1, self.dtype, "conv2")(out), train)
-        out = out + _downsample(x, self.planes, self.stride, self.dtype, self.bn_groups, train)
-        return (nn.relu(out), out) if preact else nn.relu(out)
-
-
-class Bottleneck(nn.Module):
-    """conv1x1-BN-ReLU, conv3x3(stride)-BN-ReLU, conv1x1(4 planes)-BN + identity or downsample, ReLU.
-    With ``preact=True`` it returns ``(output, sum before the ReLU)``."""
-
-    planes: int
-    stride: int = 1
-    dtype: Any = jnp.float32
-    bn_groups: int = 1
-    expansion = 4
-
-    @nn.compact
-    def __call__(self, x, train: bool, preact: bool = False):
-        bn = lambda name: layers.BatchNorm(groups=self.bn_groups, dtype=self.dtype, name=name)  # noqa: E731
-        out_planes = self.expansion * self.planes
-        out = nn.relu(bn("bn1")(conv(self.planes, 1, 1, self.dtype, "conv1")(x), train))
-        out = nn.relu(bn("bn2")(conv(self.planes, 3, self.stride, self.dtype, "conv2")(out), train))
-        out = bn("bn3")(conv(out_planes, 1, 1, self.dtype, "conv3")(out), train)
-        out = out + _downsample(x, out_planes, self.stride, self.dtype, self.bn_groups, train)
-        return (nn.relu(out), out) if preact else nn.relu(out)
+class Bottleneck(resnetv2.Bottleneck):
+    """The CIFAR zoo's Bottleneck (the stride on the 3x3 conv, torchvision's "v1.5") under torchvision's names."""
+    shortcut: str = "downsample"
 
 
 def torch_max_pool_3x3_s2(x):

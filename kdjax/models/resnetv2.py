@@ -16,12 +16,13 @@ from kdjax.models.registry import register
 from kdjax.models.layers import conv, global_avg_pool, torch_linear
 
 
-def _shortcut(x, out_planes: int, stride: int, dtype, bn_groups: int, train: bool):
-    """Identity, or conv1x1(stride) + BN when the block changes shape (named as the original's nn.Sequential)."""
+def _shortcut(x, out_planes: int, stride: int, dtype, bn_groups: int, train: bool, name: str = "shortcut"):
+    """Identity, or conv1x1(stride) + BN when the block changes shape (named as the PyTorch nn.Sequential:
+    ``shortcut`` in the original's CIFAR ResNets, ``downsample`` in torchvision's)."""
     if stride == 1 and x.shape[-1] == out_planes:
         return x
-    y = conv(out_planes, 1, stride, dtype, "shortcut_0")(x)
-    return layers.BatchNorm(groups=bn_groups, dtype=dtype, name="shortcut_1")(y, train)
+    y = conv(out_planes, 1, stride, dtype, f"{name}_0")(x)
+    return layers.BatchNorm(groups=bn_groups, dtype=dtype, name=f"{name}_1")(y, train)
 
 
 class BasicBlock(nn.Module):
@@ -32,6 +33,7 @@ class BasicBlock(nn.Module):
     stride: int = 1
     dtype: Any = jnp.float32
     bn_groups: int = 1
+    shortcut: str = "shortcut"  # the projection's name ("downsample" in torchvision's ResNets)
     expansion = 1
 
     @nn.compact
@@ -39,7 +41,7 @@ class BasicBlock(nn.Module):
         bn = lambda name: layers.BatchNorm(groups=self.bn_groups, dtype=self.dtype, name=name)  # noqa: E731
         out = nn.relu(bn("bn1")(conv(self.planes, 3, self.stride, self.dtype, "conv1")(x), train))
         out = bn("bn2")(conv(self.planes, 3, 1, self.dtype, "conv2")(out), train)
-        out = out + _shortcut(x, self.planes, self.stride, self.dtype, self.bn_groups, train)
+        out = out + _shortcut(x, self.planes, self.stride, self.dtype, self.bn_groups, train, self.shortcut)
         return (nn.relu(out), out) if preact else nn.relu(out)
 
 
@@ -51,6 +53,7 @@ class Bottleneck(nn.Module):
     stride: int = 1
     dtype: Any = jnp.float32
     bn_groups: int = 1
+    shortcut: str = "shortcut"  # the projection's name ("downsample" in torchvision's ResNets)
     expansion = 4
 
     @nn.compact
@@ -60,7 +63,7 @@ class Bottleneck(nn.Module):
         out = nn.relu(bn("bn1")(conv(self.planes, 1, 1, self.dtype, "conv1")(x), train))
         out = nn.relu(bn("bn2")(conv(self.planes, 3, self.stride, self.dtype, "conv2")(out), train))
         out = bn("bn3")(conv(out_planes, 1, 1, self.dtype, "conv3")(out), train)
-        out = out + _shortcut(x, out_planes, self.stride, self.dtype, self.bn_groups, train)
+        out = out + _shortcut(x, out_planes, self.stride, self.dtype, self.bn_groups, train, self.shortcut)
         return (nn.relu(out), out) if preact else nn.relu(out)
 
 
