@@ -19,6 +19,7 @@ that fails on bad input (a missing checkpoint, a dataset not prepared) is one li
 import dataclasses
 import importlib
 import os
+import signal
 import sys
 from typing import List, Optional
 
@@ -123,14 +124,23 @@ def import_plugins() -> None:
         except ImportError as e:
             raise UsageError(f"KDJAX_PLUGINS names {name.strip()!r}, which cannot be imported ({e}); fix the name or "
                              f"its PYTHONPATH") from None
+        except Exception as e:  # the module's own code failed: one line naming it, not its traceback
+            raise UsageError(f"KDJAX_PLUGINS module {name.strip()!r} raised {type(e).__name__} on import: "
+                             f"{_first_line(e)}; fix the module (KDJAX_DEBUG=1 shows where)") from e
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).splitlines() or [""])[0][:200]
 
 
 def _user_errors():
     from kdjax.checkpoint import CheckpointError
+    from kdjax.runlog import MetricsWriteError
     from kdjax.sweep import SweepFailed
     from kdjax.train.loop import TrainingDiverged
     from kdjax.workdir import WorkdirBusy
-    return (ValueError, FileNotFoundError, CheckpointError, TrainingDiverged, SweepFailed, WorkdirBusy)
+    return (ValueError, FileNotFoundError, CheckpointError, TrainingDiverged, SweepFailed, WorkdirBusy,
+            MetricsWriteError)
 
 
 def _fail(message: str, status: int):
@@ -168,8 +178,11 @@ def run(config, workdir: str, debug: bool = False) -> None:
     from kdjax import workdir as workdir_lib
     workdir = os.path.abspath(os.path.expanduser(workdir))
     from kdjax.train.loop import RunInterrupted
+    from kdjax.sweep.executor import stop_on_sigterm
     try:
-        tasks.run(config.task, config, workdir)
+        # SIGTERM and SIGUSR1 stop a standalone run between steps, as in a sweep (a handler already there stays)
+        with stop_on_sigterm(signals=(signal.SIGTERM, signal.SIGUSR1), only_unhandled=True):
+            tasks.run(config.task, config, workdir)
     except RunInterrupted as e:
         _fail(str(e), 130)
     except KeyboardInterrupt:

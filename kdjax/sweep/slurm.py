@@ -374,11 +374,14 @@ def take_over_previous_incarnation(workdir: str, job_id: str, restart: int, log=
 
 def _remove_lock_held_by(workdir: str, start: dict):
     """Remove the workdir lock if the process that ``start`` (a job-start record) names holds it: its holder record,
-    or None when the lock is absent, unreadable or held by another process."""
-    from kdjax.workdir import LOCK_FILE, read_lock
+    or None when the lock is absent, unreadable or held by another process, or by a PID still alive on this host
+    (the lock's own rule: a live PID here is never stale, whatever SLURM says)."""
+    from kdjax.workdir import LOCK_FILE, pid_alive_here, read_lock
     path = os.path.join(workdir, LOCK_FILE)
     holder = read_lock(path)
     if holder is None or holder.get("host") != start.get("host") or holder.get("pid") != start.get("pid"):
+        return None
+    if pid_alive_here(holder):
         return None
     with contextlib.suppress(FileNotFoundError):
         os.remove(path)

@@ -24,6 +24,8 @@ def validate_run(config, *model_names) -> None:
     """The run fields every task shares, checked before any data loading or compiling: counts >= 1 (``epochs=0``
     would write a result for an untrained model, ``keep_checkpoints=0`` would delete every checkpoint), a known
     dtype, and an image size each model can run at."""
+    from kdjax.configs.numbers import check_numbers
+    check_numbers(config)  # lr, temperature, counts, seed, image size: their ranges
     for field in POSITIVE_FIELDS:
         if field in config and (isinstance(config[field], bool) or int(config[field]) < 1):
             raise ValueError(f"{field} must be >= 1, got {config[field]}: set --config.{field}=N with N >= 1")

@@ -166,10 +166,11 @@ def _train(config, workdir):
         if teacher_meta.get("dataset") not in (None, dataset.name):
             print(f"warning: teacher {config.teacher} was trained on {teacher_meta.get('dataset')}, the student "
                   f"on {dataset.name}", file=sys.stderr, flush=True)
-    workdir_lib.claim(workdir, config)  # after every check that can refuse the launch
-    dtype = common.compute_dtype(config.dtype)
     mesh = parallel.make_mesh()
-    recipe = recipe_lib.make_recipe(config, dataset.num_train, mesh.size, config.student)
+    recipe = recipe_lib.make_recipe(config, dataset.num_train, mesh.size, config.student)  # batch vs dataset
+    inputs = {} if teacher_meta is None else {"teacher": common.input_record(config.teacher_checkpoint, teacher_meta)}
+    workdir_lib.claim(workdir, config, inputs=inputs)  # after every check that can refuse the launch
+    dtype = common.compute_dtype(config.dtype)
     batch = int(config.batch_size)
     student = models.create(config.student, dataset.num_classes, dataset.image_size, dtype)
     teacher = (models.create(config.teacher, dataset.num_classes, dataset.image_size, dtype)

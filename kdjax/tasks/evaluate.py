@@ -1,7 +1,7 @@
 """Task 'evaluate': test loss, top-1 and top-5 of a checkpoint (an imported teacher also shows its stored accuracy)."""
 import time
 
-from kdjax import models, parallel, runlog
+from kdjax import models, parallel, runlog, workdir as workdir_lib
 from kdjax.checkpoint import CheckpointError
 from kdjax.data import DeviceDataset
 from kdjax.tasks import common
@@ -9,6 +9,7 @@ from kdjax.train.evaluate import eval_batch_size, make_evaluator
 
 
 def run(config, workdir):
+    workdir_lib.check_owner(workdir, "evaluate")  # never into another run's workdir (e.g. the teacher's own)
     if not config.checkpoint:
         raise CheckpointError("give the checkpoint to evaluate: --config.checkpoint=DIR (a workdir or a step dir)")
     variables, meta, model_name = common.load_checkpoint(config.checkpoint, config.model or None, field="checkpoint")

@@ -4,13 +4,14 @@ The dataset's mean/std go into ``meta`` so that every task can check the teacher
 """
 import os
 
-from kdjax import models, runlog
+from kdjax import models, runlog, workdir as workdir_lib
 from kdjax.checkpoint import read_torch_checkpoint, save_model, torch_to_variables
 from kdjax.checkpoint.store import CHECKPOINT_SUBDIR
 from kdjax.data.archives import STATS
 
 
 def run(config, workdir):
+    workdir_lib.check_owner(workdir, "import_torch")  # never over a trained teacher's checkpoints
     models.check_name(config.model)
     if not config.source:
         raise ValueError("give the PyTorch file to import: --config.source=PATH.pth")

@@ -21,9 +21,9 @@ def _train(config, workdir):
     started = time.time()
     cache_before = common.start_compilation_cache(config)
     dataset = common.load_dataset(config)
-    workdir_lib.claim(workdir, config)  # after every check that can refuse the launch
     mesh = parallel.make_mesh()
-    recipe = recipe_lib.make_recipe(config, dataset.num_train, mesh.size, config.model)
+    recipe = recipe_lib.make_recipe(config, dataset.num_train, mesh.size, config.model)  # batch vs dataset
+    workdir_lib.claim(workdir, config)  # after every check that can refuse the launch
     model = models.create(config.model, dataset.num_classes, dataset.image_size, dtype)
     run_key = jax.random.key(int(config.seed))
     prepare = steps.make_prepare(dataset.mean, dataset.std, transforms.default_pad(dataset.image_size))

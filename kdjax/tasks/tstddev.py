@@ -94,7 +94,10 @@ def _evaluate(config, workdir):
         if meta is not None:
             common.check_against_dataset(meta, path, dataset)
     # Dispatch layout changes the run's speed, not its values: a rerun in the same workdir may change it.
-    workdir_lib.claim(workdir, config, ignore=workdir_lib.RESUMABLE_FIELDS + ("steps_per_forward",))
+    inputs = {role: common.input_record(path, meta) for role, path, meta in
+              (("teacher", config.teacher_checkpoint, teacher_meta), ("student", config.student_checkpoint,
+                                                                     student_meta)) if meta is not None}
+    workdir_lib.claim(workdir, config, ignore=workdir_lib.RESUMABLE_FIELDS + ("steps_per_forward",), inputs=inputs)
     dtype = common.compute_dtype(config.dtype)
     batch = int(config.batch_size)
     steps_per_dispatch = parallel.steps_per_dispatch(config.steps_per_dispatch, unit=config.steps_per_forward)

@@ -15,11 +15,12 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kdjax import runlog
-from kdjax.checkpoint.store import CheckpointError, TrainCheckpointer
+from kdjax.checkpoint.store import CheckpointError, TrainCheckpointer, first_non_finite
 from kdjax.data import epochs as epochs_lib
 from kdjax.train.evaluate import eval_batch_size, make_evaluator
 from kdjax.train import recipe as recipe_lib
 from kdjax.train.recipe import Recipe
+from kdjax.workdir import LockLost
 
 
 class TrainingDiverged(RuntimeError):
@@ -158,16 +159,19 @@ def fit(workdir: str, config, recipe: Recipe, trainee: Trainee, data, mesh) -> D
                              force=k == len(segments) - 1)
             if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
                 last_eval = evaluate({"params": state["params"], "batch_stats": state["batch_stats"]}, data)
+                _check_evaluation(last_eval, epoch + 1, ckpt.directory, last_saved)
                 log.write(global_step, {"epoch": epoch + 1, **last_eval})
                 best = _better(best, {"epoch": epoch + 1, **last_eval})
                 if log.main:
                     print(f"[{name}] epoch {epoch + 1} test_loss {last_eval['test_loss']:.6f} "
                           f"top1 {last_eval['top1']:.4f} top5 {last_eval['top5']:.4f}", flush=True)
             if (epoch + 1) % ckpt_every == 0 or epoch + 1 == epochs:
+                _check_state(state, global_step, epoch + 1, ckpt.directory, last_saved)
                 _save_or_explain(ckpt, global_step, state, trainee.meta, last_saved)
                 last_saved = global_step
         if not last_eval:  # resumed a finished run: evaluate its final state
             last_eval = evaluate({"params": state["params"], "batch_stats": state["batch_stats"]}, data)
+            _check_evaluation(last_eval, epochs, ckpt.directory, last_saved)
             best = _better(best, {"epoch": epochs, **last_eval})
     except KeyboardInterrupt:
         saved = (f"the last checkpoint is step {last_saved} (epoch {last_saved // plan.steps_per_epoch}) in "
@@ -183,11 +187,34 @@ def fit(workdir: str, config, recipe: Recipe, trainee: Trainee, data, mesh) -> D
             "state": state}
 
 
+def _last_good(directory: str, last_saved: Optional[int]) -> str:
+    return (f"the last good checkpoint is step {last_saved} in {directory}" if last_saved is not None
+            else "no checkpoint was written yet")
+
+
+def _check_state(state, step: int, epoch: int, directory: str, last_saved: Optional[int]) -> None:
+    """The loss alone can stay finite while weights or optimiser state overflow (a huge lr): the state is checked
+    before every save, so that a checkpoint never holds NaN or infinite arrays."""
+    bad = first_non_finite(state)
+    if bad is not None:
+        raise TrainingDiverged(f"the state became non-finite by step {step} (epoch {epoch}): {bad}; "
+                               f"{_last_good(directory, last_saved)}; lower --config.optim.lr or use dtype=float32")
+
+
+def _check_evaluation(row: Dict[str, Any], epoch: int, directory: str, last_saved: Optional[int]) -> None:
+    bad = [key for key in ("test_loss", "top1", "top5") if not np.isfinite(float(row.get(key, 0.0)))]
+    if bad:
+        raise TrainingDiverged(f"the evaluation of epoch {epoch} is non-finite ({bad[0]} {row[bad[0]]}); "
+                               f"{_last_good(directory, last_saved)}; lower --config.optim.lr or use dtype=float32")
+
+
 def _save_or_explain(ckpt: TrainCheckpointer, step: int, state, meta, last_saved: Optional[int]) -> None:
     """A failed save (a full disk, a vanished mount) ends the run in one line that says which step is intact;
     orbax writes each step to a temporary directory first, so the earlier steps are untouched."""
     try:
         ckpt.save(step, state, meta)
+    except (LockLost, CheckpointError):
+        raise  # a lost workdir lock, a refused state: their own line says why, not "free space"
     except Exception as e:  # orbax and the OS raise many types; the message matters, not the type
         intact = f"step {last_saved} is intact" if last_saved is not None else "no earlier checkpoint exists"
         reason = getattr(e, "strerror", None) or str(e).splitlines()[0][:160]
