@@ -267,7 +267,11 @@ class WorkdirLock:
 
 
 def check_writable(workdir: str) -> None:
-    """One line now, not a traceback after the first epoch, when the workdir cannot be written."""
+    """One line now, not a traceback after the first epoch, when the workdir cannot be written (or its
+    ``checkpoints`` is a file)."""
+    checkpoints = os.path.join(workdir, "checkpoints")
+    if os.path.exists(checkpoints) and not os.path.isdir(checkpoints):
+        raise ValueError(f"{checkpoints} is a file, not a checkpoints folder: move it away, or use another --workdir")
     try:
         os.makedirs(workdir, exist_ok=True)
         probe = os.path.join(workdir, f".write-test-{os.getpid()}")
