@@ -77,3 +77,22 @@ def test_an_unreadable_input_is_an_error_never_a_change(tmp_path):
     assert run.done and not os.path.exists(run.workdir + ".stale-1")  # nothing moved aside
     meta_file.write_bytes(saved)
     assert not executor.stale(run)
+
+
+def test_an_interrupted_student_whose_teacher_changed_restarts_from_scratch(tmp_path):
+    """A started, unfinished run records its inputs (inputs.json); a sweep moves it aside when its teacher changed
+    since, instead of resuming it with the new teacher, and resumes it when the teacher is the same."""
+    from kdjax import workdir as workdir_lib
+    teacher_dir = _teacher(tmp_path / "teachers" / "tiny_cnn")
+    workdir = tmp_path / "tiny_cnn-tiny_cnn" / "cutmix" / "seed0"
+    workdir.mkdir(parents=True)
+    (workdir / workdir_lib.INPUTS).write_text(json.dumps({"teacher": read_meta(str(teacher_dir))["digest"]}))
+    run = grid.Run("distill", str(workdir), (("teacher_checkpoint", str(teacher_dir)),), stage=2)
+    started = []
+    executor.execute([run], run_task=lambda task, config, wd: started.append(os.listdir(wd)), log=lambda line: None)
+    assert started == [[workdir_lib.INPUTS]]  # resumed in place: the same teacher
+    shutil.rmtree(teacher_dir / "checkpoints")
+    _teacher(teacher_dir, value=2.0)
+    started.clear()
+    executor.execute([run], run_task=lambda task, config, wd: started.append(os.listdir(wd)), log=lambda line: None)
+    assert started == [[]] and (tmp_path / "tiny_cnn-tiny_cnn" / "cutmix" / "seed0.stale-1" / "inputs.json").exists()

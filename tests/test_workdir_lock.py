@@ -14,7 +14,7 @@ import pytest
 from kdjax import runlog, workdir as workdir_lib
 from kdjax.checkpoint.store import TrainCheckpointer
 from kdjax.sweep import slurm
-from kdjax.workdir import LOCK_FILE, LockLost, WorkdirBusy, WorkdirLock
+from kdjax.workdir import LOCK_FILE, WorkdirBusy, WorkdirLock
 
 
 def _write_lock(workdir, **record):
@@ -96,15 +96,15 @@ def test_a_holder_that_lost_its_lock_writes_nothing(tmp_path):
         ckpt = TrainCheckpointer(str(tmp_path))
         # another process takes the workdir over (this one was paused past the stale time on another host)
         _write_lock(tmp_path, host="elsewhere", pid=4242, heartbeat=time.time(), token="theirs")
-        with pytest.raises(LockLost, match="PID 4242 on elsewhere holds it now"):
+        with pytest.raises(workdir_lib.LockLost, match="PID 4242 on elsewhere holds it now"):
             log.write(2, {"loss": 1.0})
         state = {"params": {"w": np.ones(3, np.float32)}, "step": np.int32(2)}
-        with pytest.raises(LockLost):
+        with pytest.raises(workdir_lib.LockLost):
             ckpt.save(2, state, {"model": "m"})
-        with pytest.raises(LockLost):
+        with pytest.raises(workdir_lib.LockLost):
             runlog.write_results(str(tmp_path), {"task": "teacher", "top1": 0.5})
         (tmp_path / LOCK_FILE).unlink()  # or the lock file is gone altogether
-        with pytest.raises(LockLost, match="lock file is gone"):
+        with pytest.raises(workdir_lib.LockLost, match="lock file is gone"):
             log.write(3, {"loss": 1.0})
         ckpt.close()
     finally:

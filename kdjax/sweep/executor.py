@@ -156,7 +156,7 @@ def execute(runs: Sequence[Run], run_task: Callable[[str, Any, str], Dict[str, A
     it refuses unfinished inputs."""
     started = time.time()
     for run in runs:
-        if run.done and stale(run):
+        if stale(run):
             set_aside(run, log)
     skipped = [r for r in runs if r.done]
     todo = [r for r in runs if not r.done]
@@ -206,6 +206,17 @@ def _recorded_inputs(run: Run) -> Dict[str, Dict[str, Any]]:
     return {}
 
 
+def _started_inputs(run: Run) -> Dict[str, Dict[str, Any]]:
+    """{role: {"digest": ...}} of the inputs an unfinished run recorded when it started (``kdjax.workdir.claim``)."""
+    import json
+    from kdjax.workdir import INPUTS
+    try:
+        with open(os.path.join(run.workdir, INPUTS)) as f:
+            return {role: {"digest": digest} for role, digest in json.load(f).items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
 class InputUnreadable(ValueError):
     """A run's input exists but cannot be read: an error to fix, never taken for a changed input."""
 
@@ -233,12 +244,12 @@ def _role(field: str) -> str:
 
 
 def stale(run: Run) -> bool:
-    """A finished run whose recorded input differs, by content digest, from the checkpoint its input field names
-    now (a teacher retrained or resumed since): its results were built on something else, so it must be run again
-    from scratch. Inputs are located by the run's fields, i.e. relative to the sweep as planned now, so that a
-    moved or copied sweep is still finished."""
+    """A run (finished, or started and unfinished) whose recorded input differs, by content digest, from the
+    checkpoint its input field names now (a teacher retrained or resumed since): its results were built, or its
+    training began, on something else, so it must be run again from scratch. Inputs are located by the run's
+    fields, i.e. relative to the sweep as planned now, so that a moved or copied sweep is still finished."""
     named = {_role(field): str(path) for field, path in run.fields if field in INPUT_FIELDS and path}
-    for role, record in _recorded_inputs(run).items():
+    for role, record in (_recorded_inputs(run) if run.done else _started_inputs(run)).items():
         want = (record or {}).get("digest")
         path = named.get(role, (record or {}).get("path"))  # a run planned without that field: where it was
         if want is not None and path and current_digest(path, run) != want:
