@@ -144,8 +144,9 @@ class NonFiniteResult(ValueError):
     """A run's headline figure is NaN or infinite: it is not written as a finished result."""
 
 
-# The figures a finished run is read by (the report, a sweep, a user); none may be NaN or infinite.
-FIGURES = ("test_loss", "top1", "top5", "best_top1", "best_test_loss", "tstddev")
+# The figures of a model's evaluation, which a finished run is read by (the report, a sweep, a user): none may be NaN
+# or infinite. (A T. stddev may be NaN by itself: a statistic over too few draws, not a broken model.)
+FIGURES = ("test_loss", "top1", "top5", "best_top1", "best_test_loss")
 
 
 def check_finite_figures(results: Mapping[str, Any], workdir: str) -> None:

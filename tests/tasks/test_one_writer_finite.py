@@ -11,7 +11,7 @@ import pytest
 
 import tiny_models  # noqa: F401  (registers tiny_cnn)
 from helpers import load_config
-from kdjax import runlog, workdir as workdir_lib
+from kdjax import runlog
 from kdjax.checkpoint import CheckpointError, load_model, read_meta, save_model, store
 from kdjax.tasks import distill, evaluate, import_torch, teacher, tstddev
 from kdjax.train import steps
