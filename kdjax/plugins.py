@@ -17,3 +17,7 @@ def import_plugins() -> None:
         except ImportError as e:
             raise PluginError(f"KDJAX_PLUGINS names {name!r}, which cannot be imported ({e}); fix the name or its "
                               f"PYTHONPATH") from None
+        except Exception as e:  # the module's own code failed: one line naming it, not its traceback
+            first = (str(e).splitlines() or [""])[0][:200]
+            raise PluginError(f"KDJAX_PLUGINS module {name!r} raised {type(e).__name__} on import: {first}; fix the "
+                              f"module (KDJAX_DEBUG=1 shows where)") from e

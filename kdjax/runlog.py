@@ -1,5 +1,6 @@
 """Run bookkeeping: progress lines people can read, JSON-lines metrics, optional TensorBoard, results.json."""
 import json
+import math
 import os
 import platform
 import time
@@ -7,6 +8,8 @@ from importlib import metadata
 from typing import Any, Mapping, Optional
 
 import jax
+
+from kdjax.errors import KdjaxError
 
 VERSIONED_PACKAGES = ("kdjax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
 
@@ -69,6 +72,10 @@ class ProgressLog:
         self.line(text)
 
 
+class MetricsWriteError(KdjaxError, RuntimeError):
+    """metrics.jsonl could not be written (a full disk): the message says how to resume."""
+
+
 class RunLog:
     """One human line and one JSON line per logged chunk (process 0 only); TensorBoard when tensorboardX exists."""
 
@@ -118,8 +125,14 @@ class RunLog:
         if not self.main:
             return
         row = {"step": int(step), "time": time.time(), **{k: _plain(v) for k, v in record.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        from kdjax.workdir import check_still_held
+        check_still_held(self.path)
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:  # a full disk, a vanished mount: one line, the checkpoints so far stay intact
+            raise MetricsWriteError(f"could not append to {self.path} ({e.strerror or e}) at step {step}: free "
+                                    f"space and run the same command to resume from the last checkpoint") from None
         if self._tb is not None:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k not in ("step", "time"):
@@ -151,8 +164,27 @@ def _plain(v):
         return v if isinstance(v, (str, int, list, dict)) or v is None else str(v)
 
 
+class NonFiniteResult(ValueError):
+    """A run's headline figure is NaN or infinite: it is not written as a finished result."""
+
+
+# The figures of a model's evaluation, which a finished run is read by (the report, a sweep, a user): none may be NaN
+# or infinite. (A T. stddev may be NaN by itself: a statistic over too few draws, not a broken model.)
+FIGURES = ("test_loss", "top1", "top5", "best_top1", "best_test_loss")
+
+
+def check_finite_figures(results: Mapping[str, Any], workdir: str) -> None:
+    for key in FIGURES:
+        value = results.get(key)
+        if isinstance(value, (int, float)) and not math.isfinite(value):
+            raise NonFiniteResult(f"{key} of the run in {workdir} is {value}: a non-finite result is not written as "
+                                  f"finished; lower --config.optim.lr, or check the checkpoint it evaluates")
+
+
 def write_results(workdir: str, results: Mapping[str, Any], config: Optional[Any] = None) -> str:
-    """``workdir/results.json`` (the README's fields), written atomically so a crash never leaves half a file."""
+    """``workdir/results.json`` (the README's fields), written atomically so a crash never leaves half a file;
+    never with a non-finite figure (``check_finite_figures``)."""
+    check_finite_figures(results, workdir)
     out = dict(results)
     out.setdefault("device_kind", device_kind())
     out.setdefault("versions", versions())
@@ -160,7 +192,9 @@ def write_results(workdir: str, results: Mapping[str, Any], config: Optional[Any
         out["config"] = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     path = os.path.join(workdir, "results.json")
     if is_main_process():
+        from kdjax.workdir import check_still_held
         os.makedirs(workdir, exist_ok=True)
+        check_still_held(path)
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(out, f, indent=1, sort_keys=True, default=str)

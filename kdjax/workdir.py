@@ -1,10 +1,15 @@
 """A workdir belongs to one run: its config is recorded at the first start and a resume must match it, and
 one process at a time holds it (``WorkdirLock``).
 
-The lock is a file ``.kdjax.lock`` created atomically (``O_EXCL``), holding the holder's host, PID and a
-heartbeat the holder refreshes every minute. It is stale when its PID is gone on the same host, or when its
-heartbeat is older than ``STALE_AFTER_S`` (a holder on another host of a shared filesystem that died); a stale
-lock is taken over with one line on stderr.
+The lock is a file ``.kdjax.lock`` created atomically (``O_EXCL``), holding the holder's host, PID, a random
+token and a heartbeat the holder refreshes every minute. It is stale when its PID is gone on the same host (a live
+PID there never is, however old its heartbeat: a paused process resumes and writes), or, for a holder on another
+host of a shared filesystem, when its heartbeat is older than ``STALE_AFTER_S``; a stale lock is taken over with
+one line on stderr saying why. Every write of a run (checkpoint, metrics row, results.json) is fenced by the
+token (``check_still_held``): a holder whose lock was taken over stops before its next write.
+
+A task never writes into another task's finished workdir (``check_owner``), and a resumed run consumes the same
+inputs it started with (``claim``'s ``inputs``).
 """
 import json
 import os
@@ -12,7 +17,8 @@ import socket
 import sys
 import threading
 import time
-from typing import Iterable
+import uuid
+from typing import Dict, Iterable, Optional
 
 from flax import traverse_util
 from kdjax.errors import KdjaxError
@@ -81,7 +87,18 @@ class WorkdirBusy(KdjaxError, RuntimeError):
     """Another live process holds the workdir."""
 
 
+class LockLost(WorkdirBusy):
+    """This process held the workdir, but its lock is gone or another process's now: it must not write there."""
+
+
+# {absolute workdir: token} of the locks this process holds; the fences (``check_still_held``) compare the lock
+# file's token with it before every write.
+_HELD: Dict[str, str] = {}
+
+
 def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -91,34 +108,93 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _holder_fields(record) -> Optional[dict]:
+    """The record with its fields in their types, or None when it is not a holder record at all."""
+    if not isinstance(record, dict):
+        return None
+    try:
+        return {"host": str(record.get("host", "")), "pid": int(record.get("pid", -1)),
+                "heartbeat": float(record.get("heartbeat", 0.0)), "token": str(record.get("token", ""))}
+    except (TypeError, ValueError):
+        return None
+
+
 def read_lock(path: str):
-    """The holder record of the lock file at ``path``, or None when it is absent or unreadable."""
+    """The holder record of the lock file at ``path`` (host, pid, heartbeat, token), or None when it is absent,
+    unreadable or malformed."""
     try:
         with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None  # half-written or removed meanwhile: judged by its age below
+            return _holder_fields(json.load(f))
+    except (OSError, ValueError):
+        return None  # half-written, removed meanwhile or not a record: judged by its age below
+
+
+def _stale_reason(holder, path: str, now: float) -> Optional[str]:
+    """Why the lock at ``path`` may be taken over, or None while its holder may be alive. A live PID on this host is
+    never stale, however old its heartbeat (a paused process, SIGSTOP, comes back and writes); a holder on another
+    host is judged by its heartbeat alone."""
+    if holder is None:
+        try:
+            age = now - os.path.getmtime(path)
+        except OSError:
+            return "its lock file is gone"
+        return f"its lock file is unreadable and {age:.0f} s old" if age > 5.0 else None  # else: being written
+    if holder["host"] == socket.gethostname():
+        return None if _pid_alive(holder["pid"]) else f"PID {holder['pid']} on {holder['host']} is gone"
+    age = now - holder["heartbeat"]
+    if age > STALE_AFTER_S:
+        return (f"PID {holder['pid']} on {holder['host']}, another host, has not renewed it for {age:.0f} s "
+                f"(over {STALE_AFTER_S:.0f} s)")
+    return None
 
 
 def _is_stale(holder, path: str, now: float) -> bool:
-    if holder is None:
-        try:
-            return now - os.path.getmtime(path) > 5.0  # a lock no one finished writing
-        except OSError:
-            return True
-    if holder.get("host") == socket.gethostname() and not _pid_alive(int(holder.get("pid", -1))):
-        return True
-    return now - float(holder.get("heartbeat", 0.0)) > STALE_AFTER_S
+    return _stale_reason(holder, path, now) is not None
+
+
+def pid_alive_here(holder) -> bool:
+    """Whether the lock's holder is a live process on this host: such a lock is never taken over (the SLURM
+    requeue's take-over follows the same rule)."""
+    return holder is not None and holder["host"] == socket.gethostname() and _pid_alive(holder["pid"])
+
+
+def _held_root(path: str) -> Optional[str]:
+    """The workdir this process holds that contains ``path`` (itself or a parent), else None."""
+    path = os.path.abspath(path)
+    while True:
+        if path in _HELD:
+            return path
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
+
+
+def check_still_held(path: str) -> None:
+    """The fence before a write to ``path`` (a checkpoint, metrics.jsonl, results.json): when this process took
+    the lock of the workdir holding ``path``, that lock must still carry its token; otherwise another process
+    took the workdir over (this one was paused or cut off) and this one stops before writing anything."""
+    root = _held_root(path)
+    if root is None:
+        return  # not written under a lock of this process (a library call without a workdir lock)
+    holder = read_lock(os.path.join(root, LOCK_FILE))
+    if holder is not None and holder["token"] == _HELD[root]:
+        return
+    now = (f"PID {holder['pid']} on {holder['host']} holds it now" if holder is not None
+           else "its lock file is gone")
+    raise LockLost(f"this run lost the lock of {root} ({now}): it stopped before writing so that only one process "
+                   f"writes there; let the other run finish, or stop it and run the same command to resume")
 
 
 def remove_lock_held_by(workdir: str, host, pid):
     """Take over a lock that a scheduler knows to be dead although this host cannot see it (a SLURM job's previous
     incarnation on another node, an ended job): remove the workdir's lock if the process ``pid`` on ``host``
-    holds it. Returns the holder record, or None when the lock is absent, unreadable or held by another process."""
+    holds it. Returns the holder record, or None when the lock is absent, unreadable, held by another process, or
+    by a PID still alive on this host (the lock's own rule)."""
     path = os.path.join(workdir, LOCK_FILE)
     holder = read_lock(path)
-    if holder is None or holder.get("host") != host or holder.get("pid") != pid:
-        return None
+    if holder is None or holder["host"] != host or holder["pid"] != pid or pid_alive_here(holder):
+        return None  # a live PID on this host is never taken over, whatever the scheduler says
     try:
         os.remove(path)
     except FileNotFoundError:
@@ -130,12 +206,15 @@ class WorkdirLock:
     """Exclusive hold of a workdir for one process (module docstring); a context manager."""
 
     def __init__(self, workdir: str):
-        self.path = os.path.join(workdir, LOCK_FILE)
+        self.workdir = os.path.abspath(workdir)
+        self.path = os.path.join(self.workdir, LOCK_FILE)
+        self.token = uuid.uuid4().hex
         self._stop = threading.Event()
         self._thread = None
 
     def _record(self) -> str:
-        return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()})
+        return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time(),
+                           "token": self.token})
 
     def acquire(self) -> "WorkdirLock":
         import jax
@@ -146,29 +225,37 @@ class WorkdirLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = read_lock(self.path)
-                if holder and holder.get("host") == socket.gethostname() and holder.get("pid") == os.getpid():
+                if holder and holder["host"] == socket.gethostname() and holder["pid"] == os.getpid():
                     return self  # this process holds it already (a task inside a sweep in process)
-                if not _is_stale(holder, self.path, time.time()):
-                    raise WorkdirBusy(f"workdir {os.path.dirname(self.path)} is in use by PID {holder.get('pid')} on "
-                                      f"{holder.get('host')}: wait for it to finish, or use another --workdir") \
-                        from None
-                print(f"warning: taking over the stale lock of {os.path.dirname(self.path)} (PID "
-                      f"{(holder or {}).get('pid')} on {(holder or {}).get('host')} is gone)", file=sys.stderr,
+                reason = _stale_reason(holder, self.path, time.time())
+                if reason is None:
+                    who = (f"PID {holder['pid']} on {holder['host']}" if holder is not None
+                           else "a process that is writing its lock file")
+                    raise WorkdirBusy(f"workdir {self.workdir} is in use by {who}: wait for it to finish, or use "
+                                      f"another --workdir") from None
+                print(f"warning: taking over the stale lock of {self.workdir} ({reason})", file=sys.stderr,
                       flush=True)
                 try:
                     os.remove(self.path)
                 except FileNotFoundError:
                     pass
                 continue
+            except OSError as e:
+                raise WorkdirBusy(f"cannot create the lock file {self.path} ({e.strerror}): check that {self.workdir}"
+                                  f" is a writable directory, or use another --workdir") from None
             with os.fdopen(fd, "w") as f:
                 f.write(self._record())
+            _HELD[self.workdir] = self.token
             self._thread = threading.Thread(target=self._beat, daemon=True)
             self._thread.start()
             return self
-        raise WorkdirBusy(f"could not lock {os.path.dirname(self.path)}: another process keeps taking it")
+        raise WorkdirBusy(f"could not lock {self.workdir}: another process keeps taking it")
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
+            holder = read_lock(self.path)
+            if holder is None or holder["token"] != self.token:
+                return  # taken over: renewing would overwrite the new holder's record (the fences stop the run)
             tmp = f"{self.path}.{os.getpid()}.tmp"
             try:
                 with open(tmp, "w") as f:
@@ -183,8 +270,10 @@ class WorkdirLock:
         self._stop.set()
         self._thread.join(timeout=5)
         self._thread = None
+        if _HELD.get(self.workdir) == self.token:
+            del _HELD[self.workdir]
         holder = read_lock(self.path)
-        if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+        if holder and holder["token"] == self.token:
             os.remove(self.path)
 
     def __enter__(self):
@@ -195,7 +284,11 @@ class WorkdirLock:
 
 
 def check_writable(workdir: str) -> None:
-    """One line now, not a traceback after the first epoch, when the workdir cannot be written."""
+    """One line now, not a traceback after the first epoch, when the workdir cannot be written (or its
+    ``checkpoints`` is a file)."""
+    checkpoints = os.path.join(workdir, "checkpoints")
+    if os.path.exists(checkpoints) and not os.path.isdir(checkpoints):
+        raise ValueError(f"{checkpoints} is a file, not a checkpoints folder: move it away, or use another --workdir")
     try:
         os.makedirs(workdir, exist_ok=True)
         probe = os.path.join(workdir, f".write-test-{os.getpid()}")
@@ -245,20 +338,80 @@ def finished_results(workdir: str, config, ignore: Iterable[str] = RESUMABLE_FIE
         return json.load(f)
 
 
-def claim(workdir: str, config, ignore: Iterable[str] = RESUMABLE_FIELDS) -> None:
+INPUTS = "inputs.json"
+RESULTS = "results.json"
+# Files of a workdir that a task owns once it ran there (config.json alone is written by any launch).
+_RUN_MARKERS = (RUN_CONFIG, "checkpoints")
+
+
+def _recorded_task(path: str) -> Optional[str]:
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    task = record.get("task") if isinstance(record, dict) else None
+    if task is None and isinstance(record, dict):
+        task = (record.get("config") or {}).get("task") if isinstance(record.get("config"), dict) else None
+    return task if isinstance(task, str) else None
+
+
+def check_owner(workdir: str, task: str) -> None:
+    """Refuse to write into a workdir that another task's run owns: one whose results.json records another task
+    (e.g. ``evaluate`` or ``import_torch`` pointed at a teacher's workdir would replace its results while its
+    consumers keep loading its checkpoints), or that holds another task's run config or checkpoints."""
+    other = _recorded_task(os.path.join(workdir, RESULTS))
+    if other is None and any(os.path.exists(os.path.join(workdir, m)) for m in _RUN_MARKERS):
+        other = _recorded_task(os.path.join(workdir, "config.json")) or _recorded_task(
+            os.path.join(workdir, RUN_CONFIG))
+    if other is not None and other != task:
+        raise ValueError(f"workdir {workdir} holds a {other} run; a {task} run never writes into another task's "
+                         f"workdir: use a new --workdir")
+
+
+def _check_inputs(workdir: str, inputs: Dict[str, dict], first_start: bool) -> None:
+    """Record the inputs (checkpoint digests by role) at the first start; a resume must consume the same ones, or
+    its results would mix two teachers while naming one."""
+    path = os.path.join(workdir, INPUTS)
+    current = {role: record.get("digest") for role, record in inputs.items()}
+    if not first_start and os.path.exists(path):
+        with open(path) as f:
+            recorded = json.load(f)
+        changed = sorted(role for role in set(recorded) | set(current) if recorded.get(role) != current.get(role))
+        if changed:
+            details = ", ".join(f"{role} {str(recorded.get(role))[:12]} -> {str(current.get(role))[:12]}"
+                                for role in changed)
+            raise ValueError(f"workdir {workdir} holds a run started with other inputs ({details}, by content "
+                             f"digest): resume it with the checkpoints it started with, or use a new --workdir")
+        return
+    check_still_held(path)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(current, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def claim(workdir: str, config, ignore: Iterable[str] = RESUMABLE_FIELDS,
+          inputs: Optional[Dict[str, dict]] = None) -> None:
     """Record ``config`` in ``workdir``, or check that it equals the one already recorded (same run, resuming).
 
-    Call it after every check that can refuse the launch (names, data, checkpoints) and while holding the
-    workdir's lock, so that a refused launch records nothing. Raises ValueError naming every differing field:
-    resuming a different run would mix two experiments.
+    Call it after every check that can refuse the launch (names, data, checkpoints, the batch against the dataset)
+    and while holding the workdir's lock, so that a refused launch records nothing. Raises ValueError naming every
+    differing field: resuming a different run would mix two experiments. A workdir of another task is refused
+    (``check_owner``); ``inputs`` ({role: ``tasks.common.input_record``}) must be those the run started with.
     """
+    if config.get("task"):
+        check_owner(workdir, config.task)
     diff = _differences(workdir, config, ignore)
     if diff:
         details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(diff.items()))
         raise ValueError(f"workdir {workdir} holds a run with a different config ({details}); use a new "
                          f"--workdir, or repeat the recorded config to resume it")
+    if inputs is not None:
+        _check_inputs(workdir, inputs, first_start=diff is None)
     if diff is None:
         os.makedirs(workdir, exist_ok=True)
+        check_still_held(workdir)
         with open(os.path.join(workdir, RUN_CONFIG), "w") as f:
             json.dump(_normalise(config.to_dict() if hasattr(config, "to_dict") else dict(config)), f, indent=1,
                       sort_keys=True)

@@ -626,3 +626,29 @@ def test_checkpoint_package_exports_on_first_use():
         assert getattr(package, name) is not None and name in dir(package)
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         package.nothing  # noqa: B018
+
+
+# --------------------------------------------------------------------------------------- duplicate keys
+
+
+@pytest.mark.parametrize("container", ["dict SETITEMS", "dict SETITEM", "OrderedDict SETITEMS", "OrderedDict(pairs)"])
+def test_a_key_set_twice_is_refused(tmp_path, container):
+    """Two weights under one name: torch never writes it, and the later one would silently replace the earlier."""
+    first = op_str("fc.weight") + op_tensor(Tensor("0", 2, (2,), (1,)))
+    second = op_str("fc.weight") + op_tensor(Tensor("1", 2, (2,), (1,)))
+    if container == "dict SETITEMS":
+        body = b"}(" + first + second + b"u"
+    elif container == "dict SETITEM":
+        body = b"}" + first + b"s" + second + b"s"
+    elif container == "OrderedDict SETITEMS":
+        body = op_ordered_dict() + b"(" + first + second + b"u"
+    else:  # Python 2's OrderedDict([(k, v), (k, v)])
+        body = op_call(op_global("collections", "OrderedDict"), b"](" + op_tuple(first) + op_tuple(second) + b"e")
+    path = write(tmp_path, "dup.pth", zip_checkpoint(pickle_of(Raw(body)), {"0": floats(1, 2), "1": floats(3, 4)}))
+    with pytest.raises(NotATorchCheckpointError, match="sets the key 'fc.weight' twice") as err:
+        torch_pickle.load(path)
+    check_message(err.value, path)
+    unique = op_str("fc.bias") + op_tensor(Tensor("1", 2, (2,), (1,)))
+    path = write(tmp_path, "ok.pth", zip_checkpoint(pickle_of(Raw(b"}(" + first + unique + b"u")),
+                                                   {"0": floats(1, 2), "1": floats(3, 4)}))
+    assert sorted(torch_pickle.load(path)) == ["fc.bias", "fc.weight"]

@@ -3,12 +3,15 @@
 A checkpoint directory (``<workdir>/checkpoints``) holds one sub-directory per step, each with two items:
 ``state`` (a pytree: ``params`` and ``batch_stats``; for a run being trained also ``opt_state``, ``step`` and the
 distiller's ``extra``) and ``meta`` (JSON: model, num_classes, image_size, dataset, mean, std, ..., and
-``digest``, the SHA-256 of the saved arrays). Teacher training, the PyTorch import and the student runs all write
-it; every task reads it with ``load_model`` or ``TrainCheckpointer.restore``, and both verify the digest, so a
-checkpoint whose bytes changed after it was written is refused instead of silently used.
+``digest``, the SHA-256 of the saved arrays, and ``meta_digest``, the SHA-256 of the rest of the meta). Teacher
+training, the PyTorch import and the student runs all write it; every task reads it with ``load_model``,
+``read_meta`` or ``TrainCheckpointer.restore``, and they verify the digests, so a checkpoint whose arrays or meta
+changed after it was written is refused instead of silently used. Arrays that are NaN or infinite are never
+saved, and never loaded as a model (``check_finite``).
 
 Checkpoints written before digests existed (no ``digest`` in meta) still load, with one line saying so; their
-state may also hold a ``key`` entry (the run key, which nothing reads), dropped on restore.
+state may also hold a ``key`` entry (the run key, which nothing reads), dropped on restore. Those written before
+``meta_digest`` existed load with their meta unverified.
 """
 import hashlib
 import json
@@ -23,6 +26,7 @@ from kdjax.errors import KdjaxError
 
 CHECKPOINT_SUBDIR = "checkpoints"
 DIGEST_KEY = "digest"
+META_DIGEST_KEY = "meta_digest"
 
 
 class CheckpointError(KdjaxError, ValueError):
@@ -30,6 +34,9 @@ class CheckpointError(KdjaxError, ValueError):
 
 
 def _manager(directory: str, keep: Optional[int] = None, create: bool = True) -> ocp.CheckpointManager:
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise CheckpointError(f"{os.path.abspath(directory)} is a file, not a checkpoints folder: move it away, or "
+                              f"use another --workdir")
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
     # Handlers named per item, so that orbax can read an item's metadata (the stored tree) without a target.
     return ocp.CheckpointManager(os.path.abspath(directory), options=options,
@@ -68,6 +75,44 @@ def state_digest(state: Any) -> str:
     return digest.hexdigest()
 
 
+def meta_digest(meta: Mapping[str, Any]) -> str:
+    """SHA-256 of the meta's canonical JSON, its two digests left out."""
+    body = {k: v for k, v in _jsonable(meta).items() if k not in (DIGEST_KEY, META_DIGEST_KEY)}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _verify_meta(meta: Mapping[str, Any], where: str) -> None:
+    want = meta.get(META_DIGEST_KEY)
+    if want is not None and meta_digest(meta) != want:
+        raise CheckpointError(f"checkpoint {where} is corrupted: its meta (model, dataset, ...) does not match the "
+                              f"digest written with it; delete that step directory (or re-create the checkpoint)")
+
+
+def first_non_finite(tree: Any) -> Optional[str]:
+    """The path of the first floating array of ``tree`` (sorted path order) holding a NaN or an infinity, and
+    what it holds, e.g. ``params/fc/kernel (3 NaN, 0 inf of 640)``; None when every array is finite."""
+    leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]
+    for path, leaf in sorted(((_path_name(p), l) for p, l in leaves), key=lambda item: item[0]):
+        if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            continue
+        array = np.asarray(leaf)
+        if not np.issubdtype(array.dtype, np.inexact) and array.dtype.kind != "V":
+            continue
+        array = array.astype(np.float32) if array.dtype.kind == "V" else array  # bfloat16 and friends
+        finite = np.isfinite(array)
+        if not finite.all():
+            nan = int(np.isnan(array).sum())
+            return f"{path} ({nan} NaN, {array.size - int(finite.sum()) - nan} inf of {array.size})"
+    return None
+
+
+def check_finite(tree: Any, what: str, fix: str) -> None:
+    """One line naming the first non-finite array of ``tree`` (``what``: whose arrays; ``fix``: what to do)."""
+    bad = first_non_finite(tree)
+    if bad is not None:
+        raise CheckpointError(f"{what} has non-finite values: {bad}; {fix}")
+
+
 def _verify(state: Any, meta: Mapping[str, Any], where: str, earlier: str = "") -> None:
     """Refuse a state whose arrays differ from what was saved; say once that a pre-digest checkpoint is unverified."""
     want = meta.get(DIGEST_KEY)
@@ -81,7 +126,10 @@ def _verify(state: Any, meta: Mapping[str, Any], where: str, earlier: str = "") 
 
 
 def _save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: Mapping[str, Any]) -> None:
+    check_finite(state, f"the state to save as step {step}", "it is not saved: a checkpoint is never written "
+                 "with NaN or infinite arrays")
     meta = dict(_jsonable(meta), **{DIGEST_KEY: state_digest(state)})
+    meta[META_DIGEST_KEY] = meta_digest(meta)
     mngr.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
               force=True)
 
@@ -98,6 +146,8 @@ class TrainCheckpointer:
         return self._mngr.latest_step()
 
     def save(self, step: int, state: Any, meta: Mapping[str, Any]) -> None:
+        from kdjax.workdir import check_still_held
+        check_still_held(self.directory)  # a run whose workdir lock was taken over writes nothing more
         _save(self._mngr, step, state, meta)
 
     def _verifies(self, step: int) -> bool:
@@ -133,6 +183,7 @@ class TrainCheckpointer:
                                   f"{str(e).splitlines()[0][:200]}){self._earlier_note(step)}; delete that step "
                                   f"directory to resume from an earlier one, or start a fresh workdir") from None
         meta = dict(out.meta)
+        _verify_meta(meta, where)
         state = {k: v for k, v in out.state.items() if k not in legacy}
         _verify(out.state if meta.get(DIGEST_KEY) is None else state, meta, where, self._earlier_note(step))
         return state, meta
@@ -195,13 +246,15 @@ def read_meta(path: str) -> dict:
     step_dir = resolve_step_dir(path)
     mngr = _manager(os.path.dirname(step_dir), create=False)
     try:
-        return dict(mngr.restore(int(os.path.basename(step_dir)),
+        meta = dict(mngr.restore(int(os.path.basename(step_dir)),
                                  args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
     except Exception as e:
         raise CheckpointError(f"checkpoint {step_dir} has an unreadable meta item ({type(e).__name__}); it is "
                               f"damaged: re-create it") from None
     finally:
         mngr.close()
+    _verify_meta(meta, step_dir)
+    return meta
 
 
 def load_model(path: str) -> Tuple[dict, dict]:
@@ -223,8 +276,11 @@ def load_model(path: str) -> Tuple[dict, dict]:
     finally:
         mngr.close()
     restored = jax.device_get(restored)
+    _verify_meta(meta, step_dir)
     _verify(restored, meta, step_dir)
     variables = {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}
+    check_finite(variables, f"checkpoint {step_dir}", "a model with NaN or infinite weights is not used: retrain "
+                 "it (a lower --config.optim.lr) or point to another checkpoint")
     return jax.tree.map(np.asarray, variables), meta
 
 

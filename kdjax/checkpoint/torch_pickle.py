@@ -276,12 +276,26 @@ def _check_keys(keys) -> None:
                                            f"key by str and int (of less than 61 bits); {_CRAFTED}")
 
 
+def _check_unique(target, keys) -> None:
+    """Refuse a key set twice in one dict: torch never writes one, and a later value silently replacing an earlier
+    one (two weights under one name) would load whichever came last."""
+    if not isinstance(target, dict):
+        return
+    seen = set()
+    for key in keys:
+        if key in target or key in seen:
+            raise NotATorchCheckpointError(f"the pickle sets the key {brief(key)} twice in one dict, which torch.save "
+                                           f"never writes; {_CRAFTED}")
+        seen.add(key)
+
+
 def _ordered_dict(items=()):
     """``collections.OrderedDict(items)``: Python 3 pickles call it without items, Python 2 with a list of pairs."""
     pairs = items.items() if isinstance(items, dict) else items
     result = _StateDict()
     for key, value in pairs:
         _check_keys((key,))
+        _check_unique(result, (key,))
         result[key] = value
     return result
 
@@ -517,6 +531,13 @@ def _invalid(code: int) -> Callable:
     return invalid
 
 
+# the dict an opcode adds keys to: SETITEM's sits below its key and value, SETITEMS's below the MARK; DICT builds one
+_KEY_TARGETS = {
+    "SETITEM": lambda self: self.stack[-3] if len(self.stack) >= 3 else None,
+    "SETITEMS": lambda self: self.metastack[-1][-1] if self.metastack and self.metastack[-1] else None,
+    "DICT": lambda self: {},
+}
+
 _KEY_POSITIONS = {  # where the keys an opcode hashes sit on the (current) stack
     "SETITEM": lambda stack: stack[-2:-1],
     "SETITEMS": lambda stack: stack[0::2],
@@ -530,10 +551,13 @@ def _accounted(handler: Callable, name: str) -> Callable:
     """``handler`` (one opcode) with the limits checked after it; keys checked before it, for opcodes that hash."""
     makes_container = int(name in _CONTAINER_OPCODES)
     keys_of = _KEY_POSITIONS.get(name)
+    target_of = _KEY_TARGETS.get(name)
 
     def run(self):
         if keys_of is not None:
             _check_keys(keys_of(self.stack))
+        if target_of is not None:
+            _check_unique(target_of(self), keys_of(self.stack))
         stack_before, memo_before = len(self.stack) + self._set_aside, len(self.memo)
         handler(self)
         stack_after = len(self.stack) + self._set_aside

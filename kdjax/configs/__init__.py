@@ -40,6 +40,10 @@ def task_config(task: str, arg=None) -> ml_collections.ConfigDict:
     return importlib.import_module(f"kdjax.configs.{task}").get_config(arg)
 
 
+def _first_line(error: BaseException) -> str:
+    return (str(error).splitlines() or [""])[0][:200]
+
+
 def file_config(path: str, arg=None) -> ml_collections.ConfigDict:
     """``get_config(arg)`` of a user's config file."""
     path = os.path.abspath(os.path.expanduser(path))
@@ -52,9 +56,16 @@ def file_config(path: str, arg=None) -> ml_collections.ConfigDict:
         spec.loader.exec_module(module)
     except SyntaxError as e:
         raise ConfigError(f"config file {path} does not parse: line {e.lineno}: {e.msg}") from None
+    except Exception as e:  # the file's own code failed: one line, not its traceback
+        raise ConfigError(f"config file {path} raised {type(e).__name__} on import: {_first_line(e)}; fix the "
+                          f"file (KDJAX_DEBUG=1 shows where)") from e
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path} defines no get_config(arg=None)")
-    config = module.get_config(arg)
+    try:
+        config = module.get_config(arg)
+    except Exception as e:
+        raise ConfigError(f"get_config({arg!r}) of config file {path} raised {type(e).__name__}: {_first_line(e)}; "
+                          f"fix the file (KDJAX_DEBUG=1 shows where)") from e
     if not isinstance(config, ml_collections.ConfigDict) or "task" not in config:
         raise ConfigError(f"get_config() of {path} must return an ml_collections.ConfigDict with a 'task' field")
     return config

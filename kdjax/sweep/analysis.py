@@ -62,8 +62,10 @@ def collect_results(root: str) -> list[dict]:
     if not os.path.isdir(root):
         raise ValueError(f"results directory {root!r} does not exist; pass the sweep's workdir (results_dir=...)")
     records = []
+    from kdjax.sweep.executor import is_set_aside
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
+        # a rerun's old outputs (<run>.stale-N) are kept, but they are not a seed of their own
+        dirnames[:] = sorted(d for d in dirnames if not is_set_aside(d))
         if "results.json" not in filenames:
             continue
         path = os.path.join(dirpath, "results.json")

@@ -26,12 +26,15 @@ class SweepFailed(KdjaxError, RuntimeError):
 
 
 @contextlib.contextmanager
-def stop_on_sigterm(ignore: Callable[[], bool] = lambda: False):
+def stop_on_sigterm(ignore: Callable[[], bool] = lambda: False, signals=(signal.SIGTERM,),
+                    only_unhandled: bool = False):
     """SIGTERM (scancel, a requeue, preemption, a scheduler stopping a shard) stops the run in this process the
     way Ctrl-C does: between steps, with its checkpoints closed and its workdir lock released, so that the next
     start resumes at once. (Python's default would end the process on the spot; submitit's ignores it until
     SIGKILL.) Once only: a second SIGTERM, or one while ``ignore()`` says the process is already on its way out,
-    must not interrupt the closing of a checkpoint. Only in the main thread, where signal handlers live."""
+    must not interrupt the closing of a checkpoint. Only in the main thread, where signal handlers live.
+    ``signals`` may add others (SIGUSR1, a scheduler's warning before a time limit); with ``only_unhandled`` a
+    signal that already has a handler (submitit's, an enclosing sweep's) keeps it."""
     import threading
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -44,11 +47,16 @@ def stop_on_sigterm(ignore: Callable[[], bool] = lambda: False):
         stopping.append(signum)
         raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {}
+    for signum in signals:
+        if only_unhandled and signal.getsignal(signum) not in (signal.SIG_DFL, None):
+            continue
+        previous[signum] = signal.signal(signum, interrupt)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def is_interruption(error: BaseException) -> bool:
@@ -149,7 +157,7 @@ def execute(runs: Sequence[Run], run_task: Callable[[str, Any, str], Dict[str, A
     it refuses unfinished inputs."""
     started = time.time()
     for run in runs:
-        if run.done and stale(run):
+        if stale(run):
             set_aside(run, log)
     skipped = [r for r in runs if r.done]
     todo = [r for r in runs if not r.done]
@@ -185,9 +193,9 @@ def execute(runs: Sequence[Run], run_task: Callable[[str, Any, str], Dict[str, A
     return Outcome(completed, skipped, failed, time.time() - started)
 
 
-def _recorded_inputs(run: Run) -> List[Dict[str, Any]]:
-    """The inputs a finished run recorded in its results.json files (an all-schemes T. stddev run has one per
-    scheme, all with the same inputs)."""
+def _recorded_inputs(run: Run) -> Dict[str, Dict[str, Any]]:
+    """{role: record} of the inputs a finished run recorded in its results.json files (an all-schemes T. stddev
+    run has one per scheme, all with the same inputs)."""
     import glob
     import json
     paths = [os.path.join(run.workdir, "results.json")] + sorted(glob.glob(os.path.join(run.workdir, "*",
@@ -195,31 +203,78 @@ def _recorded_inputs(run: Run) -> List[Dict[str, Any]]:
     for path in paths:
         if os.path.exists(path):
             with open(path) as f:
-                return list(json.load(f).get("inputs", {}).values())
-    return []
+                return dict(json.load(f).get("inputs", {}))
+    return {}
 
 
-def _current_digest(path: str) -> Optional[str]:
+def _started_inputs(run: Run) -> Dict[str, Dict[str, Any]]:
+    """{role: {"digest": ...}} of the inputs an unfinished run recorded when it started (``kdjax.workdir.claim``)."""
+    import json
+    from kdjax.workdir import INPUTS
+    try:
+        with open(os.path.join(run.workdir, INPUTS)) as f:
+            return {role: {"digest": digest} for role, digest in json.load(f).items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+class InputUnreadable(ValueError):
+    """A run's input exists but cannot be read: an error to fix, never taken for a changed input."""
+
+
+def current_digest(path: str, consumer: Run) -> Optional[str]:
+    """The content digest of the checkpoint ``path`` names, or None when it is gone or its run is unfinished (it
+    will be rebuilt, so whatever consumed it is out of date). One that exists but cannot be read raises: a
+    briefly unreadable teacher must not move its finished dependants aside."""
     from kdjax.checkpoint import CheckpointError, read_meta
+    from kdjax.checkpoint.store import CHECKPOINT_SUBDIR
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.exists(path):
+        return None
+    if os.path.isdir(os.path.join(path, CHECKPOINT_SUBDIR)) and not os.path.exists(os.path.join(path, "results.json")):
+        return None  # an unfinished (or set aside and restarted) run of the sweep
     try:
         return read_meta(path).get("digest")
-    except CheckpointError:
-        return None
+    except (CheckpointError, OSError) as e:
+        raise InputUnreadable(f"cannot read {path}, an input of {consumer.workdir} ({e}); an unreadable input is "
+                              f"not a change: make it readable and start the sweep again") from None
+
+
+def _role(field: str) -> str:
+    return field[:-len("_checkpoint")]  # teacher_checkpoint -> teacher, the key of results.json's "inputs"
 
 
 def stale(run: Run) -> bool:
-    """A finished run whose recorded input no longer matches (a teacher retrained or resumed since): its results
-    were built on something else, so it must be run again from scratch."""
-    return any(rec.get("digest") is not None and _current_digest(rec["path"]) != rec["digest"]
-               for rec in _recorded_inputs(run))
+    """A run (finished, or started and unfinished) whose recorded input differs, by content digest, from the
+    checkpoint its input field names now (a teacher retrained or resumed since): its results were built, or its
+    training began, on something else, so it must be run again from scratch. Inputs are located by the run's
+    fields, i.e. relative to the sweep as planned now, so that a moved or copied sweep is still finished."""
+    named = {_role(field): str(path) for field, path in run.fields if field in INPUT_FIELDS and path}
+    for role, record in (_recorded_inputs(run) if run.done else _started_inputs(run)).items():
+        want = (record or {}).get("digest")
+        path = named.get(role, (record or {}).get("path"))  # a run planned without that field: where it was
+        if want is not None and path and current_digest(path, run) != want:
+            return True
+    return False
+
+
+STALE_SUFFIX = ".stale-"
+
+
+def is_set_aside(path: str) -> bool:
+    """Whether ``path`` is a run's outputs moved aside by ``set_aside`` (``<run>.stale-N``): kept for reference,
+    never counted as a run."""
+    name = os.path.basename(os.path.normpath(path))
+    head, sep, tail = name.rpartition(STALE_SUFFIX)
+    return bool(sep and head and tail.isdigit())
 
 
 def set_aside(run: Run, log=print) -> str:
     """Move a stale run's outputs out of the way (kept, never deleted) so that it reruns from scratch."""
     n = 1
-    while os.path.exists(f"{run.workdir}.stale-{n}"):
+    while os.path.exists(f"{run.workdir}{STALE_SUFFIX}{n}"):
         n += 1
-    target = f"{run.workdir}.stale-{n}"
+    target = f"{run.workdir}{STALE_SUFFIX}{n}"
     os.replace(run.workdir, target)
     log(f"[sweep] {run.describe()}: its recorded input changed; old outputs moved to {target}, rerunning")
     return target

@@ -62,14 +62,14 @@ def _try_lock(run: Run):
 
 
 def _set_aside_stale(runs: Sequence[Run], log) -> None:
-    """A finished run whose recorded input changed is moved away (under its lock, so that no shard is using it)."""
+    """A run whose recorded input changed (finished, or started and unfinished) is moved away (under its lock, so that no shard is using it)."""
     for run in runs:
-        if run.done and stale(run):
+        if stale(run):
             lock = _try_lock(run)
             if lock is None:
                 continue
             try:
-                still = run.done and stale(run)
+                still = stale(run)
             finally:
                 lock.release()
             if still:

@@ -3,6 +3,7 @@
 SLURM job) runs: the task, with bad input ending in one line and an exit status."""
 import importlib
 import os
+import signal
 import sys
 
 from kdjax.errors import KdjaxError
@@ -29,11 +30,15 @@ def run_command(config, workdir: str, debug: bool = False) -> int:
     if not os.environ.get("KDJAX_VERBOSE"):  # kdjax prints its own lines; the libraries' logs only on demand
         logging.set_verbosity(logging.ERROR)
     from kdjax import parallel, workdir as workdir_lib
+    from kdjax.sweep.executor import stop_on_sigterm
     from kdjax.train.loop import RunInterrupted
     parallel.maybe_initialize_distributed()  # before anything touches a device
     workdir = os.path.abspath(os.path.expanduser(workdir))
     try:
-        run(config.task, config, workdir)
+        # SIGTERM and SIGUSR1 stop a standalone run between steps, as in a sweep (a handler already there stays:
+        # submitit's in a SLURM job, an enclosing sweep's)
+        with stop_on_sigterm(signals=(signal.SIGTERM, signal.SIGUSR1), only_unhandled=True):
+            run(config.task, config, workdir)
     except RunInterrupted as e:
         fail(str(e))
         return 130

@@ -8,7 +8,7 @@ from kdjax.checkpoint import (check_against_dataset, fill_data_fields, input_rec
                               read_meta)
 from kdjax.data import DeviceDataset, load_for
 from kdjax.tasks import frame
-from kdjax.train import kd
+from kdjax.train import kd, recipe as recipe_lib
 
 
 def check(config) -> kd.KDMethod:
@@ -36,25 +36,30 @@ def load(config, method: kd.KDMethod) -> Inputs:
         inputs.teacher_vars, inputs.teacher_meta, _ = load_checkpoint(config.teacher_checkpoint, config.teacher,
                                                                       "teacher")
     inputs.dataset = load_for(config)
+    recipe_lib.check_batches(config, inputs.dataset.num_train)
     if inputs.teacher_meta is not None:
         check_against_dataset(inputs.teacher_meta, config.teacher_checkpoint, inputs.dataset)
         kd.warn_dataset_mismatch(config, inputs.teacher_meta, inputs.dataset)
     return inputs
 
 
+def consumed(config, inputs: Inputs) -> dict:
+    return {} if inputs.teacher_meta is None else {
+        "teacher": input_record(config.teacher_checkpoint, inputs.teacher_meta)}
+
+
 def run_student(config, workdir, inputs: Inputs):
     dataset, mesh = inputs.dataset, parallel.make_mesh()
     out = kd.train_student(inputs.method, config, workdir, dataset, DeviceDataset.create(dataset, mesh), mesh,
                            inputs.teacher_vars)
-    consumed = {} if inputs.teacher_meta is None else {
-        "teacher": input_record(config.teacher_checkpoint, inputs.teacher_meta)}
     results = {"task": "distill", "teacher": config.teacher, "student": config.student, "dataset": dataset.name,
-               "aug": config.aug, **out["fields"], "inputs": consumed, **frame.training_results(out)}
+               "aug": config.aug, **out["fields"], "inputs": consumed(config, inputs),
+               **frame.training_results(out)}
     label = f"{config.teacher}->{config.student} {config.aug}"
     return frame.Outcome(results, frame.training_line("distill", label, dataset.name, out))
 
 
-TASK = frame.Task("distill", check, load, run_student)
+TASK = frame.Task("distill", check, load, run_student, consumed=consumed)
 
 
 def run(config, workdir):

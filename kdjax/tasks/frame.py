@@ -4,8 +4,8 @@
 2. a run that finished with this same config is answered from its results.json;
 3. the workdir is checked writable and locked (one process at a time);
 4. ``load(config, plan) -> inputs``: checkpoints and data, checked against each other;
-5. the workdir is claimed (its config recorded, or checked equal to the recorded one): only now, after every check
-   that can refuse the launch, is anything written;
+5. the workdir is claimed (its config and the inputs it consumes recorded, or checked equal to the recorded
+   ones): only now, after every check that can refuse the launch, is anything written;
 6. ``run(config, workdir, inputs) -> Outcome``: the library call;
 7. the outcome's results.json files are written (atomically, last: they mark the run finished) and its line printed.
 
@@ -38,6 +38,8 @@ class Task:
     run: Callable[[Any, str, Any], Outcome]
     # config fields a rerun in the same workdir may change without changing its results
     claim_ignore: Tuple[str, ...] = workdir_lib.RESUMABLE_FIELDS
+    # (config, inputs) -> {role: checkpoint.input_record}: what the run consumes; a resume must consume the same
+    consumed: Optional[Callable[[Any, Any], Dict[str, Any]]] = None
 
 
 def already_finished(task: str, workdir: str, config) -> Optional[Dict[str, Any]]:
@@ -56,6 +58,7 @@ def already_finished(task: str, workdir: str, config) -> Optional[Dict[str, Any]
 
 def run_frame(task: Task, config, workdir: str):
     plan = task.check(config)
+    workdir_lib.check_owner(workdir, task.name)  # never into another task's workdir (a teacher's, for evaluate)
     done = already_finished(task.name, workdir, config)
     if done is not None:
         return done
@@ -65,7 +68,8 @@ def run_frame(task: Task, config, workdir: str):
         parallel.enable_compilation_cache(config.get("compile_cache_dir"))
         cache_before = parallel.compilation_cache_counts()
         inputs = task.load(config, plan)
-        workdir_lib.claim(workdir, config, ignore=task.claim_ignore)
+        consumed = task.consumed(config, inputs) if task.consumed is not None else None
+        workdir_lib.claim(workdir, config, ignore=task.claim_ignore, inputs=consumed)
         outcome = task.run(config, workdir, inputs)
         timing = {"wall_s": time.time() - started,
                   "compile_cache": parallel.compilation_cache_counts_since(cache_before)}

@@ -88,7 +88,7 @@ def check_mode(config) -> None:
 
 def _dry_run_local(runs, config) -> None:
     inputs = sweep.executor.inputs_of(runs)
-    todo = [r for r in runs if not r.done]
+    todo = [r for r in runs if not r.done or sweep.executor.stale(r)]  # as execute will see them
     where = f"shard {config.shard}" if config.shard else "this process" if int(config.parallel) <= 1 else \
         f"{config.parallel} processes at a time"
     print(f"[sweep] dry run, nothing runs: {len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run "

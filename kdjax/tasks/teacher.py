@@ -12,7 +12,9 @@ def check(config):
 
 
 def load(config, _):
-    return load_for(config)
+    dataset = load_for(config)
+    recipe_lib.check_batches(config, dataset.num_train)
+    return dataset
 
 
 def run_teacher(config, workdir, dataset):

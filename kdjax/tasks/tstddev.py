@@ -105,6 +105,14 @@ def load(config, _) -> Inputs:
     return inputs
 
 
+def consumed(config, inputs: Inputs) -> dict:
+    """The teacher, and the student that scores CutMixPick (S. ent.) when there is one."""
+    records = {"teacher": input_record(config.teacher_checkpoint, inputs.teacher_meta)}
+    if inputs.student_meta is not None:
+        records["student"] = input_record(config.student_checkpoint, inputs.student_meta)
+    return records
+
+
 def run_tstddev(config, workdir, inputs: Inputs):
     names, dataset = inputs.names, inputs.dataset
     dtype = recipe_lib.compute_dtype(config.dtype)
@@ -147,12 +155,12 @@ def run_tstddev(config, workdir, inputs: Inputs):
         results = {"task": "tstddev", "teacher": config.teacher, "dataset": dataset.name, "aug": name,
                    "seed": int(config.seed), "epochs": plan.epochs, **r,
                    "eval_s": out["eval_s"], "compile_s": out["compile_s"], "images_per_s": out["images_per_s"],
-                   "schemes_in_run": len(names), "dtype": config.dtype,
-                   "inputs": {"teacher": input_record(config.teacher_checkpoint, inputs.teacher_meta)}}
+                   "schemes_in_run": len(names), "dtype": config.dtype, "inputs": consumed(config, inputs)}
         if name == BY_STUDENT:
             results["student"] = inputs.student_name
             results["student_checkpoint"] = config.student_checkpoint
-            results["inputs"]["student"] = input_record(config.student_checkpoint, inputs.student_meta)
+        else:
+            results["inputs"].pop("student", None)
         parts.append((workdir if config.aug != ALL else os.path.join(workdir, name), results))
         all_results[name] = r
     table = markdown_table(config.teacher, dataset.name, all_results, inputs.student_name,
@@ -168,7 +176,7 @@ def run_tstddev(config, workdir, inputs: Inputs):
 
 # Dispatch layout changes the run's speed, not its values: a rerun in the same workdir may change it.
 TASK = frame.Task("tstddev", check, load, run_tstddev,
-                  claim_ignore=workdir_lib.RESUMABLE_FIELDS + ("steps_per_forward",))
+                  claim_ignore=workdir_lib.RESUMABLE_FIELDS + ("steps_per_forward",), consumed=consumed)
 
 
 def run(config, workdir):

@@ -15,12 +15,13 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kdjax import runlog
-from kdjax.checkpoint.store import CheckpointError, TrainCheckpointer
+from kdjax.checkpoint.store import CheckpointError, TrainCheckpointer, first_non_finite
 from kdjax.data import epochs as epochs_lib
 from kdjax.train.evaluate import eval_batch_size, make_evaluator
 from kdjax.train import recipe as recipe_lib
 from kdjax.train.recipe import Recipe
 from kdjax.errors import KdjaxError
+from kdjax.workdir import LockLost
 
 
 class TrainingDiverged(KdjaxError, RuntimeError):
@@ -126,6 +127,7 @@ def fit(workdir: str, config, recipe: Recipe, trainee: Trainee, data, mesh) -> D
     loop_started, first_step = time.perf_counter(), global_step
     last_saved = latest
     segments = epochs_lib.segments(plan, recipe.chunk, masked_tail=False)
+    fix = divergence_fix(config.get("dtype"))
 
     try:
         for epoch in range(start_epoch, epochs):
@@ -140,10 +142,8 @@ def fit(workdir: str, config, recipe: Recipe, trainee: Trainee, data, mesh) -> D
                 losses = np.asarray(metrics["loss"], np.float64)
                 bad = _first_bad(losses)
                 if bad is not None:
-                    saved = f"the last good checkpoint is step {last_saved} in {ckpt.directory}" if last_saved \
-                        is not None else "no checkpoint was written yet"
                     raise TrainingDiverged(f"loss became {losses[bad]} at step {global_step + bad} (epoch {epoch + 1})"
-                                           f"; {saved}; lower --config.optim.lr or use dtype=float32")
+                                           f"; {_last_good(ckpt.directory, last_saved)}; {fix}")
                 global_step += seg.steps
                 train_seconds += dt
                 train_images += seg.steps * seg.rows
@@ -159,15 +159,18 @@ def fit(workdir: str, config, recipe: Recipe, trainee: Trainee, data, mesh) -> D
                              force=k == len(segments) - 1)
             if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
                 last_eval = evaluate({"params": state["params"], "batch_stats": state["batch_stats"]}, data)
+                _check_evaluation(last_eval, epoch + 1, ckpt.directory, last_saved, fix)
                 log.write(global_step, {"epoch": epoch + 1, **last_eval})
                 best = _better(best, {"epoch": epoch + 1, **last_eval})
                 log.human.line(f"epoch {epoch + 1} test_loss {last_eval['test_loss']:.6f} "
                                f"top1 {last_eval['top1']:.4f} top5 {last_eval['top5']:.4f}")
             if (epoch + 1) % ckpt_every == 0 or epoch + 1 == epochs:
+                _check_state(state, global_step, epoch + 1, ckpt.directory, last_saved, fix)
                 _save_or_explain(ckpt, global_step, state, trainee.meta, last_saved)
                 last_saved = global_step
         if not last_eval:  # resumed a finished run: evaluate its final state
             last_eval = evaluate({"params": state["params"], "batch_stats": state["batch_stats"]}, data)
+            _check_evaluation(last_eval, epochs, ckpt.directory, last_saved, fix)
             best = _better(best, {"epoch": epochs, **last_eval})
     except KeyboardInterrupt:
         saved = (f"the last checkpoint is step {last_saved} (epoch {last_saved // plan.steps_per_epoch}) in "
@@ -183,11 +186,40 @@ def fit(workdir: str, config, recipe: Recipe, trainee: Trainee, data, mesh) -> D
             "state": state}
 
 
+def _last_good(directory: str, last_saved: Optional[int]) -> str:
+    return (f"the last good checkpoint is step {last_saved} in {directory}" if last_saved is not None
+            else "no checkpoint was written yet")
+
+
+def divergence_fix(dtype: Optional[str]) -> str:
+    """What to change after a divergence: float32 only when the run is not float32 already (telling a float32
+    run to use float32 is no fix at all)."""
+    return "lower --config.optim.lr" + (" or use --config.dtype=float32" if dtype not in (None, "float32") else "")
+
+
+def _check_state(state, step: int, epoch: int, directory: str, last_saved: Optional[int], fix: str) -> None:
+    """The loss alone can stay finite while weights or optimiser state overflow (a huge lr): the state is checked
+    before every save, so that a checkpoint never holds NaN or infinite arrays."""
+    bad = first_non_finite(state)
+    if bad is not None:
+        raise TrainingDiverged(f"the state became non-finite by step {step} (epoch {epoch}): {bad}; "
+                               f"{_last_good(directory, last_saved)}; {fix}")
+
+
+def _check_evaluation(row: Dict[str, Any], epoch: int, directory: str, last_saved: Optional[int], fix: str) -> None:
+    bad = [key for key in ("test_loss", "top1", "top5") if not np.isfinite(float(row.get(key, 0.0)))]
+    if bad:
+        raise TrainingDiverged(f"the evaluation of epoch {epoch} is non-finite ({bad[0]} {row[bad[0]]}); "
+                               f"{_last_good(directory, last_saved)}; {fix}")
+
+
 def _save_or_explain(ckpt: TrainCheckpointer, step: int, state, meta, last_saved: Optional[int]) -> None:
     """A failed save (a full disk, a vanished mount) ends the run in one line that says which step is intact;
     orbax writes each step to a temporary directory first, so the earlier steps are untouched."""
     try:
         ckpt.save(step, state, meta)
+    except (LockLost, CheckpointError):
+        raise  # a lost workdir lock, a refused state: their own line says why, not "free space"
     except Exception as e:  # orbax and the OS raise many types; the message matters, not the type
         intact = f"step {last_saved} is intact" if last_saved is not None else "no earlier checkpoint exists"
         reason = getattr(e, "strerror", None) or str(e).splitlines()[0][:160]

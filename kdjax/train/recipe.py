@@ -32,6 +32,8 @@ def validate_run(config, *model_names) -> None:
     """The run fields every task shares, checked before any data loading or compiling: counts >= 1 (``epochs=0``
     would write a result for an untrained model, ``keep_checkpoints=0`` would delete every checkpoint), a known
     dtype, and an image size each model can run at."""
+    from kdjax.configs.numbers import check_numbers
+    check_numbers(config)  # lr, temperature, counts, seed, image size: their ranges
     for field in POSITIVE_FIELDS:
         if field in config and (isinstance(config[field], bool) or int(config[field]) < 1):
             raise ValueError(f"{field} must be >= 1, got {config[field]}: set --config.{field}=N with N >= 1")
@@ -59,6 +61,12 @@ def check_model_runs_at(name: str, image_size: int, num_classes: int = 10) -> No
     except Exception as e:  # flax and XLA raise many types for impossible shapes
         raise ValueError(f"model {name} cannot run at {image_size}x{image_size} pixels ({type(e).__name__}): use a "
                          f"larger --config.image_size") from None
+
+
+def check_batches(config, num_train: int) -> None:
+    """The batch size against the dataset and the devices, before a run claims its workdir (``make_plan``'s one
+    line when the batch is larger than the dataset or does not divide over the devices)."""
+    epochs_lib.make_plan(num_train, int(config.batch_size), jax.device_count(), config.last_batch)
 
 
 def init_state(model, tx, key, image_size: int) -> Dict[str, Any]:

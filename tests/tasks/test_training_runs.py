@@ -160,7 +160,9 @@ def test_bad_inputs_give_one_line_errors(teacher_dir, tmp_path):
     shutil.copytree(teacher_dir / "checkpoints", wrong_classes)
     meta_file = next(wrong_classes.glob("*/meta/metadata"))
     meta = json.loads(meta_file.read_text())
-    meta_file.write_text(json.dumps(dict(meta, num_classes=100)))
+    meta = dict(meta, num_classes=100)
+    from kdjax.checkpoint.store import meta_digest
+    meta_file.write_text(json.dumps(dict(meta, meta_digest=meta_digest(meta))))  # a checkpoint made for 100 classes
     with pytest.raises(CheckpointError, match="num_classes=100"):
         distill.run(tiny_distill_config("flip", wrong_classes), str(tmp_path / "d"))
 
