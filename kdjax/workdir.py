@@ -365,8 +365,9 @@ def check_owner(workdir: str, task: str) -> None:
         other = _recorded_task(os.path.join(workdir, "config.json")) or _recorded_task(
             os.path.join(workdir, RUN_CONFIG))
     if other is not None and other != task:
-        raise ValueError(f"workdir {workdir} holds a {other} run; a {task} run never writes into another task's "
-                         f"workdir: use a new --workdir")
+        article = "an" if task[0] in "aeiou" else "a"
+        raise ValueError(f"workdir {workdir} holds a {other} run; {article} {task} run never writes into another "
+                         f"task's workdir: use a new --workdir")
 
 
 def _check_inputs(workdir: str, inputs: Dict[str, dict], first_start: bool) -> None:

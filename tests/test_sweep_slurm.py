@@ -123,8 +123,8 @@ def test_cancelled_jobs_are_not_failures_and_status_reads_the_record_alone(tmp_p
     record.save()
     with open(tmp_path / slurm.CANCELLED, "w") as f:
         json.dump(["7"], f)
-    monkeypatch.setattr(slurm, "job_states", lambda ids: {})
-    monkeypatch.setattr(slurm, "sacct_states", lambda ids: {})
+    monkeypatch.setattr(slurm.record, "job_states", lambda ids: {})
+    monkeypatch.setattr(slurm.record, "sacct_states", lambda ids: {})
     states = slurm.status(str(tmp_path), 2)
     assert [s.status for s in states.values()] == ["cancelled", "new", "new", "new"]
     assert states[runs[0].workdir].attempts == 0
@@ -149,15 +149,15 @@ def test_sbatch_options():
 
 def test_the_workdir_must_be_on_a_filesystem_the_nodes_share(tmp_path, monkeypatch):
     lines = []
-    monkeypatch.setattr(slurm, "filesystem_of", lambda path: "ext4")
-    monkeypatch.setattr(slurm, "partition_nodes", lambda p: ["node01", "node02"])
+    monkeypatch.setattr(slurm.queue, "filesystem_of", lambda path: "ext4")
+    monkeypatch.setattr(slurm.queue, "partition_nodes", lambda p: ["node01", "node02"])
     with pytest.raises(slurm.SlurmError, match="local to this host .* but the jobs run on node01, node02"):
         slurm.check_shared_filesystem(str(tmp_path), None, lines.append)
-    monkeypatch.setattr(slurm, "partition_nodes", lambda p: [socket.gethostname()])
+    monkeypatch.setattr(slurm.queue, "partition_nodes", lambda p: [socket.gethostname()])
     assert "the only node of the partition" in slurm.check_shared_filesystem(str(tmp_path), None, lines.append)
-    monkeypatch.setattr(slurm, "filesystem_of", lambda path: "nfs4")
+    monkeypatch.setattr(slurm.queue, "filesystem_of", lambda path: "nfs4")
     assert "shared between nodes" in slurm.check_shared_filesystem(str(tmp_path), None, lines.append)
-    monkeypatch.setattr(slurm, "filesystem_of", lambda path: "fuse.weird")
+    monkeypatch.setattr(slurm.queue, "filesystem_of", lambda path: "fuse.weird")
     assert "cannot tell" in slurm.check_shared_filesystem(str(tmp_path), None, lines.append)
     assert slurm.filesystem_of("/") is not None
 

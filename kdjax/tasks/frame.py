@@ -57,8 +57,8 @@ def already_finished(task: str, workdir: str, config) -> Optional[Dict[str, Any]
 
 
 def run_frame(task: Task, config, workdir: str):
-    plan = task.check(config)
     workdir_lib.check_owner(workdir, task.name)  # never into another task's workdir (a teacher's, for evaluate)
+    plan = task.check(config)
     done = already_finished(task.name, workdir, config)
     if done is not None:
         return done

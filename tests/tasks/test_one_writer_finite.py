@@ -58,7 +58,7 @@ def test_evaluate_never_writes_into_a_teachers_workdir(trained):
     before = _snapshot(trained)
     config = load_config("evaluate")
     config.checkpoint = str(trained)
-    with pytest.raises(ValueError, match="holds a teacher run; a evaluate run never writes into another task's"):
+    with pytest.raises(ValueError, match="holds a teacher run; an evaluate run never writes into another task's"):
         evaluate.run(config, str(trained))
     assert _snapshot(trained) == before
 
@@ -170,10 +170,12 @@ def test_evaluate_and_tstddev_refuse_a_teacher_with_nan_weights(trained, monkeyp
 def test_import_torch_refuses_nan_weights(trained, tmp_path, monkeypatch):
     variables, _ = load_model(str(trained))
     variables["params"]["fc"]["bias"] = np.full_like(variables["params"]["fc"]["bias"], np.nan)
-    monkeypatch.setattr(import_torch, "read_torch_checkpoint", lambda source: ({}, {}))
-    monkeypatch.setattr(import_torch, "torch_to_variables", lambda *args, **kwargs: variables)
+    from kdjax.checkpoint import torch_import
+    monkeypatch.setattr(torch_import, "read_torch_checkpoint", lambda source: ({}, {}))
+    monkeypatch.setattr(torch_import, "torch_to_variables", lambda *args, **kwargs: variables)
+    (tmp_path / "t.pth").write_bytes(b"stands for a .pth file")
     config = load_config("import_torch", "model=tiny_cnn")
-    config.source, config.num_classes, config.image_size = "t.pth", 10, 8
+    config.source, config.num_classes, config.image_size = str(tmp_path / "t.pth"), 10, 8
     with pytest.raises(CheckpointError, match=r"non-finite values: params/fc/bias \(10 NaN"):
         import_torch.run(config, str(tmp_path / "imported"))
     assert not (tmp_path / "imported" / "results.json").exists()

@@ -122,7 +122,7 @@ CASES = {
     "config file raises on import": r"bad\.py raised RuntimeError on import: no such cluster",
     "get_config raises": r"get_config\(None\) of config file .*bad2\.py raised KeyError",
     "plugin raises on import": r"KDJAX_PLUGINS module 'bad_plugin' raised TypeError on import",
-    "evaluate into a teacher's workdir": r"holds a teacher run; a evaluate run never writes into another task's",
+    "evaluate into a teacher's workdir": r"holds a teacher run; an evaluate run never writes into another task's",
     "teacher with NaN weights": r"non-finite values: params/fc/kernel \(1 NaN, 0 inf of 2\)",
     "duplicate keys in a .pth": r"sets the key 'fc\.weight' twice",
     "full disk while writing metrics": r"could not append to .*metrics\.jsonl .* at step \d+: free space",
