@@ -202,7 +202,7 @@ def _run_jobs(jobs: list[ShardJob], workers: int):
         yield from pool.imap_unordered(write_shard, jobs)
 
 
-def prepare(name: str, manual_dir, data_dir, *, classes: Sequence[str] | None = None,
+def prepare_dataset(name: str, manual_dir, data_dir, *, classes: Sequence[str] | None = None,
             records_per_shard: int = DEFAULT_RECORDS_PER_SHARD, workers: int | None = None,
             progress_every: float = 5.0) -> records.Manifest:
     """Prepare ``name`` from ``manual_dir`` into ``dataset_root(data_dir, name)`` and return its manifest.
@@ -258,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     data_dir, _ = resolve_dirs(args.data_dir, args.manual_dir)
     try:
         classes = sorted(args.classes.split(",")) if args.classes else None
-        manifest = prepare(args.dataset, args.manual_dir, data_dir, classes=classes, workers=args.workers,
+        manifest = prepare_dataset(args.dataset, args.manual_dir, data_dir, classes=classes, workers=args.workers,
                            records_per_shard=args.records_per_shard)
     except (InputError, records.CorruptShardError) as e:
         print(f"error: {e}", file=sys.stderr)

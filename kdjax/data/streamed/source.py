@@ -64,6 +64,8 @@ class _RecordReader:
         self.paths, self._source = [str(p) for p in paths], None
 
     def read(self, indices: np.ndarray) -> list[tuple[bytes, int, int]]:
+        if not len(indices):  # a process's share of a padded evaluation batch can be all padding
+            return []
         if self._source is None:
             import grain
 
@@ -74,12 +76,13 @@ class _RecordReader:
         return {"paths": self.paths, "_source": None}
 
 
-def _stack(examples: list[tuple[bytes, int, int]], expected: np.ndarray, make_image) -> dict:
+def _stack(examples: list[tuple[bytes, int, int]], expected: np.ndarray, make_image, size: int) -> dict:
     indices = np.array([index for _, _, index in examples], np.int32)
     if not np.array_equal(indices, expected):  # a shard swapped or reordered since the manifest was written
         raise records.CorruptShardError(f"records hold examples {indices[:4].tolist()}... where "
                                         f"{expected[:4].tolist()}... were asked for: prepare the dataset again")
-    return {"images": np.stack([make_image(data, index) for data, _, index in examples]),
+    images = [make_image(data, index) for data, _, index in examples]
+    return {"images": np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8),
             "labels": np.array([label for _, label, _ in examples], np.int32), "indices": indices}
 
 
@@ -109,7 +112,7 @@ class TrainBatch:
         size = self.image_size
         return _stack(self.reader.read(local), local,
                       lambda data, index: transforms.train_transform(
-                          data, transforms.example_rng(self.seed, epoch, index), size))
+                          data, transforms.example_rng(self.seed, epoch, index), size), size)
 
 
 class EvalBatch:
@@ -124,11 +127,10 @@ class EvalBatch:
         rows = np.arange(b * self.batch_size, (b + 1) * self.batch_size)[self.share.rows(self.batch_size)]
         real = rows[rows < self.num_examples]
         size = self.image_size
-        batch = _stack(self.reader.read(real), real, lambda data, _: transforms.test_transform(data, size))
+        batch = _stack(self.reader.read(real), real, lambda data, _: transforms.test_transform(data, size), size)
         missing = rows.shape[0] - real.shape[0]
         if missing:
-            batch = {"images": np.concatenate([batch["images"].reshape(-1, size, size, 3),
-                                               np.zeros((missing, size, size, 3), np.uint8)]),
+            batch = {"images": np.concatenate([batch["images"], np.zeros((missing, size, size, 3), np.uint8)]),
                      "labels": np.concatenate([batch["labels"], np.zeros(missing, np.int32)]),
                      "indices": np.concatenate([batch["indices"], np.full(missing, -1, np.int32)])}
         batch["mask"] = batch["indices"] >= 0
@@ -186,6 +188,12 @@ def host_iterator(steps, *, start: int = 0, threads: int = 16, workers: int = 0,
 
     dataset = steps.to_iter_dataset(grain.ReadOptions(num_threads=max(threads, 1), prefetch_buffer_size=buffer))
     if workers > 0:
+        from absl import flags
+
+        # grain's workers read its absl flags; a program that never parses absl flags (a library caller, pytest)
+        # would fail there, so they take their defaults
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
     iterator = iter(dataset)
     if start:
