@@ -295,6 +295,8 @@ def test_resume_with_worker_processes(dataset):
     restored.set_state(state)
     for want in reference[3:]:
         np.testing.assert_array_equal(next(restored)["images"], want["images"])
+    from_step = host_iterator(steps, start=4, threads=1, workers=2)
+    np.testing.assert_array_equal(next(from_step)["images"], reference[4]["images"])
 
 
 def test_evaluation_covers_every_test_image_once_over_processes(dataset, images):

@@ -243,6 +243,16 @@ def prepare_dataset(name: str, manual_dir, data_dir, *, classes: Sequence[str] |
     return manifest
 
 
+def prepare_from_config(config) -> records.Manifest:
+    """``prepare_dataset`` from a task config's fields: ``dataset``, ``manual_dir``, ``data_dir`` and the optional
+    ``workers`` and ``records_per_shard`` (what a ``kdjax prepare_data`` task passes on)."""
+    from kdjax.data.core import resolve_dirs
+
+    data_dir, manual_dir = resolve_dirs(config.get("data_dir"), config.get("manual_dir"))
+    return prepare_dataset(config.dataset, manual_dir, data_dir, workers=config.get("workers"),
+                           records_per_shard=config.get("records_per_shard") or DEFAULT_RECORDS_PER_SHARD)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kdjax.data.streamed.prepare", description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", required=True, choices=("imagenet", "imagenet100"))

@@ -182,10 +182,16 @@ def host_iterator(steps, *, start: int = 0, threads: int = 16, workers: int = 0,
     """A grain ``DatasetIterator`` over a ``MapDataset`` of steps, positioned at element ``start``.
 
     ``threads`` read and decode in parallel inside this process; ``workers > 0`` adds that many processes
-    (``mp_prefetch``). ``get_state()`` / ``set_state()`` of the result is the position to checkpoint.
+    (``mp_prefetch``). Resuming: either ``start=global_step`` (nothing but the step needs checkpointing, since
+    element s is step s), or ``set_state`` of a saved ``get_state()`` (a JSON-able dict; with workers it describes
+    each worker's position).
     """
     import grain
 
+    if workers > 0 and start:
+        # with worker processes grain's state is per worker; element s is a pure function of s, so the slice of the
+        # steps from ``start`` on is the same stream
+        steps, start = steps[int(start):], 0
     dataset = steps.to_iter_dataset(grain.ReadOptions(num_threads=max(threads, 1), prefetch_buffer_size=buffer))
     if workers > 0:
         from absl import flags
@@ -197,10 +203,6 @@ def host_iterator(steps, *, start: int = 0, threads: int = 16, workers: int = 0,
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
     iterator = iter(dataset)
     if start:
-        state = iterator.get_state()
-        if set(state) != {"next_index"}:
-            raise ValueError("start= needs the thread-only iterator (workers=0); with workers, restore a saved "
-                             "get_state() instead")
         iterator.set_state({"next_index": int(start)})
     return iterator
 
