@@ -49,7 +49,7 @@ class InputError(ValueError):
     """An input archive or folder is unusable: truncated, missing a class, unreadable. The message names it."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)  # slots: ImageNet's index holds 1.33 million of them
 class ImageRef:
     """One image: ``size`` bytes at ``offset`` of ``path`` (an archive, or the image file itself), its label."""
     path: str

@@ -25,6 +25,7 @@ import os
 import pathlib
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 from kdjax.data.streamed import inputs as inputs_lib
@@ -223,8 +224,10 @@ def prepare_dataset(name: str, manual_dir, data_dir, *, classes: Sequence[str] |
     jobs = plan_jobs(refs_by_split, root, records_per_shard, digest)
     progress = Progress(name, sum(len(j.refs) for j in jobs), len(jobs), progress_every)
     markers, todo = {}, []
-    for job in jobs:
-        marker = completed_marker(job)
+    # re-hashing the shards of an earlier run is I/O bound: threads (hashlib releases the GIL)
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        earlier = list(pool.map(completed_marker, jobs))
+    for job, marker in zip(jobs, earlier):
         if marker is None:
             todo.append(job)
         else:
