@@ -2,7 +2,6 @@
 kill, corrupt shards) and the streamed source over them (coverage, process shares, mid-epoch resumption)."""
 import json
 import os
-import pathlib
 import signal
 import subprocess
 import sys
@@ -33,9 +32,9 @@ def images():
 def prepared(images, tmp_path_factory):
     base = tmp_path_factory.mktemp("prepared")
     fab.write_tars(base / "manual", images)
-    manifest = prepare_dataset("imagenet", base / "manual", base / "data", classes=fab.classes(), records_per_shard=PER_SHARD,
-                       workers=1, progress_every=0)
-    return manifest
+    # two worker processes: the pool path (the ImageFolder test below writes the same shards in-process)
+    return prepare_dataset("imagenet", base / "manual", base / "data", classes=fab.classes(),
+                           records_per_shard=PER_SHARD, workers=2, progress_every=0)
 
 
 def _read_all(manifest, split):
@@ -60,10 +59,11 @@ def test_records_are_the_archive_images_in_imagefolder_order(prepared, images):
     assert [s.file for s in prepared.shards["train"]] == [records.shard_name("train", k, 4) for k in range(4)]
     saved = json.loads((prepared.root / records.MANIFEST).read_text())
     assert saved["counts"] == {"train": 30, "test": 10}
-    assert saved["shards"]["test"][1]["sha256"] == records.file_sha256(prepared.root / saved["shards"]["test"][1]["file"])
+    last = saved["shards"]["test"][1]
+    assert last["sha256"] == records.file_sha256(prepared.root / last["file"])
 
 
-def test_image_folder_tree_gives_the_same_shards(prepared, images, tmp_path):
+def test_image_folder_tree_in_one_process_gives_the_same_shards(prepared, images, tmp_path):
     fab.write_image_folder(tmp_path / "manual", images)
     manifest = prepare_dataset("imagenet", tmp_path / "manual", tmp_path / "data", classes=fab.classes(),
                        records_per_shard=PER_SHARD, workers=1, progress_every=0)
@@ -82,7 +82,8 @@ def test_imagenet100_classes_are_the_originals():
 
 def _refused(manual, tmp_path, match):
     with pytest.raises(InputError, match=match) as info:
-        prepare_dataset("imagenet", manual, tmp_path / "data", classes=fab.classes(), records_per_shard=PER_SHARD, workers=1)
+        prepare_dataset("imagenet", manual, tmp_path / "data", classes=fab.classes(), records_per_shard=PER_SHARD,
+                        workers=1)
     assert "\n" not in str(info.value)
     assert not (prepare_lib.dataset_root(tmp_path / "data", "imagenet") / records.MANIFEST).exists()
 
@@ -191,7 +192,8 @@ def test_prepare_killed_midway_resumes(images, tmp_path):
 
 def test_other_inputs_into_a_partial_dataset_are_refused(images, tmp_path):
     manual = _copy_manual(images, tmp_path)
-    prepare_dataset("imagenet", manual, tmp_path / "data", classes=fab.classes(), records_per_shard=PER_SHARD, workers=1)
+    prepare_dataset("imagenet", manual, tmp_path / "data", classes=fab.classes(), records_per_shard=PER_SHARD,
+                    workers=1)
     with pytest.raises(InputError, match="prepared from other inputs"):
         prepare_dataset("imagenet", manual, tmp_path / "data", classes=fab.classes(), records_per_shard=4, workers=1)
 

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 from conftest import REPO
 
 import streamed_inputs as fab
