@@ -66,8 +66,10 @@ class _RecordReader:
     def read(self, indices: np.ndarray) -> list[tuple[bytes, int, int]]:
         if not len(indices):  # a process's share of a padded evaluation batch can be all padding
             return []
-        if self._source is None:
+        if self._source is None:  # first read in this process (grain's worker processes included)
             import grain
+
+            pin_malloc_mmap_threshold()
 
             self._source = grain.sources.ArrayRecordDataSource(self.paths)
         return [records.decode_record(r) for r in self._source.__getitems__([int(i) for i in indices])]
@@ -137,6 +139,25 @@ class EvalBatch:
         return batch
 
 
+def pin_malloc_mmap_threshold(nbytes: int = 128 * 1024) -> bool:
+    """Keep glibc from raising its mmap threshold (``mallopt(M_MMAP_THRESHOLD)``); True when applied.
+
+    By default glibc raises the threshold to the size of each freed mmap'd block (up to 32 MiB): after the first
+    decoded image (500x375x3 = 560 KB) is freed, image buffers and 110 KB record bytes all come from the heap, whose
+    fragmentation then grows the RSS step after step (measured: +190 MiB over 300 steps of 64 images, still
+    climbing; flat at 222 MiB with the threshold pinned). Pinning it makes large buffers go back to the OS when freed.
+    The same as ``MALLOC_MMAP_THRESHOLD_=131072`` in the environment; a no-op off glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, int(nbytes)))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 @dataclasses.dataclass(frozen=True)
 class StreamedDataset:
     """A prepared dataset opened for streaming: the fields the training code reads off a ``DeviceDataset``
@@ -148,7 +169,9 @@ class StreamedDataset:
     @classmethod
     def open(cls, root, *, verify: bool = True, image_size: int = transforms.TRAIN_SIZE) -> "StreamedDataset":
         """The prepared dataset in ``root`` (``prepare.dataset_root(data_dir, name)``); ``verify`` checks every
-        shard's SHA-256 against the manifest first (a corrupt shard is refused, naming it)."""
+        shard's SHA-256 against the manifest first (a corrupt shard is refused, naming it). Pins glibc's mmap
+        threshold (``pin_malloc_mmap_threshold``) so that host memory stays flat over the epochs."""
+        pin_malloc_mmap_threshold()
         return cls(records.open_manifest(root, verify=verify), image_size)
 
     name = property(lambda self: self.manifest.name)
