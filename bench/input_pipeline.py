@@ -11,7 +11,8 @@ shards (``kdjax.data.streamed``) and read back through the streamed source (grai
 
 Per-core figures are images per CPU-second of the process (``time.process_time``: every thread of the process,
 workers excluded - both sides run in-process for them), so that they hold on a machine shared with other work;
-wall-clock images/s are reported beside them. torchvision runs in its own venv (the library never imports torch)
+wall-clock images/s are reported beside them. The sides alternate ``--repeats`` times (default 3) and each row is the
+median run, with all runs' figures in the JSON. torchvision runs in its own venv (the library never imports torch)
 with ``torch.set_num_threads(1)``, ``num_workers=0`` for the per-core figure, and its full transform
 (``ToTensor`` + ``Normalize`` included: the original's loader does that work on the host, kdjax on the device).
 """
@@ -108,8 +109,11 @@ def timed_torchvision(torch_python: str, root: pathlib.Path, workers: int, passe
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def rates(row: dict) -> dict:
-    return {**row, "images_per_s": row["images"] / row["wall_s"], "images_per_cpu_s": row["images"] / row["cpu_s"]}
+def rates(row: dict, own_process: bool = True) -> dict:
+    """Images per wall second and per CPU-second; the latter only when all the work ran in this process (the CPU
+    time of DataLoader worker processes is not the parent's)."""
+    per_cpu = row["images"] / row["cpu_s"] if own_process else None
+    return {**row, "images_per_s": row["images"] / row["wall_s"], "images_per_cpu_s": per_cpu}
 
 
 def main():
@@ -118,6 +122,7 @@ def main():
     parser.add_argument("--images", type=int, default=None)
     parser.add_argument("--passes", type=int, default=None)
     parser.add_argument("--torch-python", default="/work/torchvenv/bin/python")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each side; medians reported")
     args = parser.parse_args()
     num_images = args.images or (128 if args.quick else 1000)
     passes = args.passes or (2 if args.quick else 3)
@@ -125,7 +130,6 @@ def main():
 
     from kdjax.data.streamed import StreamedDataset, prepare_dataset
 
-    rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
         files = write_tree(tmp / "manual", num_images)
@@ -134,12 +138,20 @@ def main():
                                    classes=[f"n{i:08d}" for i in range(NUM_CLASSES)], progress_every=1e9)
         prepare_s = time.perf_counter() - t0
         dataset = StreamedDataset.open(manifest.root)
-        rows["kdjax_1_thread"] = rates(timed_ours(dataset, 1, passes))
-        rows["torchvision_0_workers"] = rates(timed_torchvision(args.torch_python, tmp / "manual", 0, passes))
+        torch_dir = tmp / "manual"
+        # the two sides alternate, `repeats` times, and the medians are reported: on a shared machine the load
+        # changes between runs, and alternating spreads that over both sides
+        runs = {"kdjax_1_thread": lambda: rates(timed_ours(dataset, 1, passes)),
+                "torchvision_0_workers": lambda: rates(timed_torchvision(args.torch_python, torch_dir, 0, passes))}
         if not args.quick and cores > 1:
-            rows[f"kdjax_{cores}_threads"] = rates(timed_ours(dataset, cores, passes))
-            rows[f"torchvision_{cores}_workers"] = rates(timed_torchvision(args.torch_python, tmp / "manual",
-                                                                           cores, passes))
+            runs[f"kdjax_{cores}_threads"] = lambda: rates(timed_ours(dataset, cores, passes))
+            runs[f"torchvision_{cores}_workers"] = lambda: rates(
+                timed_torchvision(args.torch_python, torch_dir, cores, passes), own_process=False)
+        samples = {name: [] for name in runs}
+        for _ in range(args.repeats):
+            for name, run in runs.items():
+                samples[name].append(run())
+        rows = {name: _median_row(rows_) for name, rows_ in samples.items()}
     per_core_ratio = rows["kdjax_1_thread"]["images_per_cpu_s"] / rows["torchvision_0_workers"]["images_per_cpu_s"]
     import grain
     import PIL
@@ -149,14 +161,23 @@ def main():
         _cpu_model(), "cores": cores, "python": platform.python_version()},
         "versions": {"grain": getattr(grain, "__version__", "?"), "pillow": PIL.__version__,
                      "torch": rows["torchvision_0_workers"].get("torch")},
-        "files": files, "batch": BATCH, "passes": passes, "prepare_s": prepare_s, "rows": rows,
+        "files": files, "batch": BATCH, "passes": passes, "repeats": args.repeats, "prepare_s": prepare_s, "rows": rows,
         "per_core_ratio_vs_torchvision": per_core_ratio}
     print(f"{'pipeline':<26}{'images/s':>10}{'images/cpu-s':>14}")
     for name, row in rows.items():
-        print(f"{name:<26}{row['images_per_s']:>10.1f}{row['images_per_cpu_s']:>14.1f}")
+        per_cpu = row["images_per_cpu_s"]
+        print(f"{name:<26}{row['images_per_s']:>10.1f}{'-' if per_cpu is None else f'{per_cpu:.1f}':>14}")
     print(f"per core, kdjax / torchvision: {per_core_ratio:.2f}x ({files['images']} JPEGs, {files['mean_kb']:.0f} KB "
           f"mean; prepare {prepare_s:.1f} s)")
     write_json(result, output_path("input_pipeline", "cpu", args.quick))
+
+
+def _median_row(rows: list) -> dict:
+    """The run with the median images per CPU-second (per wall second where CPU time is not available), with the
+    spread of all runs."""
+    key = "images_per_cpu_s" if rows[0]["images_per_cpu_s"] is not None else "images_per_s"
+    ordered = sorted(rows, key=lambda r: r[key])
+    return {**ordered[len(ordered) // 2], "runs": len(rows), f"{key}_all": [round(r[key], 1) for r in rows]}
 
 
 def _cpu_model() -> str:
