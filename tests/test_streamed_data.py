@@ -168,7 +168,7 @@ def test_rerun_after_partial_state_rewrites_only_what_is_missing(prepared, image
 def test_prepare_killed_midway_resumes(images, tmp_path):
     manual = _copy_manual(images, tmp_path)
     data = tmp_path / "data"
-    command = [sys.executable, "-m", "kdjax.data.streamed.prepare", "--dataset=imagenet", f"--manual_dir={manual}",
+    command = [sys.executable, "-m", "kdjax.data.streamed", "--dataset=imagenet", f"--manual_dir={manual}",
                f"--data_dir={data}", "--workers=1", "--records_per_shard=1", f"--classes={','.join(fab.classes())}"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -1,7 +1,7 @@
 """Datasets too large for device memory (ImageNet, ImageNet-100): prepared once into ArrayRecord shards, then
 streamed through grain pipelines that decode and augment on the host. See docs/streamed_data.md.
 
-    prepare_dataset(name, manual_dir, data_dir)       -> Manifest   (python -m kdjax.data.streamed.prepare)
+    prepare_dataset(name, manual_dir, data_dir)       -> Manifest   (python -m kdjax.data.streamed)
     StreamedDataset.open(dataset_root(data_dir, name)) -> StreamedDataset
     .train_steps(plan, num_epochs, seed) / .eval_steps(batch_size) -> grain MapDataset of per-step batch dicts
     host_iterator(steps, start=...)                    -> grain iterator (get_state / set_state)

@@ -208,4 +208,4 @@ def find_inputs(manual_dir: pathlib.Path, classes: Sequence[str]) -> dict[str, l
         return {"train": index_image_folder(manual_dir / "train", classes),
                 "test": index_image_folder(manual_dir / "val", classes)}
     raise InputError(f"{manual_dir} has neither {TRAIN_TAR} + {VAL_TAR} nor an ImageFolder tree train/<wnid>/, "
-                     "val/<wnid>/: put the official ImageNet archives there (--config.manual_dir)")
+                     "val/<wnid>/: put the official ImageNet archives there or name the folder that has them (manual_dir)")

@@ -1,6 +1,6 @@
 """Preparation, once: ImageNet-format inputs -> ArrayRecord shards + manifest (``kdjax.data.streamed.records``).
 
-    python -m kdjax.data.streamed.prepare --dataset=imagenet --manual_dir=DIR [--data_dir=DIR] [--workers=N]
+    python -m kdjax.data.streamed --dataset=imagenet --manual_dir=DIR [--data_dir=DIR] [--workers=N]
 
 Steps: index the inputs (``inputs.find_inputs``; a truncated archive or a missing class stops here, before any
 shard is written), split each split into shards of ``records_per_shard`` consecutive examples, write the shards in
@@ -257,7 +257,7 @@ def prepare_from_config(config) -> records.Manifest:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kdjax.data.streamed.prepare", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m kdjax.data.streamed", description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", required=True, choices=("imagenet", "imagenet100"))
     parser.add_argument("--manual_dir", required=True, help="folder with the official tars or train/ and val/")
     parser.add_argument("--data_dir", default=None, help="default: $KDJAX_DATA_DIR or ~/tensorflow_datasets")

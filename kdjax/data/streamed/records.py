@@ -107,7 +107,7 @@ def read_manifest(root: pathlib.Path) -> Manifest:
     path = root / MANIFEST
     if not path.exists():
         raise NotPreparedError(f"{root} holds no prepared dataset ({MANIFEST} is missing): run kdjax prepare_data "
-                               "(python -m kdjax.data.streamed.prepare) for it first")
+                               "(python -m kdjax.data.streamed) for it first")
     data = json.loads(path.read_text())
     if data.get("format") != FORMAT:
         raise ValueError(f"{path} is format {data.get('format')!r}, expected {FORMAT!r}: prepare the dataset again")
