@@ -2,14 +2,16 @@
 
 ``load(name, ...)`` returns a host ``Dataset`` (uint8 NHWC images, int32 labels, mean/std); ``DeviceDataset`` puts it
 on the devices of a ("data",) mesh and gathers batches inside jit. Built-in sources: ``cifar10``, ``cifar100``,
-``tiny_imagenet`` (through tensorflow-datasets, prepared from the official archives), ``digits`` (bundled with
-scikit-learn, no download) and ``synthetic``; ``register_source`` adds more.
+``tiny_imagenet`` (through tensorflow-datasets, prepared from the official archives), ``svhn`` (the official .mat
+files), ``digits`` (bundled with scikit-learn, no download) and ``synthetic``; ``register_source`` adds more.
+ImageNet and ImageNet-100 do not fit in memory: ``kdjax.data.streamed`` prepares and streams them.
 """
 from kdjax.data.archives import ChecksumError, DataNotFoundError
 from kdjax.data.core import (Dataset, channel_stats, config_options, default_data_dir, load, load_for, names,
                              register_source, resize_images)
 from kdjax.data.device import DeviceDataset
 from kdjax.data.digits import load_digits
+from kdjax.data.svhn import load_svhn
 from kdjax.data.synthetic import load_synthetic
 
 
@@ -26,6 +28,7 @@ def _tfds_source(name: str):
 
 register_source("digits", load_digits)
 register_source("synthetic", load_synthetic)
+register_source("svhn", load_svhn)
 for _name in ("cifar10", "cifar100", "tiny_imagenet"):
     register_source(_name, _tfds_source(_name))
 
