@@ -14,6 +14,8 @@ from kdjax.configs.parse import ConfigError, apply_arg, set_field  # noqa: F401
 TASKS = {
     "demo": ("the whole paper on the embedded digits data, in minutes (no download)",
              "kdjax demo --workdir=runs/demo"),
+    "prepare_data": ("ImageNet / ImageNet-100 archives -> verified record shards for the streamed path",
+                     "kdjax prepare_data --config.dataset=imagenet --config.manual_dir=DIR --workdir=runs/prep"),
     "teacher": ("train a teacher with cross-entropy",
                 "kdjax teacher --config.model=resnet56 --workdir=runs/t_resnet56"),
     "import_torch": ("import a teacher of the original PyTorch code (.pth)",

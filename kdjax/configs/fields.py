@@ -84,8 +84,8 @@ HELP = {
     "teacher": "teacher architecture (a zoo name; unset: the one teacher_checkpoint names; 'none' in distill trains "
                "on labels only)",
     "student": "student architecture (a zoo name)",
-    "dataset": "data source: cifar100, cifar10, tiny_imagenet, digits, synthetic, or a registered one (tasks that "
-               "read a checkpoint: unset takes the checkpoint's)",
+    "dataset": "data source: cifar100, cifar10, tiny_imagenet, svhn, digits, synthetic, or a registered one (tasks "
+               "that read a checkpoint: unset takes the checkpoint's); prepare_data: imagenet or imagenet100",
     "teacher_checkpoint": "the teacher: a kdjax workdir (its latest step) or one step's directory",
     "student_checkpoint": "the fixed student that scores CutMixPick (S. ent.) in tstddev",
     "checkpoint": "the checkpoint to evaluate: a workdir or one step's directory",
@@ -131,6 +131,9 @@ HELP = {
                            "entropy); unset: none",
     "augment": "options of the augmentation schemes",
     "num_classes": "classes of the imported checkpoint",
+    "workers": "processes that prepare the shards; unset: every core",
+    "classes": "prepare_data: a class subset of your own (wnids, comma-separated) instead of the dataset's list",
+    "records_per_shard": "images per record shard; unset: the module's default",
     "source": "the original's .pth (or a .safetensors) checkpoint to import, or a teacher archive "
               "(cifar_teachers.tar, a directory of <model>_vanilla/ckpt_epoch_240.pth): every teacher -> workdir/<model>",
     "results_dir": "directory of results.json files to report on; unset: the workdir",

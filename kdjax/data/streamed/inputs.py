@@ -22,6 +22,7 @@ import os
 import pathlib
 import tarfile
 from typing import Iterable, Sequence
+from kdjax.errors import KdjaxError
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
@@ -45,7 +46,7 @@ n04483307 n04591713 n06794110 n07565083 n07715103 n07753113 n07760859 n09193705 
 """.split())
 
 
-class InputError(ValueError):
+class InputError(KdjaxError, ValueError):
     """An input archive or folder is unusable: truncated, missing a class, unreadable. The message names it."""
 
 

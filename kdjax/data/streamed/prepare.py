@@ -38,13 +38,17 @@ DEFAULT_RECORDS_PER_SHARD = 1024        # ImageNet: 1252 train shards of about 1
 INPUTS_FILE = "inputs.json"
 
 
+# The datasets this module prepares (the others load into memory).
+DATASETS = ("imagenet", "imagenet100")
+
+
 def dataset_classes(name: str) -> tuple[str, ...]:
     """The wnids of a streamed dataset, in label order."""
     if name == "imagenet":
         return inputs_lib.imagenet_classes()
     if name == "imagenet100":
         return inputs_lib.IMAGENET100_CLASSES
-    raise ValueError(f"unknown streamed dataset {name!r}: use imagenet or imagenet100")
+    raise ValueError(f"unknown streamed dataset {name!r}: use {' or '.join(DATASETS)}")
 
 
 def dataset_root(data_dir, name: str) -> pathlib.Path:
@@ -248,17 +252,19 @@ def prepare_dataset(name: str, manual_dir, data_dir, *, classes: Sequence[str] |
 
 def prepare_from_config(config) -> records.Manifest:
     """``prepare_dataset`` from a task config's fields: ``dataset``, ``manual_dir``, ``data_dir`` and the optional
-    ``workers`` and ``records_per_shard`` (what a ``kdjax prepare_data`` task passes on)."""
+    ``classes`` (a subset of wnids of your own), ``workers`` and ``records_per_shard`` (``kdjax prepare_data``)."""
     from kdjax.data.core import resolve_dirs
 
     data_dir, manual_dir = resolve_dirs(config.get("data_dir"), config.get("manual_dir"))
-    return prepare_dataset(config.dataset, manual_dir, data_dir, workers=config.get("workers"),
+    classes = config.get("classes")
+    return prepare_dataset(config.dataset, manual_dir, data_dir, classes=sorted(classes) if classes else None,
+                           workers=config.get("workers"),
                            records_per_shard=config.get("records_per_shard") or DEFAULT_RECORDS_PER_SHARD)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kdjax.data.streamed", description=__doc__.split("\n")[0])
-    parser.add_argument("--dataset", required=True, choices=("imagenet", "imagenet100"))
+    parser.add_argument("--dataset", required=True, choices=DATASETS)
     parser.add_argument("--manual_dir", required=True, help="folder with the official tars or train/ and val/")
     parser.add_argument("--data_dir", default=None, help="default: $KDJAX_DATA_DIR or ~/tensorflow_datasets")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")

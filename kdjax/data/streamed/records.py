@@ -25,6 +25,7 @@ import pathlib
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
+from kdjax.errors import KdjaxError
 
 FORMAT = "kdjax-image-records-v1"
 MANIFEST = "manifest.json"
@@ -32,7 +33,7 @@ RECORD_HEADER = struct.Struct("<iq")  # label, example index
 SPLITS = ("train", "test")
 
 
-class CorruptShardError(ValueError):
+class CorruptShardError(KdjaxError, ValueError):
     """A shard's content does not match the digest its manifest records."""
 
 
