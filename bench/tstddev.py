@@ -24,7 +24,7 @@ import pathlib
 import sys
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "src"))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

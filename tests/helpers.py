@@ -17,7 +17,7 @@ def load_config(name: str, arg: str = ""):
 def launch_env(devices: int = 1, **extra) -> dict:
     env = dict(os.environ)
     env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", KDJAX_PLUGINS="tiny_models",
-               PYTHONPATH=os.pathsep.join([str(TESTS), str(REPO), env.get("PYTHONPATH", "")]),
+               PYTHONPATH=os.pathsep.join([str(TESTS), str(REPO / "src"), env.get("PYTHONPATH", "")]),
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                JAX_DISABLE_MOST_OPTIMIZATIONS="1")
     env.update(extra)

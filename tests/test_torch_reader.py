@@ -213,7 +213,7 @@ print(json.dumps(outcomes))
 
 
 def limited_env() -> dict:
-    return dict(os.environ, PYTHONPATH=str(REPO), OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1",
+    return dict(os.environ, PYTHONPATH=str(REPO / "src"), OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1",
                 JAX_PLATFORMS="cpu")
 
 

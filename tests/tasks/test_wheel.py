@@ -57,3 +57,21 @@ def test_wheel_runs_a_sweep_to_its_report_outside_the_checkout(tmp_path):
     for aug in ("identity", "cutmix_pick_s"):
         record = json.loads((out / "resnet8-resnet8" / aug / "seed0" / "results.json").read_text())
         assert record["aug"] == aug and 0.0 <= record["top1"] <= 1.0
+
+
+def test_python_m_kdjax_runs_from_the_folder_that_holds_a_clone_named_kdjax(tmp_path):
+    """A clone is usually a folder named kdjax; started from the folder above it, Python sees that folder as a
+    namespace package ``kdjax`` (it has configs/, no __init__.py). The src layout keeps the installed package first:
+    an editable install of it is a plain path entry, and a regular package wins over a namespace folder."""
+    import shutil
+    clone = tmp_path / "kdjax"
+    clone.mkdir()
+    for name in ("configs", "tests", "bench", "docs"):
+        (clone / name).mkdir()
+    shutil.copy(REPO / "configs" / "teacher.py", clone / "configs" / "teacher.py")
+    shutil.copy(REPO / "launch.py", clone / "launch.py")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-m", "kdjax", "teacher", "--help"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "kdjax teacher: train a teacher" in proc.stdout
