@@ -19,7 +19,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from kdjax.checkpoint.torch_import import strip_data_parallel
+from kdjax.checkpoint.torch_names import strip_data_parallel
 from kdjax.checkpoint.torch_pickle import MAX_TENSOR_DIMS, TorchCheckpointError, brief, checkpoint_error
 
 MAX_HEADER_BYTES = 100 * 2 ** 20  # the safetensors library's own limit on the JSON header

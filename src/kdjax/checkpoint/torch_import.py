@@ -11,8 +11,8 @@ from typing import Any, Dict, Mapping, Tuple
 import numpy as np
 
 from kdjax.checkpoint.torch_pickle import NotATorchCheckpointError, brief, checkpoint_error, load_with_format
+from kdjax.checkpoint.torch_names import strip_data_parallel
 
-DATA_PARALLEL_PREFIX = "module."
 # where checkpoint dicts keep the weights: the teachers' and students' 'model'; 'state_dict' is a common alternative
 _STATE_DICT_ENTRIES = ("model", "state_dict")
 
@@ -46,14 +46,6 @@ def _split_checkpoint(obj, path: str) -> Tuple[Mapping, Dict[str, Any]]:
     raise checkpoint_error(NotATorchCheckpointError, path,
                            f"a dict with entries {brief(sorted(map(str, obj))[:8], 120)} but neither a 'model' "
                            f"state_dict nor tensors only; save model.state_dict() (or {{'model': model.state_dict()}})")
-
-
-def strip_data_parallel(state_dict: Mapping[str, Any]) -> Tuple[Mapping[str, Any], bool]:
-    """(``state_dict`` without the ``module.`` prefix that DataParallel puts on every key, whether it had one)."""
-    stripped = len(state_dict) > 0 and all(k.startswith(DATA_PARALLEL_PREFIX) for k in state_dict)
-    if stripped:
-        state_dict = {k[len(DATA_PARALLEL_PREFIX):]: v for k, v in state_dict.items()}
-    return state_dict, stripped
 
 
 def read_torch_checkpoint(path) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:

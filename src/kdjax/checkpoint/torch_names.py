@@ -1,6 +1,6 @@
 """Map a PyTorch state_dict of the original zoo onto flax variables, by name (see the rule in ``layers``)."""
 import re
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -10,6 +10,17 @@ from kdjax.errors import KdjaxError
 
 class CheckpointMismatch(KdjaxError, ValueError):
     """A state_dict does not fit the architecture it is loaded into."""
+
+
+DATA_PARALLEL_PREFIX = "module."
+
+
+def strip_data_parallel(state_dict: Mapping[str, Any]) -> Tuple[Mapping[str, Any], bool]:
+    """(``state_dict`` without the ``module.`` prefix that DataParallel puts on every key, whether it had one)."""
+    stripped = len(state_dict) > 0 and all(k.startswith(DATA_PARALLEL_PREFIX) for k in state_dict)
+    if stripped:
+        state_dict = {k[len(DATA_PARALLEL_PREFIX):]: v for k, v in state_dict.items()}
+    return state_dict, stripped
 
 
 def flax_location(torch_key: str, ndim: int) -> Optional[Tuple[str, Tuple[str, ...]]]:
