@@ -14,4 +14,4 @@ def test_the_gpu_and_tpu_extras_install_jax_with_its_own_extras():
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert extras["cuda"] == ["jax[cuda12]"] and extras["cuda13"] == ["jax[cuda13]"] and extras["tpu"] == ["jax[tpu]"]
     readme = (REPO / "README.md").read_text()
-    assert 'pip install -e ".[cuda]"' in readme
+    assert '-e ".[cuda]"' in readme and '".[cuda13]"' in readme and '".[tpu]"' in readme
