@@ -1,4 +1,4 @@
-"""Issue 19, section 2: a sweep counts nothing twice and rebuilds nothing silently. Old outputs set aside are not
+"""A sweep counts nothing twice and rebuilds nothing silently. Old outputs set aside are not
 a seed of the report; inputs are identified by content and located by the sweep's own layout, so that a moved
 sweep is still finished; an input that cannot be read is an error, never a change."""
 import json

@@ -1,4 +1,4 @@
-"""Issue 19, sections 3 and 4 at the task level: a task never writes into another task's workdir, a refused launch
+"""At the task level: a task never writes into another task's workdir, a refused launch
 claims nothing, a resumed run consumes the inputs it started with, and numbers that are not numbers are never
 saved, loaded or written as a finished result."""
 import json
