@@ -63,14 +63,8 @@ class ImageNetResNet(nn.Module):
         x = nn.relu(layers.BatchNorm(groups=self.bn_groups, dtype=self.dtype, name="bn1")(x, train))
         feats = [x]
         x = torch_max_pool_3x3_s2(x)
-        for stage, (planes, stride) in enumerate(zip((64, 128, 256, 512), (1, 2, 2, 2)), start=1):
-            n = self.num_blocks[stage - 1]
-            for i in range(n - 1):
-                x = self.block(planes, stride if i == 0 else 1, self.dtype, self.bn_groups,
-                               name=f"layer{stage}_{i}")(x, train)
-            x, pre = self.block(planes, stride if n == 1 else 1, self.dtype, self.bn_groups,
-                                name=f"layer{stage}_{n - 1}")(x, train, preact=True)
-            feats.append(pre if preact else x)
+        x, stage_feats = resnetv2.four_stages(self.block, self.num_blocks, self.dtype, self.bn_groups, x, train, preact)
+        feats += stage_feats
         pooled = global_avg_pool(x, self.dtype)
         feats.append(pooled)
         logits = torch_linear(self.num_classes, 512 * self.block.expansion, self.dtype, "fc")(pooled)

@@ -67,6 +67,22 @@ class Bottleneck(nn.Module):
         return (nn.relu(out), out) if preact else nn.relu(out)
 
 
+def four_stages(block, num_blocks: Sequence[int], dtype, bn_groups: int, x, train: bool, preact: bool):
+    """The four stages of both ResNet families (the CIFAR ResNet18/50 here, torchvision's ImageNet ResNets): widths
+    64/128/256/512, strides 1/2/2/2, ``num_blocks`` blocks each, named ``layer<stage>_<i>`` (the state_dict's
+    ``layer<stage>.<i>``). Called inside a module's compact ``__call__``. Returns the output and, per stage, its
+    output, or with ``preact`` its last block's sum before the ReLU (the original's is_last block)."""
+    feats = []
+    for stage, (planes, stride) in enumerate(zip((64, 128, 256, 512), (1, 2, 2, 2)), start=1):
+        n = num_blocks[stage - 1]
+        for i in range(n - 1):
+            x = block(planes, stride if i == 0 else 1, dtype, bn_groups, name=f"layer{stage}_{i}")(x, train)
+        x, pre = block(planes, stride if n == 1 else 1, dtype, bn_groups, name=f"layer{stage}_{n - 1}")(
+            x, train, preact=True)
+        feats.append(pre if preact else x)
+    return x, feats
+
+
 class ResNetV2(nn.Module):
     """``block`` is BasicBlock or Bottleneck; ``num_blocks`` the block count of each of the four stages."""
 
@@ -86,15 +102,8 @@ class ResNetV2(nn.Module):
         x = conv(64, 3, 1, self.dtype, "conv1")(x)
         x = nn.relu(layers.BatchNorm(groups=self.bn_groups, dtype=self.dtype, name="bn1")(x, train))
         feats = [x]
-        for stage, (planes, stride) in enumerate(zip((64, 128, 256, 512), (1, 2, 2, 2)), start=1):
-            n = self.num_blocks[stage - 1]
-            for i in range(n - 1):
-                x = self.block(planes, stride if i == 0 else 1, self.dtype, self.bn_groups,
-                               name=f"layer{stage}_{i}")(x, train)
-            # the last block also gives its pre-ReLU sum (the original's is_last block)
-            x, pre = self.block(planes, stride if n == 1 else 1, self.dtype, self.bn_groups,
-                                name=f"layer{stage}_{n - 1}")(x, train, preact=True)
-            feats.append(pre if preact else x)
+        x, stage_feats = four_stages(self.block, self.num_blocks, self.dtype, self.bn_groups, x, train, preact)
+        feats += stage_feats
         pooled = global_avg_pool(x, self.dtype)
         feats.append(pooled)
         logits = torch_linear(self.num_classes, 512 * self.block.expansion, self.dtype, "linear")(pooled)
