@@ -117,7 +117,7 @@ def test_checkpoint_every_steps_is_refused_for_in_memory_datasets_and_crd_for_st
     assert not (tmp_path / "digits").exists() or not any((tmp_path / "digits").iterdir())
 
 
-@pytest.mark.slow  # ~40 s: three launches through launch.py
+@pytest.mark.slow  # ~50 s: three launches through launch.py
 def test_sigkill_inside_an_epoch_and_resume_is_bit_identical(data_dir, tmp_path):
     config = f"teacher.py:{TEACHER},epochs=3"
     args = [f"--config.data_dir={data_dir}", "--config.checkpoint_every_steps=3"]
@@ -137,3 +137,25 @@ def test_sigkill_inside_an_epoch_and_resume_is_bit_identical(data_dir, tmp_path)
     assert step >= 3 and step < 12
     assert digests(interrupted)[12] == digests(tmp_path / "straight")[12]
     assert losses(interrupted) == losses(tmp_path / "straight")
+
+
+@pytest.mark.slow  # ~20 s: three launches, two of them one run over two processes (gloo)
+def test_two_processes_read_their_shares_and_match_one(data_dir, tmp_path):
+    """Each process reads its half of every global batch (train and evaluation); the per-step losses and the
+    evaluation equal one process's over the same two devices."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config, args = f"teacher.py:{TEACHER}", [f"--config.data_dir={data_dir}"]
+    procs = [spawn(config, tmp_path / "two", *args, KDJAX_COORDINATOR=f"127.0.0.1:{port}", KDJAX_NUM_PROCESSES="2",
+                   KDJAX_PROCESS_ID=str(i), KDJAX_CPU_COLLECTIVES="gloo") for i in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
+    assert "streamed on 2 x cpu" in outputs[0]
+    launch(config, tmp_path / "one", *args, devices=2)
+    two, one = losses(tmp_path / "two"), losses(tmp_path / "one")
+    assert [s for s, _ in two] == [s for s, _ in one] == list(range(1, 2 * STEPS_PER_EPOCH + 1))
+    np.testing.assert_allclose([v for _, v in two], [v for _, v in one], rtol=1e-5, atol=1e-5)
+    two, one = (json.loads((tmp_path / w / "results.json").read_text()) for w in ("two", "one"))
+    assert two["test_loss"] == pytest.approx(one["test_loss"], rel=1e-5) and two["top1"] == one["top1"]

@@ -304,7 +304,7 @@ def write_config(workdir: str, config) -> None:
     """``workdir/config.json``: the resolved config of the run that holds the workdir."""
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "config.json")
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"  # every process of a multi-process run writes it: never one shared temp file
     with open(tmp, "w") as f:
         json.dump(config.to_dict() if hasattr(config, "to_dict") else dict(config), f, indent=1, sort_keys=True,
                   default=str)
