@@ -100,7 +100,8 @@ class _Executables:
 def fit(workdir: str, config, recipe: Recipe, trainee: Trainee, data, mesh) -> Dict[str, Any]:
     """Train ``trainee`` for ``recipe.epochs`` epochs (resuming from the workdir's latest checkpoint) and return
     the final evaluation with throughput figures and the final ``state``. ``data`` is a
-    ``kdjax.data.DeviceDataset`` on ``mesh``; ``config`` gives the bookkeeping fields (eval_every,
+    ``kdjax.data.DeviceDataset`` on ``mesh`` or a ``kdjax.data.streamed.StreamedDataset`` (``kdjax.data.place``);
+    ``config`` gives the bookkeeping fields (eval_every,
     checkpoint_every, keep_checkpoints, eval_batch_size) and, for a streamed ``data``, checkpoint_every_steps."""
     plan, epochs, name = recipe.plan, recipe.epochs, trainee.name
     streamed = is_streamed(data)
