@@ -25,8 +25,8 @@ from kdjax.errors import KdjaxError
 
 RUN_CONFIG = "run_config.json"
 # Fields that may change between a run and its resumption without changing its results.
-RESUMABLE_FIELDS = ("eval_every", "log_every", "checkpoint_every", "steps_per_dispatch", "keep_checkpoints",
-                    "compile_cache_dir")
+RESUMABLE_FIELDS = ("eval_every", "log_every", "checkpoint_every", "checkpoint_every_steps", "steps_per_dispatch",
+                    "keep_checkpoints", "compile_cache_dir")
 
 
 def _flatten(d: dict) -> dict:
@@ -304,7 +304,7 @@ def write_config(workdir: str, config) -> None:
     """``workdir/config.json``: the resolved config of the run that holds the workdir."""
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "config.json")
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"  # every process of a multi-process run writes it: never one shared temp file
     with open(tmp, "w") as f:
         json.dump(config.to_dict() if hasattr(config, "to_dict") else dict(config), f, indent=1, sort_keys=True,
                   default=str)

@@ -15,6 +15,7 @@ RUN_FIELDS = dict(
     seed=0,
     eval_every=1,
     checkpoint_every=10,
+    checkpoint_every_steps=config_dict.placeholder(int),
     keep_checkpoints=2,
     steps_per_dispatch=100,
     last_batch="keep",
@@ -84,8 +85,9 @@ HELP = {
     "teacher": "teacher architecture (a zoo name; unset: the one teacher_checkpoint names; 'none' in distill trains "
                "on labels only)",
     "student": "student architecture (a zoo name)",
-    "dataset": "data source: cifar100, cifar10, tiny_imagenet, svhn, digits, synthetic, or a registered one (tasks "
-               "that read a checkpoint: unset takes the checkpoint's); prepare_data: imagenet or imagenet100",
+    "dataset": "data source: cifar100, cifar10, tiny_imagenet, svhn, digits, synthetic, imagenet or imagenet100 "
+               "(streamed from the records of kdjax prepare_data under data_dir), or a registered one (tasks that "
+               "read a checkpoint: unset takes the checkpoint's)",
     "teacher_checkpoint": "the teacher: a kdjax workdir (its latest step) or one step's directory",
     "student_checkpoint": "the fixed student that scores CutMixPick (S. ent.) in tstddev",
     "checkpoint": "the checkpoint to evaluate: a workdir or one step's directory",
@@ -95,12 +97,15 @@ HELP = {
     "seed": "the run's random seed",
     "eval_every": "epochs between test evaluations (the last epoch is always evaluated)",
     "checkpoint_every": "epochs between checkpoints (the last epoch is always saved)",
+    "checkpoint_every_steps": "streamed datasets (imagenet, imagenet100): also a checkpoint every N steps, inside "
+                              "epochs (a resumed run continues from it exactly); unset: epoch ends only",
     "keep_checkpoints": "checkpoints kept per run (>= 1)",
     "steps_per_dispatch": "train steps per compiled dispatch on accelerators (one on CPU)",
     "steps_per_forward": "T. stddev steps whose batches share one teacher forward",
     "last_batch": "the short last batch: 'keep' (the original's drop_last=False) or 'drop'",
     "dtype": "compute dtype: float32 or bfloat16 (parameters and BatchNorm statistics stay float32)",
-    "image_size": "image side in pixels; unset: the dataset's own size (any source can be resized)",
+    "image_size": "image side in pixels; unset: the dataset's own size (any source can be resized); imagenet: "
+                  "the RandomResizedCrop / CenterCrop size (unset: 224)",
     "data_dir": "TFDS data_dir; unset: $KDJAX_DATA_DIR or ~/tensorflow_datasets",
     "manual_dir": "where the official archives (cifar-100-python.tar.gz, ...) are put for offline preparation",
     "eval_batch_size": "test batch size",

@@ -4,12 +4,14 @@
 on the devices of a ("data",) mesh and gathers batches inside jit. Built-in sources: ``cifar10``, ``cifar100``,
 ``tiny_imagenet`` (through tensorflow-datasets, prepared from the official archives), ``svhn`` (the official .mat
 files), ``digits`` (bundled with scikit-learn, no download) and ``synthetic``; ``register_source`` adds more.
-ImageNet and ImageNet-100 do not fit in memory: ``kdjax.data.streamed`` prepares and streams them.
+ImageNet and ImageNet-100 do not fit in memory: ``kdjax.data.streamed`` prepares and streams them; ``open_for`` /
+``place`` pick the streamed or the in-memory path from a run config.
 """
 from kdjax.data.archives import ChecksumError, DataNotFoundError
 from kdjax.data.core import (Dataset, channel_stats, config_options, default_data_dir, load, load_for, names,
                              register_source, resize_images)
 from kdjax.data.device import DeviceDataset
+from kdjax.data.placement import is_streamed, open_for, place, streams
 from kdjax.data.digits import load_digits
 from kdjax.data.svhn import load_svhn
 from kdjax.data.synthetic import load_synthetic
@@ -33,4 +35,5 @@ for _name in ("cifar10", "cifar100", "tiny_imagenet"):
     register_source(_name, _tfds_source(_name))
 
 __all__ = ["ChecksumError", "DataNotFoundError", "Dataset", "DeviceDataset", "channel_stats", "config_options",
-           "default_data_dir", "load", "load_for", "names", "register_source", "resize_images"]
+           "default_data_dir", "is_streamed", "load", "load_for", "names", "open_for", "place", "register_source",
+           "resize_images", "streams"]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import List
+from typing import List, Optional
 
 import jax
 import jax.numpy as jnp
@@ -119,6 +119,20 @@ def segments(plan: EpochPlan, slots: int, masked_tail: bool) -> List[Segment]:
         out.append(Segment("full", first, steps, plan.batch_size, slots if masked_tail else steps))
     if plan.short_batch:
         out.append(Segment("short", plan.full_steps, 1, plan.short_batch, 1))
+    return out
+
+
+def split_segments(segs: List[Segment], start: int, every: Optional[int], epoch_start: int) -> List[Segment]:
+    """The streamed path's dispatches of an epoch: ``segs`` from the epoch's step ``start`` on (a run resumed in
+    the middle of the epoch), each also cut where the global step (``epoch_start`` + the step in the epoch) reaches
+    a multiple of ``every``, so that a checkpoint every ``every`` steps falls between two dispatches."""
+    out = []
+    for seg in segs:
+        first, end = max(seg.first_step, start), seg.first_step + seg.steps
+        while first < end:
+            stop = min(end, ((epoch_start + first) // every + 1) * every - epoch_start) if every else end
+            out.append(dataclasses.replace(seg, first_step=first, steps=stop - first, slots=stop - first))
+            first = stop
     return out
 
 

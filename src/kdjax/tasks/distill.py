@@ -6,7 +6,7 @@ from typing import Any, Optional
 from kdjax import parallel
 from kdjax.checkpoint import (check_against_dataset, fill_data_fields, input_record, load_checkpoint,
                               read_meta)
-from kdjax.data import DeviceDataset, load_for
+from kdjax.data import open_for, place
 from kdjax.tasks import frame
 from kdjax.train import kd, recipe as recipe_lib
 
@@ -19,6 +19,8 @@ def check(config) -> kd.KDMethod:
         kd.check_feature_shapes(config, method.distiller, int(teacher_meta.get("num_classes", 10)))
     else:
         fill_data_fields(config, None)
+    recipe_lib.check_streamed_fields(config)
+    kd.check_streamed(config, method.distiller)
     return method
 
 
@@ -35,7 +37,7 @@ def load(config, method: kd.KDMethod) -> Inputs:
     if kd.has_teacher(config):
         inputs.teacher_vars, inputs.teacher_meta, _ = load_checkpoint(config.teacher_checkpoint, config.teacher,
                                                                       "teacher")
-    inputs.dataset = load_for(config)
+    inputs.dataset = open_for(config)
     recipe_lib.check_batches(config, inputs.dataset.num_train)
     if inputs.teacher_meta is not None:
         check_against_dataset(inputs.teacher_meta, config.teacher_checkpoint, inputs.dataset)
@@ -50,7 +52,7 @@ def consumed(config, inputs: Inputs) -> dict:
 
 def run_student(config, workdir, inputs: Inputs):
     dataset, mesh = inputs.dataset, parallel.make_mesh()
-    out = kd.train_student(inputs.method, config, workdir, dataset, DeviceDataset.create(dataset, mesh), mesh,
+    out = kd.train_student(inputs.method, config, workdir, dataset, place(dataset, mesh), mesh,
                            inputs.teacher_vars)
     results = {"task": "distill", "teacher": config.teacher, "student": config.student, "dataset": dataset.name,
                "aug": config.aug, **out["fields"], "inputs": consumed(config, inputs),

@@ -4,7 +4,7 @@ from typing import Any
 
 from kdjax import models, parallel
 from kdjax.checkpoint import CheckpointError, check_against_dataset, fill_data_fields, load_checkpoint, read_meta
-from kdjax.data import DeviceDataset, load_for
+from kdjax.data import open_for, place
 from kdjax.tasks import frame
 from kdjax.train import recipe as recipe_lib
 from kdjax.train.evaluate import eval_batch_size, make_evaluator
@@ -29,7 +29,7 @@ class Inputs:
 
 def load(config, _) -> Inputs:
     variables, meta, model_name = load_checkpoint(config.checkpoint, config.model or None, field="checkpoint")
-    dataset = load_for(config)
+    dataset = open_for(config)
     check_against_dataset(meta, config.checkpoint, dataset)
     return Inputs(variables, meta, model_name, dataset)
 
@@ -39,8 +39,8 @@ def run_evaluation(config, workdir, inputs: Inputs):
     model = models.create(inputs.model_name, dataset.num_classes, dataset.image_size,
                           recipe_lib.compute_dtype(config.dtype))
     evaluate = make_evaluator(model, dataset.mean, dataset.std,
-                              eval_batch_size(int(config.eval_batch_size), mesh.size), dataset.num_test)
-    out = evaluate(inputs.variables, DeviceDataset.create(dataset, mesh))
+                              eval_batch_size(int(config.eval_batch_size), mesh.size), dataset.num_test, mesh)
+    out = evaluate(inputs.variables, place(dataset, mesh))
     results = {"task": "evaluate", "model": inputs.model_name, "dataset": dataset.name, **out,
                "checkpoint": config.checkpoint}
     line = (f"[evaluate] {inputs.model_name} on {dataset.name}: test_loss {out['test_loss']:.6f} top1 "

@@ -22,7 +22,6 @@ from kdjax import augment, distillers, models, runlog
 from kdjax.checkpoint import inputs as checkpoint_inputs
 from kdjax.configs import recipes
 from kdjax.distillers import sample_weights
-from kdjax.augment import transforms
 from kdjax.train import init_stage, loop, recipe as recipe_lib, steps
 
 NO_TEACHER = "none"
@@ -102,6 +101,15 @@ def validate(config) -> KDMethod:
     return method
 
 
+def check_streamed(config, distiller) -> None:
+    """A streamed dataset (ImageNet) carries no label array in memory: CRD's class tables and memory banks, sized
+    from the training labels, are not built for it yet."""
+    from kdjax.data import streams
+    if streams(config.dataset) and distiller.needs_indices:
+        raise ValueError(f"distiller={config.distiller} needs the training labels in memory (memory banks), which "
+                         f"the streamed dataset {config.dataset} does not load: use another distiller on it")
+
+
 def check_feature_shapes(config, distiller, num_classes: int) -> None:
     """A distiller that cannot pair these two models' features (FSP's equal channels) fails here, in one line,
     before any data is loaded."""
@@ -136,7 +144,7 @@ class KDSetup:
                                 **augment.options_from_config(config.get("augment"), batch))
         module = lambda name: models.create(name, dataset.num_classes, dataset.image_size, dtype)  # noqa: E731
         return cls(method=method, scheme=scheme,
-                   prepare=steps.make_prepare(dataset.mean, dataset.std, transforms.default_pad(dataset.image_size)),
+                   prepare=steps.prepare_for(dataset),
                    student=module(config.student), teacher=module(config.teacher) if with_teacher else None,
                    student_name=config.student, num_classes=int(dataset.num_classes),
                    image_size=int(dataset.image_size), batch=batch)
@@ -213,7 +221,8 @@ def train_student(method: KDMethod, config, workdir: str, dataset, data, mesh, t
                      opt_state=recipe.tx.init(trained["params"]))
     student_vars = {"params": state["params"], "batch_stats": state["batch_stats"]}
     state["extra"] = setup.init_extra(recipe.tx, jax.random.fold_in(run_key, 3), student_vars, teacher_vars,
-                                      dataset.num_train, dataset.train_labels, init_heads=init_heads)
+                                      dataset.num_train, getattr(dataset, "train_labels", None),
+                                      init_heads=init_heads)
     trainee = loop.Trainee(name="distill", step_fn=setup.make_step(recipe), state=state, teacher_vars=teacher_vars,
                            eval_model=setup.student, meta=meta, run_key=run_key)
     out = loop.fit(workdir, config, recipe, trainee, data, mesh)

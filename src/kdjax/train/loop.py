@@ -4,6 +4,11 @@ dispatch, evaluation, checkpoints and exact resumption.
 
 Determinism: the step key is ``fold_in(step_key, global_step)`` and the permutation key ``fold_in(perm_key, epoch)``,
 so a run resumed from any epoch-end checkpoint replays exactly the steps an uninterrupted run takes.
+
+A streamed dataset (``kdjax.data.streamed``: ImageNet) takes the same epochs and the same step function, fed one
+global batch per dispatch by the host pipeline (prefetched to the devices) instead of the on-device gather. Its
+batch of global step s is a function of s and the run's seed alone, so it also resumes from a checkpoint inside an
+epoch, which ``checkpoint_every_steps`` writes.
 """
 import dataclasses
 import time
@@ -17,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from kdjax import runlog
 from kdjax.checkpoint.store import CheckpointError, TrainCheckpointer, first_non_finite
 from kdjax.data import epochs as epochs_lib
+from kdjax.data.placement import is_streamed
 from kdjax.train.evaluate import eval_batch_size, make_evaluator
 from kdjax.train import recipe as recipe_lib
 from kdjax.train.recipe import Recipe
@@ -63,6 +69,14 @@ def make_chunk_fn(step_fn: Callable, num_steps: int, rows: int):
     return jax.jit(chunk, donate_argnums=0)
 
 
+def make_step_fn(step_fn: Callable):
+    """jit(step) on one global batch that the host pipeline fed (the streamed path); the state is donated."""
+    def one(state, teacher_vars, batch, global_step, step_key):
+        return step_fn(state, teacher_vars, batch, jax.random.fold_in(step_key, global_step))
+
+    return jax.jit(one, donate_argnums=0)
+
+
 def _first_bad(values: np.ndarray) -> Optional[int]:
     bad = np.nonzero(~np.isfinite(values))[0]
     return int(bad[0]) if bad.size else None
@@ -70,15 +84,15 @@ def _first_bad(values: np.ndarray) -> Optional[int]:
 
 class _Executables:
     """The compiled chunk programs of a run, one per (steps, rows), compiled ahead of time on first use so that
-    throughput figures never include compilation."""
+    throughput figures never include compilation. ``build(steps, rows)`` gives the jitted function."""
 
-    def __init__(self, step_fn: Callable):
-        self.step_fn, self.programs, self.compile_s = step_fn, {}, 0.0
+    def __init__(self, build: Callable):
+        self.build, self.programs, self.compile_s = build, {}, 0.0
 
     def get(self, steps: int, rows: int, args):
         if (steps, rows) not in self.programs:
             t0 = time.perf_counter()
-            self.programs[(steps, rows)] = make_chunk_fn(self.step_fn, steps, rows).lower(*args).compile()
+            self.programs[(steps, rows)] = self.build(steps, rows).lower(*args).compile()
             self.compile_s += time.perf_counter() - t0
         return self.programs[(steps, rows)]
 
@@ -86,9 +100,14 @@ class _Executables:
 def fit(workdir: str, config, recipe: Recipe, trainee: Trainee, data, mesh) -> Dict[str, Any]:
     """Train ``trainee`` for ``recipe.epochs`` epochs (resuming from the workdir's latest checkpoint) and return
     the final evaluation with throughput figures and the final ``state``. ``data`` is a
-    ``kdjax.data.DeviceDataset`` on ``mesh``; ``config`` gives the bookkeeping fields (eval_every,
-    checkpoint_every, keep_checkpoints, eval_batch_size)."""
+    ``kdjax.data.DeviceDataset`` on ``mesh`` or a ``kdjax.data.streamed.StreamedDataset`` (``kdjax.data.place``);
+    ``config`` gives the bookkeeping fields (eval_every,
+    checkpoint_every, keep_checkpoints, eval_batch_size) and, for a streamed ``data``, checkpoint_every_steps."""
     plan, epochs, name = recipe.plan, recipe.epochs, trainee.name
+    streamed = is_streamed(data)
+    every_steps = config.get("checkpoint_every_steps")
+    if every_steps is not None and not streamed:
+        raise ValueError(STEP_CHECKPOINTS_STREAMED_ONLY)
     total_steps = epochs * plan.steps_per_epoch
     ckpt = TrainCheckpointer(workdir, keep=int(config.get("keep_checkpoints", 2)))
     replicated = NamedSharding(mesh, P())
@@ -105,16 +124,21 @@ def fit(workdir: str, config, recipe: Recipe, trainee: Trainee, data, mesh) -> D
         state, _ = ckpt.restore(latest, abstract)
         human.line(f"resuming from step {latest} (epoch {latest // plan.steps_per_epoch})")
     global_step = int(jax.device_get(state["step"]))
-    if global_step % plan.steps_per_epoch:
+    if global_step % plan.steps_per_epoch and not streamed:
         raise ValueError(f"checkpoint step {global_step} is not at an epoch end of this run's plan "
                          f"({plan.steps_per_epoch} steps per epoch): the batch size or dataset changed")
     start_epoch = global_step // plan.steps_per_epoch
 
     perm_key, step_key = jax.random.fold_in(trainee.run_key, 1), jax.random.fold_in(trainee.run_key, 2)
     permutation = jax.jit(lambda k, e: epochs_lib.epoch_permutation(k, e, plan.num_train))
-    executables = _Executables(trainee.step_fn)
+    if streamed:
+        executables = _Executables(lambda steps, rows: make_step_fn(trainee.step_fn))
+        batches = _streamed_batches(data, plan, epochs, perm_key, mesh, global_step)
+    else:
+        executables = _Executables(lambda steps, rows: make_chunk_fn(trainee.step_fn, steps, rows))
     evaluate = make_evaluator(trainee.eval_model, data.mean, data.std,
-                              eval_batch_size(int(config.get("eval_batch_size", 500)), mesh.size), data.num_test)
+                              eval_batch_size(int(config.get("eval_batch_size", 500)), mesh.size), data.num_test,
+                              mesh)
     log = runlog.RunLog(workdir, total_steps, name)
     log.forget_after(global_step)
     best = None  # the evaluated epoch with the highest top-1 (later KD papers report it; the paper the last)
@@ -131,14 +155,23 @@ def fit(workdir: str, config, recipe: Recipe, trainee: Trainee, data, mesh) -> D
 
     try:
         for epoch in range(start_epoch, epochs):
-            perm = permutation(perm_key, epoch)
-            for k, seg in enumerate(segments):
-                args = (state, teacher_vars, data, perm, seg.first_step * plan.batch_size, global_step, step_key)
-                executable = executables.get(seg.steps, seg.rows, args)
-                t0 = time.perf_counter()
-                state, metrics = executable(*args)
-                metrics = jax.device_get(metrics)  # the one transfer of the chunk
-                dt = time.perf_counter() - t0
+            if streamed:  # from the resumed step on, cut where a checkpoint is due
+                epoch_segments = epochs_lib.split_segments(segments, global_step - epoch * plan.steps_per_epoch,
+                                                           every_steps, epoch * plan.steps_per_epoch)
+            else:
+                perm = permutation(perm_key, epoch)
+                epoch_segments = segments
+            for k, seg in enumerate(epoch_segments):
+                if streamed:
+                    state, metrics, dt = _run_streamed(executables, state, teacher_vars, batches, seg, global_step,
+                                                       step_key)
+                else:
+                    args = (state, teacher_vars, data, perm, seg.first_step * plan.batch_size, global_step, step_key)
+                    executable = executables.get(seg.steps, seg.rows, args)
+                    t0 = time.perf_counter()
+                    state, metrics = executable(*args)
+                    metrics = jax.device_get(metrics)  # the one transfer of the chunk
+                    dt = time.perf_counter() - t0
                 losses = np.asarray(metrics["loss"], np.float64)
                 bad = _first_bad(losses)
                 if bad is not None:
@@ -156,7 +189,11 @@ def fit(workdir: str, config, recipe: Recipe, trainee: Trainee, data, mesh) -> D
                             / (global_step - first_step)) if k or epoch > start_epoch else float("nan")
                 # (no ETA from the first dispatch alone: a program's first execution is slower than the rest)
                 log.progress(global_step, epoch + 1, epochs, means["loss"], lr, seg.steps * seg.rows / dt, per_step,
-                             force=k == len(segments) - 1)
+                             force=k == len(epoch_segments) - 1)
+                if every_steps and global_step % every_steps == 0 and global_step % plan.steps_per_epoch:
+                    _check_state(state, global_step, epoch + 1, ckpt.directory, last_saved, fix)
+                    _save_or_explain(ckpt, global_step, state, trainee.meta, last_saved)  # inside the epoch
+                    last_saved = global_step
             if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
                 last_eval = evaluate({"params": state["params"], "batch_stats": state["batch_stats"]}, data)
                 _check_evaluation(last_eval, epoch + 1, ckpt.directory, last_saved, fix)
@@ -164,7 +201,7 @@ def fit(workdir: str, config, recipe: Recipe, trainee: Trainee, data, mesh) -> D
                 best = _better(best, {"epoch": epoch + 1, **last_eval})
                 log.human.line(f"epoch {epoch + 1} test_loss {last_eval['test_loss']:.6f} "
                                f"top1 {last_eval['top1']:.4f} top5 {last_eval['top5']:.4f}")
-            if (epoch + 1) % ckpt_every == 0 or epoch + 1 == epochs:
+            if (epoch + 1) % ckpt_every == 0 or epoch + 1 == epochs or (every_steps and global_step % every_steps == 0):
                 _check_state(state, global_step, epoch + 1, ckpt.directory, last_saved, fix)
                 _save_or_explain(ckpt, global_step, state, trainee.meta, last_saved)
                 last_saved = global_step
@@ -184,6 +221,34 @@ def fit(workdir: str, config, recipe: Recipe, trainee: Trainee, data, mesh) -> D
     return {**last_eval, "images_per_s": throughput, "steps": global_step, "compile_s": executables.compile_s,
             "best_top1": best["top1"], "best_epoch": int(best["epoch"]), "best_test_loss": best["test_loss"],
             "state": state}
+
+
+STEP_CHECKPOINTS_STREAMED_ONLY = (
+    "checkpoint_every_steps applies to the streamed datasets (imagenet, imagenet100), whose runs resume inside an "
+    "epoch; an in-memory dataset saves at epoch ends: unset it and use --config.checkpoint_every=EPOCHS")
+
+
+def _streamed_batches(data, plan, epochs: int, perm_key, mesh, start: int):
+    """The global batches of steps ``start, start + 1, ...`` on the mesh, from the host pipeline (decode,
+    RandomResizedCrop, flip) prefetched to the devices; the epoch orders come from a seed drawn from the run's
+    permutation key, so a resumed run reads the very batches an uninterrupted one reads."""
+    from kdjax.data.streamed import DeviceIterator, host_iterator
+
+    seed = int(jax.random.bits(perm_key, dtype=jnp.uint32))
+    return DeviceIterator(host_iterator(data.train_steps(plan, epochs, seed), start=start), mesh)
+
+
+def _run_streamed(executables: _Executables, state, teacher_vars, batches, seg, global_step: int, step_key):
+    """The ``seg.steps`` steps of a segment, one dispatch each; their metrics are fetched together at the end, so
+    the host never waits for a step before dispatching the next. Returns the seconds spent, compiles left out."""
+    t0, compile_before, metrics = time.perf_counter(), executables.compile_s, []
+    for i in range(seg.steps):
+        args = (state, teacher_vars, next(batches), global_step + i, step_key)
+        state, step_metrics = executables.get(1, seg.rows, args)(*args)
+        metrics.append(step_metrics)
+    metrics = jax.device_get(metrics)
+    stacked = {key: np.stack([m[key] for m in metrics]) for key in metrics[0]}
+    return state, stacked, time.perf_counter() - t0 - (executables.compile_s - compile_before)
 
 
 def _last_good(directory: str, last_saved: Optional[int]) -> str:

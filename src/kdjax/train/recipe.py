@@ -37,6 +37,9 @@ def validate_run(config, *model_names) -> None:
     for field in POSITIVE_FIELDS:
         if field in config and (isinstance(config[field], bool) or int(config[field]) < 1):
             raise ValueError(f"{field} must be >= 1, got {config[field]}: set --config.{field}=N with N >= 1")
+    if config.get("checkpoint_every_steps") is not None and int(config.checkpoint_every_steps) < 1:
+        raise ValueError(f"checkpoint_every_steps must be >= 1, got {config.checkpoint_every_steps}; leave it unset "
+                         "to save at epoch ends only")
     if config.get("image_size") is not None and int(config.image_size) < 1:
         raise ValueError(f"image_size must be >= 1, got {config.image_size}; leave it unset for the dataset's own size")
     if "dtype" in config:
@@ -61,6 +64,14 @@ def check_model_runs_at(name: str, image_size: int, num_classes: int = 10) -> No
     except Exception as e:  # flax and XLA raise many types for impossible shapes
         raise ValueError(f"model {name} cannot run at {image_size}x{image_size} pixels ({type(e).__name__}): use a "
                          f"larger --config.image_size") from None
+
+
+def check_streamed_fields(config) -> None:
+    """Fields that only a streamed dataset can honour, once the run's dataset is known (before any loading)."""
+    from kdjax.data import streams
+    from kdjax.train.loop import STEP_CHECKPOINTS_STREAMED_ONLY
+    if config.get("checkpoint_every_steps") is not None and not streams(config.dataset):
+        raise ValueError(STEP_CHECKPOINTS_STREAMED_ONLY)
 
 
 def check_batches(config, num_train: int) -> None:

@@ -55,6 +55,16 @@ def make_prepare(mean, std, pad: int):
     return functools.partial(transforms.base_train_batch, mean=mean, std=std, pad=pad)
 
 
+def prepare_for(dataset):
+    """The ``prepare`` of a run on ``dataset``: the original's pad-crop + flip + normalise on the device, or
+    normalisation only for a streamed dataset, whose host pipeline already did RandomResizedCrop + flip."""
+    from kdjax.data import is_streamed
+
+    if is_streamed(dataset):
+        return lambda key, images: transforms.normalize(images, dataset.mean, dataset.std)
+    return make_prepare(dataset.mean, dataset.std, transforms.default_pad(dataset.image_size))
+
+
 def apply_update(tx, state, grads, batch_stats, extra=None):
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     new = dict(state, params=optax.apply_updates(state["params"], updates), batch_stats=batch_stats,

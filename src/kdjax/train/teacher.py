@@ -4,7 +4,6 @@ from typing import Any, Dict
 import jax
 
 from kdjax import models
-from kdjax.augment import transforms
 from kdjax.train import loop, recipe as recipe_lib, steps
 
 
@@ -15,7 +14,7 @@ def train_teacher(config, workdir: str, dataset, data, mesh) -> Dict[str, Any]:
     model = models.create(config.model, dataset.num_classes, dataset.image_size,
                           recipe_lib.compute_dtype(config.dtype))
     run_key = jax.random.key(int(config.seed))
-    prepare = steps.make_prepare(dataset.mean, dataset.std, transforms.default_pad(dataset.image_size))
+    prepare = steps.prepare_for(dataset)
     trainee = loop.Trainee(
         name="teacher", step_fn=steps.make_ce_step(model, recipe.tx, prepare),
         state=recipe_lib.init_state(model, recipe.tx, jax.random.fold_in(run_key, 0), dataset.image_size),

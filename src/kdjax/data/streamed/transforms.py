@@ -93,10 +93,18 @@ def train_transform(data: bytes, rng: np.random.Generator, size: int = TRAIN_SIZ
     return np.ascontiguousarray(out[:, ::-1]) if rng.random() < 0.5 else out
 
 
-def test_transform(data: bytes, size: int = TRAIN_SIZE, resize: int = RESIZE_SIZE) -> np.ndarray:
-    """Resize(resize) + CenterCrop(size) on encoded bytes -> uint8 [size, size, 3]."""
+def resize_for(size: int) -> int:
+    """The test Resize of a CenterCrop of ``size``: 256 for 224 (the original's), the same 224/256 share of the
+    shorter side at any other size (a run at 32 px resizes to 36, not to 256)."""
+    return int(size) * RESIZE_SIZE // TRAIN_SIZE
+
+
+def test_transform(data: bytes, size: int = TRAIN_SIZE, resize: int | None = None) -> np.ndarray:
+    """Resize(resize) + CenterCrop(size) on encoded bytes -> uint8 [size, size, 3]; ``resize`` unset:
+    ``resize_for(size)``."""
     from PIL import Image
 
+    resize = resize_for(size) if resize is None else int(resize)
     image = decode_rgb(data)
     h, w = resized_shape(image.height, image.width, resize)
     image = image.resize((w, h), Image.Resampling.BILINEAR)
