@@ -107,7 +107,7 @@ def fit(workdir: str, config, recipe: Recipe, trainee: Trainee, data, mesh) -> D
     streamed = is_streamed(data)
     every_steps = config.get("checkpoint_every_steps")
     if every_steps is not None and not streamed:
-        raise ValueError(STEP_CHECKPOINTS_STREAMED_ONLY)
+        raise ValueError(recipe_lib.STEP_CHECKPOINTS_STREAMED_ONLY)
     total_steps = epochs * plan.steps_per_epoch
     ckpt = TrainCheckpointer(workdir, keep=int(config.get("keep_checkpoints", 2)))
     replicated = NamedSharding(mesh, P())
@@ -221,11 +221,6 @@ def fit(workdir: str, config, recipe: Recipe, trainee: Trainee, data, mesh) -> D
     return {**last_eval, "images_per_s": throughput, "steps": global_step, "compile_s": executables.compile_s,
             "best_top1": best["top1"], "best_epoch": int(best["epoch"]), "best_test_loss": best["test_loss"],
             "state": state}
-
-
-STEP_CHECKPOINTS_STREAMED_ONLY = (
-    "checkpoint_every_steps applies to the streamed datasets (imagenet, imagenet100), whose runs resume inside an "
-    "epoch; an in-memory dataset saves at epoch ends: unset it and use --config.checkpoint_every=EPOCHS")
 
 
 def _streamed_batches(data, plan, epochs: int, perm_key, mesh, start: int):

@@ -66,10 +66,14 @@ def check_model_runs_at(name: str, image_size: int, num_classes: int = 10) -> No
                          f"larger --config.image_size") from None
 
 
+STEP_CHECKPOINTS_STREAMED_ONLY = (
+    "checkpoint_every_steps applies to the streamed datasets (imagenet, imagenet100), whose runs resume inside an "
+    "epoch; an in-memory dataset saves at epoch ends: unset it and use --config.checkpoint_every=EPOCHS")
+
+
 def check_streamed_fields(config) -> None:
     """Fields that only a streamed dataset can honour, once the run's dataset is known (before any loading)."""
     from kdjax.data import streams
-    from kdjax.train.loop import STEP_CHECKPOINTS_STREAMED_ONLY
     if config.get("checkpoint_every_steps") is not None and not streams(config.dataset):
         raise ValueError(STEP_CHECKPOINTS_STREAMED_ONLY)
 
