@@ -4,7 +4,9 @@ What it computes is the original's ``--utils.check_ce_var`` run: ``epochs`` pass
 in batches of ``batch_size`` with the last short batch kept (drop_last False); per step the loader's per-sample
 crop+flip, normalisation, the scheme's second transform x' = A(x), and the teacher's softmax at temperature 1 on x
 and on x' (in that order) as two entries of ``kdjax.tstddev.GroupedStddev``. No student is trained or run, except
-the fixed eval-mode student that scores CutMixPick (S. ent.), as the original's ``--fix_student`` does.
+the fixed eval-mode student that scores CutMixPick (S. ent.), as the original's ``--fix_student`` does. The same
+probabilities of x', with each row's dominant label and the scoring student's argmax, feed the teacher-side metrics
+``kdjax.tstddev.teacher_metrics.AugmentedMetrics`` (ECE, class-histogram entropy, agreement) in the same program.
 
 Randomness (everything drawn on the device, one key per run):
 

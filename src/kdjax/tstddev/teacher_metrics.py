@@ -22,7 +22,7 @@ host result is computed in float64.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -155,7 +155,8 @@ def _summary(xp, state: AugmentedMetricsState) -> dict:
     ece = xp.abs(confidence - state.bin_correct.astype(dtype)).sum() * per_row
     top1 = state.bin_correct.sum().astype(dtype) * per_row
     share = state.predicted.astype(dtype) * per_row
-    histogram_entropy = -(share * xp.log(xp.where(share > 0, share, 1))).sum()  # 0 log 0 = 0
+    # 0 log 0 = 0; subtracted from 0 so that a single predicted class gives 0.0, not -0.0
+    histogram_entropy = 0.0 - (share * xp.log(xp.where(share > 0, share, 1))).sum()
     agreement = state.agreements.astype(dtype) / xp.maximum(state.agreement_rows, 1).astype(dtype)
     return {"ece": xp.where(some, ece, nan), "aug_top1": xp.where(some, top1, nan),
             "class_histogram_entropy": xp.where(some, histogram_entropy, nan),
