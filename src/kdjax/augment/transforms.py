@@ -201,3 +201,10 @@ def mixed_targets(aux: dict, labels, num_classes: int, rows: int) -> jnp.ndarray
         raise ValueError("the scheme picks or mixes images but gives no label targets (aux['targets']): create it "
                          "with dataset_stats that carry num_classes")
     return jax.nn.one_hot(labels, num_classes)
+
+
+def dominant_labels(aux: dict, labels, num_classes: int, rows: int) -> jnp.ndarray:
+    """The label [rows] of each image of x': its own for a label-preserving scheme, and for a mixed image (Mixup,
+    CutMix, CutMixPick) the label of the larger part, the one whose weight in ``mixed_targets`` is >= 0.5. At an
+    exact tie (weights 0.5 and 0.5 of two different classes) the lower class index wins (argmax's first maximum)."""
+    return jnp.argmax(mixed_targets(aux, labels, num_classes, rows), axis=-1).astype(jnp.int32)

@@ -15,6 +15,11 @@ preferred, and runs with another (or no recorded) student are used only when non
 Coefficients are scipy's pearsonr, spearmanr and kendalltau with their defaults (kendall tau-b; exact two-sided
 p-values for 9 points without ties), which reproduce the published numbers.
 
+Beside T. stddev, the T. stddev runs record teacher-side metrics on the augmented data (``TEACHER_METRICS``, see
+``kdjax.tstddev.teacher_metrics``): each gets its per-scheme value in the tables and its own correlation with the
+same S. test losses, over the schemes that carry it (at least 3), next to T. stddev's. Results written before these
+metrics existed simply lack them: their columns stay empty and the report leaves their section out.
+
 All functions are pure except ``scatter_plot`` and ``write_report``, which write files.
 """
 from __future__ import annotations
@@ -41,6 +46,10 @@ METRICS = ("test_loss", "top1", "top5", "best_top1")
 PAPER_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h")
 SCHEME_MARKERS = dict(zip(augment.PAPER_SCHEMES, PAPER_MARKERS))
 FULL_RUN_EPOCHS = 240  # the paper's schedule, x epoch_factor
+# The teacher-side metrics of a T. stddev run correlated with the S. test loss beside T. stddev: results field ->
+# label. Agreement exists only where a student scored the pool (CutMixPick S. ent.), so it rarely has 3 schemes.
+TEACHER_METRICS = {"ece": "ECE (x')", "class_histogram_entropy": "class-histogram entropy",
+                   "agreement": "S-T agreement"}
 
 
 def scheme_label(aug: str) -> str:
@@ -178,7 +187,7 @@ def summarize(records: Sequence[dict]) -> dict:
     for (teacher, student, dataset, aug), runs in sorted(
             tstd.items(), key=lambda kv: (*kv[0][:3], scheme_order(kv[0][3]))):
         row = {"teacher": teacher, "student": student, "dataset": dataset, "aug": aug, "label": scheme_label(aug)}
-        for field in ("tstddev", "tstddev_se", "mean_entropy"):
+        for field in ("tstddev", "tstddev_se", "mean_entropy", *TEACHER_METRICS, "aug_top1"):
             row[f"{field}_mean"], row[f"{field}_std"], row[f"{field}_n"] = mean_std(r.get(field) for r in runs)
         row["seeds"] = sorted(r.get("seed") for r in runs if r.get("seed") is not None)
         tstddev_rows.append(row)
@@ -195,6 +204,8 @@ def summarize(records: Sequence[dict]) -> dict:
         row["tstddev_mean"], row["tstddev_std"], row["tstddev_n"] = mean_std(r["tstddev"] for r in x_runs)
         row["tstddev_se"] = mean_std(r.get("tstddev_se") for r in x_runs)[0]
         row["tstddev_student"] = x_student
+        for field in TEACHER_METRICS:  # from the same runs as x
+            row[f"{field}_mean"], row[f"{field}_std"], row[f"{field}_n"] = mean_std(r.get(field) for r in x_runs)
         row["epochs"] = sorted({int(r["epochs"]) for r in runs if r.get("epochs") is not None})
         row["epoch_factor"] = max([int((r.get("config") or {}).get("epoch_factor") or 1) for r in runs] or [1])
         row["image_size"] = sorted({(r.get("config") or {}).get("image_size") for r in runs} - {None})
@@ -225,7 +236,28 @@ def summarize(records: Sequence[dict]) -> dict:
         pts = pair["points"]
         pair["correlations"] = (correlations([p["x"] for p in pts], [p["y"] for p in pts])
                                 if len(pts) >= 3 else None)
+        pair["metric_correlations"] = {field: metric_correlation(rows, field) for field in TEACHER_METRICS}
     return {"runs": run_rows, "tstddev": tstddev_rows, "pairs": list(pairs.values())}
+
+
+def metric_points(rows: Sequence[dict], field: str) -> list[tuple[float, float]]:
+    """(metric, S. test loss), means over seeds, of the schemes among one pair's ``rows`` that have both."""
+    return [(r[f"{field}_mean"], r["test_loss_mean"]) for r in rows if r["test_loss_n"] and r.get(f"{field}_n")]
+
+
+def metric_correlation(rows: Sequence[dict], field: str) -> dict | None:
+    """The correlation of a teacher-side metric with the S. test loss over ``metric_points``; None below 3."""
+    points = metric_points(rows, field)
+    if len(points) < 3:
+        return None
+    x, y = zip(*points)
+    return correlations(x, y)
+
+
+def has_teacher_metrics(summary: dict) -> bool:
+    """Whether any T. stddev run of the summary carries a teacher-side metric (results from before they existed
+    do not, and their report is left as it was)."""
+    return any(row.get(f"{field}_n") for row in summary["tstddev"] for field in TEACHER_METRICS)
 
 
 def _tstddev_runs_for(tstd: dict, teacher, student, dataset, aug) -> tuple[list, str]:
@@ -339,11 +371,15 @@ def _write_csv(path: str, rows: Sequence[dict], columns: Sequence[str]) -> None:
 RUN_COLUMNS = ("teacher", "student", "dataset", "distiller", "aug", "label", "seeds",
                "test_loss_mean", "test_loss_std", "test_loss_n", "top1_mean", "top1_std", "top1_n",
                "top5_mean", "top5_std", "top5_n", "best_top1_mean", "best_top1_std", "best_top1_n", "tstddev_mean",
-               "tstddev_std", "tstddev_n", "tstddev_se", "tstddev_student")
+               "tstddev_std", "tstddev_n", "tstddev_se", "tstddev_student",
+               *(f"{field}_{stat}" for field in TEACHER_METRICS for stat in ("mean", "std")))
 TSTDDEV_COLUMNS = ("teacher", "student", "dataset", "aug", "label", "seeds", "tstddev_mean", "tstddev_std",
-                   "tstddev_n", "tstddev_se_mean", "mean_entropy_mean", "mean_entropy_std")
+                   "tstddev_n", "tstddev_se_mean", "mean_entropy_mean", "mean_entropy_std",
+                   *(f"{field}_{stat}" for field in (*TEACHER_METRICS, "aug_top1") for stat in ("mean", "std")))
 CORRELATION_COLUMNS = ("teacher", "student", "dataset", "distiller", "n", "pearson", "pearson_p", "spearman",
                        "spearman_p", "kendall", "kendall_p")
+# metric_correlations.csv: T. stddev's and each teacher-side metric's correlation, one row per pair and metric
+METRIC_CORRELATION_COLUMNS = CORRELATION_COLUMNS[:4] + ("metric",) + CORRELATION_COLUMNS[4:]
 
 
 def _provenance(pair: dict) -> list:
@@ -359,6 +395,53 @@ def _provenance(pair: dict) -> list:
     return lines + [""]
 
 
+def _pair_rows(summary: dict, pair: dict) -> list[dict]:
+    return [row for row in summary["runs"] if (row["teacher"], row["student"], row["dataset"], row["distiller"]) == (
+        pair["teacher"], pair["student"], pair["dataset"], pair["distiller"])]
+
+
+def metric_correlation_records(summary: dict) -> list[dict]:
+    """metric_correlations.csv: per pair, T. stddev's correlation and each teacher-side metric's (where defined)."""
+    records = []
+    for pair in summary["pairs"]:
+        key = {k: pair[k] for k in ("teacher", "student", "dataset", "distiller")}
+        for field, corr in (("tstddev", pair["correlations"]), *pair["metric_correlations"].items()):
+            if corr:
+                records.append({**key, "metric": field, **corr})
+    return records
+
+
+def _coefficient_cells(corr: dict | None) -> list[str]:
+    return ([f"{corr[k]:.4f} ({100 * corr[k + '_p']:.2f}%)" for k in ("pearson", "spearman", "kendall")]
+            if corr else ["–"] * 3)
+
+
+def _teacher_metrics_section(summary: dict) -> list[str]:
+    lines = ["## Teacher-side metrics vs S. test loss", "",
+             "Each metric of the teacher on the augmented data x' (from the T. stddev runs, mean over seeds) against "
+             "the S. test loss, over the schemes of a pair that carry it, next to T. stddev's coefficients. ECE: 15 "
+             "equal-width confidence bins, a mixed image labelled by its larger part; class-histogram entropy: of "
+             "the teacher's argmax classes (natural log); S-T agreement: the share of x' where the scoring "
+             "student's argmax is the teacher's (CutMixPick S. ent. only).", "",
+             "| pair | dataset | distiller | metric | schemes | Pearson (p) | Spearman (p) | Kendall (p) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for pair in summary["pairs"]:
+        rows = _pair_rows(summary, pair)
+        entries = [("T. stddev", len(pair["points"]), pair["correlations"])] + [
+            (label, len(metric_points(rows, field)), pair["metric_correlations"][field])
+            for field, label in TEACHER_METRICS.items()]
+        for label, count, corr in entries:
+            lines.append(f"| {pair['teacher']}/{pair['student']} | {pair['dataset']} | {pair['distiller']} | "
+                         f"{label} | {count} | " + " | ".join(_coefficient_cells(corr)) + " |")
+    return lines + [""]
+
+
+def _metric_cells(row: dict) -> str:
+    """The teacher-side metric cells of a table row (ECE and entropy to 6 decimals, agreement to 4)."""
+    return "".join(f" {_fmt(row[f'{field}_mean'], row[f'{field}_std'], 4 if field == 'agreement' else 6)} |"
+                   for field in TEACHER_METRICS)
+
+
 def _markdown(summary: dict, plot_paths: dict, out_dir: str, root: str) -> str:
     where = os.path.relpath(root, out_dir)
     lines = ["# T. stddev vs S. test loss", "",
@@ -366,6 +449,9 @@ def _markdown(summary: dict, plot_paths: dict, out_dir: str, root: str) -> str:
              "Coefficients: scipy pearsonr / spearmanr / kendalltau (tau-b), two-sided p-values in percent. "
              "T. stddev s.e. is the jackknife standard error of one run (mean over seeds).", ""]
     pairs = summary["pairs"]
+    metrics = has_teacher_metrics(summary)
+    metric_header = "".join(f" {label} |" for label in TEACHER_METRICS.values())
+    metric_rule = "---|" * len(TEACHER_METRICS)
     names = sorted({p["distiller"] for p in pairs}, key=distiller_order)
     if len(names) > 1:
         lines += [f"Distillers: {', '.join(names)}. Each trains its students with its own loss, so S. test losses "
@@ -375,27 +461,26 @@ def _markdown(summary: dict, plot_paths: dict, out_dir: str, root: str) -> str:
         lines += ["## Correlations", "", "| pair | dataset | distiller | schemes | Pearson (p) | Spearman (p) | "
                   "Kendall (p) |", "|---|---|---|---|---|---|---|"]
         for pair in pairs:
-            c = pair["correlations"]
-            cells = ([f"{c[k]:.4f} ({100 * c[k + '_p']:.2f}%)" for k in ("pearson", "spearman", "kendall")]
-                     if c else ["–"] * 3)
+            cells = _coefficient_cells(pair["correlations"])
             lines.append(f"| {pair['teacher']}/{pair['student']} | {pair['dataset']} | {pair['distiller']} | "
                          f"{len(pair['points'])} | " + " | ".join(cells) + " |")
         lines.append("")
+        if metrics:
+            lines += _teacher_metrics_section(summary)
     for pair in pairs:
         lines += [f"## {pair_title(pair)}", ""] + _provenance(pair) + [
                   "| scheme | T. stddev | T. stddev seeds | S. test loss | top-1 (last) | top-1 (best) | top-5 | "
-                  "student seeds |", "|---|---|---|---|---|---|---|---|"]
-        for row in summary["runs"]:
-            if (row["teacher"], row["student"], row["dataset"], row["distiller"]) != (
-                    pair["teacher"], pair["student"], pair["dataset"], pair["distiller"]):
-                continue
+                  "student seeds |" + (metric_header if metrics else ""),
+                  "|---|---|---|---|---|---|---|---|" + (metric_rule if metrics else "")]
+        for row in _pair_rows(summary, pair):
             fallback = row["tstddev_student"].startswith("other:")
             flag = f" (measured with {row['tstddev_student'][6:]})" if fallback else ""
             lines.append(f"| {row['label']} | {_fmt(row['tstddev_mean'], row['tstddev_std'], 6)}{flag} | "
                          f"{row['tstddev_n']} | {_fmt(row['test_loss_mean'], row['test_loss_std'], 4)} | "
                          f"{_fmt(row['top1_mean'], row['top1_std'], 4)} | "
                          f"{_fmt(row['best_top1_mean'], row['best_top1_std'], 4)} | "
-                         f"{_fmt(row['top5_mean'], row['top5_std'], 4)} | {row['test_loss_n']} |")
+                         f"{_fmt(row['top5_mean'], row['top5_std'], 4)} | {row['test_loss_n']} |"
+                         + (_metric_cells(row) if metrics else ""))
         if pair["correlations"]:
             lines += ["", format_coefficients(pair["correlations"], sep="; ")]
         key = pair_slug(pair)
@@ -405,12 +490,15 @@ def _markdown(summary: dict, plot_paths: dict, out_dir: str, root: str) -> str:
         lines.append("")
     if summary["tstddev"]:
         lines += ["## T. stddev runs", "", "| teacher | student | dataset | scheme | T. stddev | seeds | "
-                  "T. stddev s.e. | mean entropy |", "|---|---|---|---|---|---|---|---|"]
+                  "T. stddev s.e. | mean entropy |" + (metric_header + " T. top-1 (x') |" if metrics else ""),
+                  "|---|---|---|---|---|---|---|---|" + (metric_rule + "---|" if metrics else "")]
         for row in summary["tstddev"]:
+            extra = (_metric_cells(row) + f" {_fmt(row['aug_top1_mean'], row['aug_top1_std'], 4)} |"
+                     if metrics else "")
             lines.append(f"| {row['teacher']} | {row['student'] or '–'} | {row['dataset']} | {row['label']} | "
                          f"{_fmt(row['tstddev_mean'], row['tstddev_std'], 6)} | {row['tstddev_n']} | "
                          f"{_fmt(row['tstddev_se_mean'], math.nan, 6)} | "
-                         f"{_fmt(row['mean_entropy_mean'], row['mean_entropy_std'], 4)} |")
+                         f"{_fmt(row['mean_entropy_mean'], row['mean_entropy_std'], 4)} |" + extra)
         lines.append("")
     if not pairs and not summary["tstddev"]:
         lines += ["No distillation or T. stddev results were found.", ""]
@@ -419,7 +507,8 @@ def _markdown(summary: dict, plot_paths: dict, out_dir: str, root: str) -> str:
 
 def write_report(root: str, out_dir: str, error_bars: bool = True, fit_line: bool = False) -> dict:
     """Read every results.json under ``root``; write to ``out_dir``: report.md, summary.csv (KD runs per scheme
-    with their x), tstddev.csv, correlations.csv and plots/<teacher>-<student>_<dataset>[_<distiller>].png (no
+    with their x), tstddev.csv, correlations.csv, metric_correlations.csv (T. stddev's and the teacher-side metrics'
+    coefficients, one row per pair and metric) and plots/<teacher>-<student>_<dataset>[_<distiller>].png (no
     suffix for kd; crd+kd: _crd_kd). Returns the paths and the summary."""
     records = collect_results(root)
     summary = summarize(records)
@@ -433,12 +522,14 @@ def write_report(root: str, out_dir: str, error_bars: bool = True, fit_line: boo
                                                        fit_line=fit_line)
     paths = {"markdown": os.path.join(out_dir, "report.md"), "summary_csv": os.path.join(out_dir, "summary.csv"),
              "tstddev_csv": os.path.join(out_dir, "tstddev.csv"),
-             "correlations_csv": os.path.join(out_dir, "correlations.csv"), "plots": plot_paths}
+             "correlations_csv": os.path.join(out_dir, "correlations.csv"),
+             "metric_correlations_csv": os.path.join(out_dir, "metric_correlations.csv"), "plots": plot_paths}
     _write_csv(paths["summary_csv"], summary["runs"], RUN_COLUMNS)
     _write_csv(paths["tstddev_csv"], summary["tstddev"], TSTDDEV_COLUMNS)
     _write_csv(paths["correlations_csv"],
                [{**{k: p[k] for k in ("teacher", "student", "dataset", "distiller")}, **p["correlations"]}
                 for p in summary["pairs"] if p["correlations"]], CORRELATION_COLUMNS)
+    _write_csv(paths["metric_correlations_csv"], metric_correlation_records(summary), METRIC_CORRELATION_COLUMNS)
     with open(paths["markdown"], "w") as f:
         f.write(_markdown(summary, plot_paths, out_dir, root))
     return {"paths": paths, "summary": summary, "num_records": len(records)}

@@ -1,4 +1,6 @@
-"""Task 'tstddev': T. stddev and mean entropy of a teacher under one scheme or all nine (docs/fidelity.md, "T. stddev").
+"""Task 'tstddev': T. stddev and mean entropy of a teacher under one scheme or all nine (docs/fidelity.md, "T. stddev"),
+and beside them the teacher-side metrics on x' (ECE, class-histogram entropy, student agreement: "Teacher-side
+metrics").
 
 Checks every name, field and checkpoint before loading data or compiling; then runs ``kdjax.tstddev.evaluator``:
 progress lines per dispatch, the original's ``Check T prob: ...`` line per scheme at every epoch end, and
@@ -60,17 +62,20 @@ def check(config) -> None:
 
 
 def _row(name: str, r: dict) -> str:
-    return (f"| {name} | {r['tstddev']:.6f} | {r['tstddev_se']:.6f} | {r['groups']} | {r['mean_entropy']:.6f} |")
+    agreement = "–" if r.get("agreement") is None else f"{r['agreement']:.4f}"
+    return (f"| {name} | {r['tstddev']:.6f} | {r['tstddev_se']:.6f} | {r['groups']} | {r['mean_entropy']:.6f} | "
+            f"{r['ece']:.6f} | {r['class_histogram_entropy']:.6f} | {agreement} | {r['aug_top1']:.4f} |")
 
 
 def markdown_table(teacher: str, dataset: str, results: dict, student: Optional[str] = None,
                    skipped: Optional[List[str]] = None) -> str:
+    """The T. stddev columns, then the teacher-side metrics on x' (``kdjax.tstddev.teacher_metrics``)."""
     head = f"T. stddev of {teacher} on {dataset}" + (f" (CutMixPick S. ent. scored by {student})" if student else "")
-    lines = [f"## {head}", "", "| aug | T. stddev | s.e. (jackknife) | groups | mean entropy |",
-             "|---|---|---|---|---|"]
+    lines = [f"## {head}", "", "| aug | T. stddev | s.e. (jackknife) | groups | mean entropy | ECE (x') | "
+             "class-histogram entropy | S-T agreement | T. top-1 (x') |", "|---|---|---|---|---|---|---|---|---|"]
     lines += [_row(name, r) for name, r in results.items()]
     for name in skipped or []:
-        lines.append(f"| {name} | skipped: no student_checkpoint | | | |")
+        lines.append(f"| {name} | skipped: no student_checkpoint | | | | | | | |")
     return "\n".join(lines) + "\n"
 
 

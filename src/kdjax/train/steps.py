@@ -158,7 +158,7 @@ def kd_objective(weights: KDWeights, num_classes: int, has_teacher: bool, distil
             return lw1 * ce + lw3 * ce_aug, metrics
         labels_aug = None
         if replaced and distiller.uses_labels:  # the dominant label of each row of x' (a mixed image's larger part)
-            labels_aug = jnp.argmax(transforms.mixed_targets(aux, labels, num_classes, lsa.shape[0]), axis=-1)
+            labels_aug = transforms.dominant_labels(aux, labels, num_classes, lsa.shape[0])
         kl, kl_aug = term(ls, lt, labels, epoch), term(lsa, lta, labels_aug, epoch)
         loss = weights.gamma * ce + weights.alpha * (lw1 * kl + lw3 * kl_aug)
         if lw2:

@@ -4,7 +4,9 @@ What it computes is the original's ``--utils.check_ce_var`` run: ``epochs`` pass
 in batches of ``batch_size`` with the last short batch kept (drop_last False); per step the loader's per-sample
 crop+flip, normalisation, the scheme's second transform x' = A(x), and the teacher's softmax at temperature 1 on x
 and on x' (in that order) as two entries of ``kdjax.tstddev.GroupedStddev``. No student is trained or run, except
-the fixed eval-mode student that scores CutMixPick (S. ent.), as the original's ``--fix_student`` does.
+the fixed eval-mode student that scores CutMixPick (S. ent.), as the original's ``--fix_student`` does. The same
+probabilities of x', with each row's dominant label and the scoring student's argmax, feed the teacher-side metrics
+``kdjax.tstddev.teacher_metrics.AugmentedMetrics`` (ECE, class-histogram entropy, agreement) in the same program.
 
 Randomness (everything drawn on the device, one key per run):
 
@@ -59,6 +61,7 @@ from kdjax.losses import entropy
 from kdjax.data import epochs as epochs_lib
 from kdjax.data.epochs import epoch_permutation
 from kdjax.tstddev.estimator import GroupedStddev
+from kdjax.tstddev.teacher_metrics import AugmentedMetrics
 
 ENTRIES_PER_STEP = 2     # the teacher's probabilities of x, then of x'
 ENTRIES_PER_GROUP = 10   # the original's num = 10 when lw_mix is set: one group per 5 steps
@@ -150,11 +153,14 @@ def _precision_context(float32_exact: bool):
 
 def make_step_probs(teacher, schemes: Sequence[Any], *, mean, std, pad: int, student=None,
                     float32_exact: bool = True, counts: Optional[ForwardCount] = None) -> Callable:
-    """``fn(teacher_vars, student_vars, images_uint8, labels, base_key, scheme_keys) -> (probs_x, probs_aug)``.
+    """``fn(teacher_vars, student_vars, images_uint8, labels, base_key, scheme_keys) -> (probs_x, probs_aug,
+    labels_aug, student_aug)``.
 
     One step, for an arbitrary batch: base crop+flip and normalisation, each scheme's x' with its key
     (``scheme_keys`` [n_schemes]), the teacher's softmax (T = 1, float32) on x ([B, C]) and on each x' (a tuple of
-    [rows_s, C]). ``student`` (a module run in eval mode) scores CutMixPick by student entropy.
+    [rows_s, C]). ``student`` (a module run in eval mode) scores CutMixPick by student entropy. ``labels_aug``: per
+    scheme the dominant labels of x' [rows_s] (``transforms.dominant_labels``); ``student_aug``: per scheme the
+    scoring student's argmax classes of x' [rows_s] (taken from its scoring pass), or None without a student.
     """
     counts = ForwardCount() if counts is None else counts
     for scheme in schemes:
@@ -174,6 +180,7 @@ def make_step_probs(teacher, schemes: Sequence[Any], *, mean, std, pad: int, stu
             pending = []          # (scheme index, images) that need a teacher forward
             ready = {}            # scheme index -> logits already known
             teacher_rows, student_rows = 0, 0
+            auxes = []            # each scheme's aux: its label mixing, its picked rows
             for i, scheme in enumerate(schemes):
                 score_fn = None
                 if scheme.scorer == "teacher":
@@ -183,9 +190,11 @@ def make_step_probs(teacher, schemes: Sequence[Any], *, mean, std, pad: int, stu
                     teacher_rows += batch * scheme.options.mix_n_run
                 elif scheme.scorer == "student":
                     def score_fn(pool):
-                        return entropy(logits_of(student, student_vars, pool)), None
+                        pool_logits = logits_of(student, student_vars, pool)
+                        return entropy(pool_logits), pool_logits
                     student_rows += batch * scheme.options.mix_n_run
                 x_aug, aux = scheme(scheme_keys[i], x, labels, score_fn)
+                auxes.append(aux)
                 if x_aug is x:  # identity: x' is x itself, so is its teacher output
                     ready[i] = None
                 elif scheme.scorer == "teacher":
@@ -206,7 +215,12 @@ def make_step_probs(teacher, schemes: Sequence[Any], *, mean, std, pad: int, stu
         probs_x = jax.nn.softmax(logits_x, axis=-1)
         probs_aug = tuple(probs_x if ready[i] is None else jax.nn.softmax(ready[i], axis=-1)
                           for i in range(len(schemes)))
-        return probs_x, probs_aug
+        num_classes = logits_x.shape[-1]
+        labels_aug = tuple(transforms.dominant_labels(aux, labels, num_classes, p.shape[0])
+                           for aux, p in zip(auxes, probs_aug))
+        student_aug = tuple(jnp.argmax(aux["score_state"][aux["picked"]], axis=-1).astype(jnp.int32)
+                            if scheme.scorer == "student" else None for scheme, aux in zip(schemes, auxes))
+        return probs_x, probs_aug, labels_aug, student_aug
 
     return step_probs
 
@@ -221,15 +235,30 @@ def _pad_rows(probs, rows: int):
     return jnp.pad(probs, ((0, rows - have), (0, 0))), mask
 
 
+def _stack_schemes(per_scheme, rows: int, steps: int):
+    """A tuple of [steps, r_s] int arrays (None: no value) -> [steps, schemes, rows] zero-padded, and the mask of the
+    real values."""
+    values, masks = [], []
+    for v in per_scheme:
+        if v is None:
+            values.append(jnp.zeros((steps, rows), jnp.int32))
+            masks.append(jnp.zeros((steps, rows), bool))
+        else:
+            values.append(jnp.pad(v, ((0, 0), (0, rows - v.shape[1]))))
+            masks.append(jnp.broadcast_to(jnp.arange(rows) < v.shape[1], (steps, rows)))
+    return jnp.stack(values, axis=1), jnp.stack(masks, axis=1)
+
+
 def make_chunk_fn(step_probs: Callable, estimator: GroupedStddev, *, batch: int, slots: int,
-                  steps_per_forward: int) -> Callable:
+                  steps_per_forward: int, metrics: AugmentedMetrics) -> Callable:
     """``chunk(states, teacher_vars, student_vars, data, perm, first_row, n_valid, global_step, base_key,
     streams) -> (states, summary)``.
 
     Runs ``slots`` steps of ``batch`` rows: step j (0-based) takes ``perm[first_row + j * batch :][:batch]``, has
-    global step ``global_step + j`` and counts only if ``j < n_valid``. ``states`` are the estimator states of all
-    schemes stacked on a leading axis; ``streams`` [n_schemes] the schemes' key streams (``scheme_stream``).
-    ``summary`` is ``GroupedStddev.result_arrays`` of every scheme after the chunk ([n_schemes] arrays).
+    global step ``global_step + j`` and counts only if ``j < n_valid``. ``states`` is the pair (estimator states,
+    ``metrics`` states) of all schemes, each stacked on a leading axis; ``streams`` [n_schemes] the schemes' key
+    streams (``scheme_stream``). ``summary`` is ``GroupedStddev.result_arrays`` of every scheme after the chunk
+    ([n_schemes] arrays).
     """
     if slots % steps_per_forward:
         raise ValueError(f"slots ({slots}) must be a multiple of steps_per_forward ({steps_per_forward})")
@@ -237,9 +266,11 @@ def make_chunk_fn(step_probs: Callable, estimator: GroupedStddev, *, batch: int,
     vmapped = jax.vmap(step_probs, in_axes=(None, None, 0, 0, 0, 0))
     add_shared = jax.vmap(estimator.update, in_axes=(0, None, None))
     add_each = jax.vmap(estimator.update, in_axes=(0, 0, 0))
+    add_metrics = jax.vmap(metrics.update)
 
     def chunk(states, teacher_vars, student_vars, data, perm, first_row, n_valid, global_step, base_key, streams):
-        def block(states, b):
+        def block(carry, b):
+            states, metric_states = carry
             local = b * steps_per_forward + jnp.arange(steps_per_forward)
             idx = jax.vmap(lambda j: epochs_lib.batch_indices(perm, first_row + j * batch, batch))(local)
             images, labels = epochs_lib.gather_rows(data, idx.reshape(-1))
@@ -248,7 +279,8 @@ def make_chunk_fn(step_probs: Callable, estimator: GroupedStddev, *, batch: int,
             steps = global_step + local
             base_keys = jax.vmap(base_step_key, in_axes=(None, 0))(base_key, steps)
             scheme_keys = jax.vmap(lambda t: jax.vmap(lambda s: jax.random.fold_in(s, t))(streams))(steps)
-            probs_x, probs_aug = vmapped(teacher_vars, student_vars, images, labels, base_keys, scheme_keys)
+            probs_x, probs_aug, labels_aug, student_aug = vmapped(teacher_vars, student_vars, images, labels,
+                                                                  base_keys, scheme_keys)
             rows = max(p.shape[1] for p in probs_aug)
             padded = [jax.vmap(lambda p: _pad_rows(p, rows))(p) for p in probs_aug]
             aug = jnp.stack([p for p, _ in padded], axis=1)      # [steps, schemes, rows, C]
@@ -261,18 +293,31 @@ def make_chunk_fn(step_probs: Callable, estimator: GroupedStddev, *, batch: int,
                 return add_each(states, aug[j], aug_mask[j] & valid[j]), None
 
             states, _ = jax.lax.scan(entry, states, jnp.arange(steps_per_forward))
-            return states, None
+
+            # The teacher-side metrics are sums over rows, so the block's rows of each scheme are added at once.
+            labels_stacked, _ = _stack_schemes(labels_aug, rows, steps_per_forward)
+            student_stacked, student_mask = _stack_schemes(student_aug, rows, steps_per_forward)
+            real = aug_mask & valid[:, None, None]
+
+            def by_scheme(a):  # [steps, schemes, rows, ...] -> [schemes, steps * rows, ...]
+                a = jnp.swapaxes(a, 0, 1)
+                return a.reshape((a.shape[0], -1) + a.shape[3:])
+
+            metric_states = add_metrics(metric_states, by_scheme(aug), by_scheme(labels_stacked), by_scheme(real),
+                                        by_scheme(student_stacked), by_scheme(student_mask))
+            return (states, metric_states), None
 
         if blocks == 1:  # no loop around the teacher forward (slow on XLA:CPU, see kdjax.parallel)
             states, _ = block(states, 0)
         else:
             states, _ = jax.lax.scan(block, states, jnp.arange(blocks))
-        return states, jax.vmap(estimator.result_arrays)(states)
+        return states, jax.vmap(estimator.result_arrays)(states[0])
 
     return chunk
 
 
-def stacked_init(estimator: GroupedStddev, n: int):
+def stacked_init(estimator, n: int):
+    """``estimator.init()`` (a GroupedStddev's, an AugmentedMetrics') for ``n`` schemes, stacked on axis 0."""
     return jax.tree.map(lambda a: jnp.broadcast_to(a, (n,) + a.shape), estimator.init())
 
 
@@ -320,6 +365,7 @@ class Evaluator:
         if len(set(names)) != len(names):
             raise ValueError(f"each scheme may appear once; got {names}")
         self.estimator = GroupedStddev(int(self.num_classes), ENTRIES_PER_GROUP, self.se_buckets)
+        self.metrics = AugmentedMetrics(int(self.num_classes))
         self.counts = ForwardCount()
         self._step_probs = make_step_probs(self.teacher, self.schemes, mean=self.mean, std=self.std, pad=self.pad,
                                            student=self.student, float32_exact=self.float32_exact,
@@ -339,7 +385,9 @@ class Evaluator:
         return {"teacher_vars": put(teacher_vars), "student_vars": put(student_vars or {}),
                 "perm_key": keys["perm"], "base_key": put(keys["base"]),
                 "streams": put(jnp.stack([scheme_stream(keys["aug"], name) for name in self.names])),
-                "states": put(stacked_init(self.estimator, len(self.schemes))), "replicated": replicated}
+                "states": put((stacked_init(self.estimator, len(self.schemes)),
+                               stacked_init(self.metrics, len(self.schemes)))),
+                "replicated": replicated}
 
     def compile(self, teacher_vars, data, student_vars=None, seed: int = 0) -> float:
         """Compile the programs ahead of the loop, so that the loop's time is execution only; returns seconds."""
@@ -357,7 +405,7 @@ class Evaluator:
             if batch == 0 or (kind == "full" and plan.full_steps == 0):
                 continue
             fn = jax.jit(make_chunk_fn(self._step_probs, self.estimator, batch=batch, slots=slots,
-                                       steps_per_forward=spf),
+                                       steps_per_forward=spf, metrics=self.metrics),
                          donate_argnums=0, out_shardings=replicated)
             programs[kind] = fn.lower(inputs["states"], inputs["teacher_vars"], inputs["student_vars"], data, perm,
                                       zero, zero, zero, inputs["base_key"], inputs["streams"]).compile()
@@ -371,7 +419,8 @@ class Evaluator:
 
     def run(self, teacher_vars, data, student_vars=None, seed: int = 0,
             on_chunk: Optional[Callable[[ChunkReport], None]] = None) -> Dict[str, Any]:
-        """Evaluate every scheme; returns {'results': {name: {tstddev, tstddev_se, groups, mean_entropy}},
+        """Evaluate every scheme; returns {'results': {name: {tstddev, tstddev_se, groups, mean_entropy, ece,
+        aug_top1, class_histogram_entropy, agreement, aug_rows}} (``kdjax.tstddev.teacher_metrics``),
         'eval_s', 'compile_s', 'teacher_rows', 'images_per_s', 'steps', ...}. ``data``: a
         ``kdjax.data.DeviceDataset`` (its mesh is the programs' mesh).
 
@@ -422,7 +471,8 @@ class Evaluator:
         final = jax.device_get(states)
         eval_s = time.perf_counter() - t0
         report(pending)
-        results = {name: self.estimator.result(jax.tree.map(lambda a, i=i: a[i], final))
+        results = {name: {**self.estimator.result(jax.tree.map(lambda a, i=i: a[i], final[0])),
+                          **self.metrics.result(jax.tree.map(lambda a, i=i: a[i], final[1]))}
                    for i, name in enumerate(self.names)}
         return {"results": results, "eval_s": eval_s, "compile_s": self.compile_s, "teacher_rows": done_rows,
                 "images_per_s": done_rows / eval_s if eval_s > 0 else float("nan"), "steps": global_step,
