@@ -109,7 +109,8 @@ def test_slurm_sweep_equals_local_and_the_rerun_finishes_a_killed_job(slurm_clus
 
     def kill_the_student():
         try:
-            wait_until(lambda: "[distill]" in _read(root / KILLED / "launch.log"), 240, "the student's start", 0.2)
+            # killed as soon as its job runs (its first line), long before a 1-epoch student could finish
+            wait_until(lambda: "[slurm] job" in _read(root / KILLED / "launch.log"), 240, "the student's start", 0.2)
             slurm_cluster.run("scancel", student_job)
             killed["record"] = slurm_cluster.wait_for(student_job, timeout=60)
             killed["dependant"] = slurm_cluster.wait_for(dependant_job, timeout=60)
