@@ -168,12 +168,16 @@ class GroupedStddev:
 
     def result(self, state: GroupedStddevState) -> dict:
         """Host side: the same dict as plain Python numbers, computed in float64 from the fetched state."""
-        host = jax.tree.map(lambda a: np.asarray(a, np.float64 if np.issubdtype(a.dtype, np.floating) else a.dtype),
-                            jax.device_get(state))
         with np.errstate(divide="ignore", invalid="ignore"):
-            out = _summary(np, host)
+            out = _summary(np, host_float64(state))
         return {"tstddev": float(out["tstddev"]), "tstddev_se": float(out["tstddev_se"]),
                 "groups": int(out["groups"]), "mean_entropy": float(out["mean_entropy"])}
+
+
+def host_float64(state):
+    """A running state fetched to the host with its floating arrays in float64, where the results are computed."""
+    return jax.tree.map(lambda a: np.asarray(a, np.float64 if np.issubdtype(a.dtype, np.floating) else a.dtype),
+                        jax.device_get(state))
 
 
 def _summary(xp, state: GroupedStddevState) -> dict:

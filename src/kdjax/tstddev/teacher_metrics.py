@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kdjax.tstddev.estimator import host_float64
+
 ECE_BINS = 15
 
 
@@ -128,8 +130,7 @@ class AugmentedMetrics:
 
     def result(self, state: AugmentedMetricsState) -> dict:
         """Host side: the same as plain Python numbers in float64; ``agreement`` None without student rows."""
-        host = jax.tree.map(lambda a: np.asarray(a, np.float64 if np.issubdtype(a.dtype, np.floating) else a.dtype),
-                            jax.device_get(state))
+        host = host_float64(state)
         with np.errstate(divide="ignore", invalid="ignore"):
             out = _summary(np, host)
         return {"ece": float(out["ece"]), "aug_top1": float(out["aug_top1"]),
