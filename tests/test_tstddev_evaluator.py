@@ -227,9 +227,9 @@ def test_seed_is_a_runtime_argument(setup, shared, together):
     assert all(again[n] == together["results"][n] for n in ALL_NAMES)
 
 
-@pytest.mark.slow
-def test_eight_devices_give_the_same_values(setup, together):
-    """A mesh of 8 (fake CPU) devices, with a short batch of 4 rows that does not divide over them."""
+def results_on_eight_devices(names: str, num_test: int) -> dict:
+    """The evaluator's results on a mesh of 8 fake CPU devices, in a subprocess (the device count is fixed when JAX
+    starts): the setup of this module's tiny case, with the schemes ``names`` (a Python expression there)."""
     import subprocess
     import sys
 
@@ -241,14 +241,16 @@ sys.path.insert(0, {str(os.path.dirname(__file__))!r})
 import jax
 jax.config.update("jax_disable_most_optimizations", True)
 import test_tstddev_evaluator as T
+import test_tstddev_teacher_metrics as M
 from kdjax import data as kdata, models
 from kdjax.parallel import make_mesh
-ds = kdata.load("synthetic", image_size=T.IMAGE_SIZE, num_train=T.NUM_TRAIN, num_test=8, num_classes=T.NUM_CLASSES)
+ds = kdata.load("synthetic", image_size=T.IMAGE_SIZE, num_train=T.NUM_TRAIN, num_test={num_test},
+                num_classes=T.NUM_CLASSES)
 setup = dict(dataset=ds, model=models.create(T.TINY, T.NUM_CLASSES, T.IMAGE_SIZE),
              teacher_vars=T._variables(0, T.IMAGE_SIZE, T.NUM_CLASSES),
              student_vars=T._variables(1, T.IMAGE_SIZE, T.NUM_CLASSES),
              data=kdata.DeviceDataset.create(ds, make_mesh()))
-print("RESULT", jax.device_count(), json.dumps(T._run(setup, T._evaluator(setup, T.ALL_NAMES))["results"]))
+print("RESULT", jax.device_count(), json.dumps(T._run(setup, T._evaluator(setup, {names}))["results"]))
 """
     proc = subprocess.run([sys.executable, "-c", script], env=launch_env(devices=8), capture_output=True,
                           text=True, timeout=600)
@@ -256,6 +258,13 @@ print("RESULT", jax.device_count(), json.dumps(T._run(setup, T._evaluator(setup,
     assert line, proc.stderr[-3000:]
     _, count, payload = line[0].split(" ", 2)
     assert int(count) == 8
-    for name, got in json.loads(payload).items():
+    return json.loads(payload)
+
+
+@pytest.mark.slow
+def test_eight_devices_give_the_same_values(setup, together):
+    """A mesh of 8 (fake CPU) devices, with a short batch of 4 rows that does not divide over them."""
+    payload = results_on_eight_devices("T.ALL_NAMES", num_test=8)
+    for name, got in payload.items():
         for field in ("tstddev", "tstddev_se", "mean_entropy"):
             np.testing.assert_allclose(got[field], together["results"][name][field], rtol=1e-5, err_msg=field)

@@ -254,35 +254,9 @@ def test_task_writes_the_metrics_per_scheme(setup, tmp_path):  # noqa: F811
 def test_eight_devices_give_the_same_metrics(run_all):
     """The metric states are replicated like the T. stddev states: a mesh of 8 (fake CPU) devices gives the same
     values as one."""
-    import os
-    import subprocess
-    import sys
-
-    from helpers import launch_env
-
-    script = f"""
-import json, sys
-sys.path.insert(0, {str(os.path.dirname(__file__))!r})
-import jax
-jax.config.update("jax_disable_most_optimizations", True)
-import test_tstddev_evaluator as T
-from test_tstddev_teacher_metrics import NAMES
-from kdjax import data as kdata, models
-from kdjax.parallel import make_mesh
-ds = kdata.load("synthetic", image_size=T.IMAGE_SIZE, num_train=T.NUM_TRAIN, num_test=4, num_classes=T.NUM_CLASSES)
-setup = dict(dataset=ds, model=models.create(T.TINY, T.NUM_CLASSES, T.IMAGE_SIZE),
-             teacher_vars=T._variables(0, T.IMAGE_SIZE, T.NUM_CLASSES),
-             student_vars=T._variables(1, T.IMAGE_SIZE, T.NUM_CLASSES),
-             data=kdata.DeviceDataset.create(ds, make_mesh()))
-print("RESULT", jax.device_count(), json.dumps(T._run(setup, T._evaluator(setup, NAMES))["results"]))
-"""
-    proc = subprocess.run([sys.executable, "-c", script], env=launch_env(devices=8), capture_output=True,
-                          text=True, timeout=600)
-    line = [s for s in proc.stdout.splitlines() if s.startswith("RESULT")]
-    assert line, proc.stderr[-3000:]
-    _, count, payload = line[0].split(" ", 2)
-    assert int(count) == 8
-    for name, got in json.loads(payload).items():
+    from test_tstddev_evaluator import results_on_eight_devices
+    payload = results_on_eight_devices("M.NAMES", num_test=4)
+    for name, got in payload.items():
         want = run_all["results"][name]
         assert (got["aug_rows"], got["agreement"] is None) == (want["aug_rows"], want["agreement"] is None)
         for field in ("ece", "aug_top1", "class_histogram_entropy", "agreement"):
