@@ -336,12 +336,8 @@ def test_ab_and_ft_shape_checks():
 def test_zoo_pairs_for_fsp():
     from kdjax import models
 
-    x = jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32)
-
     def feature_shapes(name):
-        model = models.create(name, num_classes=10, image_size=8)
-        variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(x.shape), train=False))
-        return jax.eval_shape(lambda v, im: model.apply(v, im, train=False, features=True)[0], variables, x)
+        return models.abstract_feature_shapes(name, num_classes=10, image_size=8, batch=2)
 
     fsp = distillers.create("fsp")
     fsp.check_shapes(feature_shapes("resnet8x4"), feature_shapes("resnet32x4"))  # the original's pair

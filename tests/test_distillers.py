@@ -533,12 +533,8 @@ def test_real_feature_lists_from_the_zoo():
     """Shapes from model.apply(..., features=True) of a real pair (resnet32x4 -> ShuffleV2), via eval_shape."""
     from kdjax import models
 
-    x = jax.ShapeDtypeStruct((4, 8, 8, 3), jnp.float32)
-
     def feature_shapes(name):
-        model = models.create(name, num_classes=10, image_size=8)
-        variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(x.shape), train=False))
-        return jax.eval_shape(lambda v, im: model.apply(v, im, train=False, features=True)[0], variables, x)
+        return models.abstract_feature_shapes(name, num_classes=10, image_size=8, batch=4)
 
     pairs = {name: ("resnet32x4", "ShuffleV2") for name in ["kd"] + distillers.feature_names()}
     pairs["kdsvd"] = ("resnet14", "resnet8")  # KD-SVD needs equal channels per layer (its original pairs)
