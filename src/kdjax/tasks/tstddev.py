@@ -155,17 +155,18 @@ def run_tstddev(config, workdir, inputs: Inputs):
     out = evaluator.run(inputs.teacher_vars, data, student_vars=inputs.student_vars, seed=int(config.seed),
                         on_chunk=on_chunk)
     parts, all_results = [], {}
+    records = consumed(config, inputs)  # the student scores CutMixPick (S. ent.) only: the other schemes' inputs
+    teacher_only = {role: r for role, r in records.items() if role != "student"}  # are the teacher alone
     for name in names:
         r = out["results"][name]
         results = {"task": "tstddev", "teacher": config.teacher, "dataset": dataset.name, "aug": name,
                    "seed": int(config.seed), "epochs": plan.epochs, **r,
                    "eval_s": out["eval_s"], "compile_s": out["compile_s"], "images_per_s": out["images_per_s"],
-                   "schemes_in_run": len(names), "dtype": config.dtype, "inputs": consumed(config, inputs)}
+                   "schemes_in_run": len(names), "dtype": config.dtype,
+                   "inputs": dict(records if name == BY_STUDENT else teacher_only)}
         if name == BY_STUDENT:
             results["student"] = inputs.student_name
             results["student_checkpoint"] = config.student_checkpoint
-        else:
-            results["inputs"].pop("student", None)
         parts.append((workdir if config.aug != ALL else os.path.join(workdir, name), results))
         all_results[name] = r
     table = markdown_table(config.teacher, dataset.name, all_results, inputs.student_name,
