@@ -193,9 +193,9 @@ def np_crd_call(p, mem_s, mem_t, z, f_s, f_t, ind, idx, n_data, T=0.07, momentum
 
 
 def test_registry_names_and_errors():
-    assert distillers.names() == ["ab", "at", "cc", "crd", "dist", "dkd", "fsp", "ft", "hint", "kd", "kdsvd", "nkd",
-                                  "nst", "pkt", "rkd", "sp", "vid", "wttm"]
-    assert distillers.logit_names() == ["dist", "dkd", "nkd", "wttm"]
+    assert distillers.names() == ["ab", "at", "cc", "crd", "dist", "dkd", "fsp", "ft", "hint", "kd", "kdsvd", "mlkd",
+                                  "nkd", "nst", "pkt", "rkd", "sp", "vid", "wttm"]
+    assert distillers.logit_names() == ["dist", "dkd", "mlkd", "nkd", "wttm"]
     assert "kd" not in distillers.feature_names() and "dkd" not in distillers.feature_names()
     with pytest.raises(ValueError, match="valid distillers: ab, at, cc, crd, dist, dkd, fsp, ft, hint"):
         distillers.create("fitnet")

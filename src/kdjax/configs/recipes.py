@@ -78,3 +78,37 @@ def describe(distiller: str, teacher: str, student: str, options: Mapping) -> Op
     values = ", ".join(f"{k}={v}" for k, v in used.items()) or "none"
     kept = f" (set by the config: {', '.join(overridden)})" if overridden else ""
     return f"recipe for {distiller} {teacher}->{student}: {values}{kept}; from {entry.source}"
+
+
+# ---------------------------------------------------------------------------------------------------- MLKD
+# MLKD's per-pair CIFAR-100 configs (Jin-Ying/Multi-Level-Logit-Distillation configs/cifar100/ours/*.yaml) set no
+# distiller option (its KD block is mdistiller/engine/cfg.py's default: T 4, CE 0.1, KD 0.9, the class defaults);
+# what they change per pair is the solver: lr 0.025 (0.01 for the MobileNetV2 / ShuffleNet students), 240 epochs
+# (480 or 960 for some pairs, with the milestones kept at 150/180/210), batch 64, weight decay 5e-4. These are
+# recorded here as data, not applied: kdjax's run fields (``optim.lr``, ``epochs``) set them.
+MLKD_REPO = "Jin-Ying/Multi-Level-Logit-Distillation"
+
+
+class Solver(NamedTuple):
+    lr: float
+    epochs: int
+    source: str
+
+
+def _mlkd(config: str, lr: float, epochs: int) -> Solver:
+    return Solver(lr, epochs, f"{MLKD_REPO} configs/cifar100/ours/{config}")
+
+
+MLKD_SOLVER: Dict[Tuple[str, str], Solver] = {
+    ("resnet56", "resnet20"): _mlkd("res56_res20.yaml", 0.025, 240),         # LR: 0.025, EPOCHS: 240
+    ("resnet110", "resnet32"): _mlkd("res110_res32.yaml", 0.025, 240),       # LR: 0.025, EPOCHS: 240
+    ("resnet32x4", "resnet8x4"): _mlkd("res32x4_res8x4.yaml", 0.025, 240),   # LR: 0.025, EPOCHS: 240
+    ("wrn_40_2", "wrn_16_2"): _mlkd("wrn40_2_wrn_16_2.yaml", 0.025, 240),    # LR: 0.025, EPOCHS: 240
+    ("wrn_40_2", "wrn_40_1"): _mlkd("wrn40_2_wrn_40_1.yaml", 0.025, 240),    # LR: 0.025, EPOCHS: 240
+    ("vgg13", "vgg8"): _mlkd("vgg13_vgg8.yaml", 0.025, 240),                 # LR: 0.025, EPOCHS: 240
+    ("vgg13", "MobileNetV2"): _mlkd("vgg13_mv2.yaml", 0.01, 480),            # LR: 0.01, EPOCHS: 480
+    ("ResNet50", "MobileNetV2"): _mlkd("res50_mv2.yaml", 0.01, 480),         # LR: 0.01, EPOCHS: 480
+    ("wrn_40_2", "ShuffleV1"): _mlkd("wrn40_2_shuv1.yaml", 0.01, 480),       # LR: 0.01, EPOCHS: 480
+    ("resnet32x4", "ShuffleV1"): _mlkd("res32x4_shuv1.yaml", 0.01, 960),     # LR: 0.01, EPOCHS: 960
+    ("resnet32x4", "ShuffleV2"): _mlkd("res32x4_shuv2.yaml", 0.01, 960),     # LR: 0.01, EPOCHS: 960
+}

@@ -16,7 +16,8 @@ small frozen dataclass (hashable, so it can be closed over by a jitted step) wit
 * ``loss(params, state, feats_s, feats_t, *, labels=None, indices=None, key=None, train=True)
   -> (loss, new_state)``: a float32 scalar, and the state to carry to the next step.
 * ``logit_loss(logits_s, logits_t, labels, epoch, temperature) -> loss``: the term of each logit pair (x and x');
-  ``epoch`` is the 1-based epoch of the step (DKD's warm-up reads it).
+  ``epoch`` is the 1-based epoch of the step (DKD's warm-up reads it). ``logit_loss_aug`` is the term on x' (the
+  same unless overridden: MLKD's strong view).
 * ``default_weights(aug, logit_stand=False) -> {'gamma', 'alpha', 'beta'}``: the weights of CE, of the logit block
   (KL, or the logit distiller's loss) and of the feature term.
 
@@ -51,7 +52,7 @@ IDENTITY_AUGS = (None, "", "none", "identity")
 # --base-temp 2 (the temperature of the standardised terms only: loss.temperature keeps scoring CutMixPick 'kld').
 LS_WEIGHT = 9.0
 LS_TEMPERATURE = 2.0
-# The losses the official code standardises (its KD and DKD; MLKD is not in kdjax).
+# The losses the official code standardises (its KD and DKD; its MLKD is not checked against kdjax's).
 LOGIT_STAND_DISTILLERS = ("kd", "dkd")
 
 
@@ -79,6 +80,9 @@ class Distiller:
     preact: ClassVar[bool] = False
     # False: no feature term in the KD stage (ab, fsp: the original's loss_kd = 0), whose program is plain KD's.
     stage_term: ClassVar[bool] = True
+    # True when the student's CE on x' (the scheme's mixed labels) joins the loss with CE's weight gamma (MLKD: the
+    # original's cross-entropy on its strong view beside the weak one's).
+    ce_on_aug: ClassVar[bool] = False
 
     beta: float = 0.0
     # The "+KD" variant of the original (e.g. CRD+KD: -a 1): the KL block keeps weight 1 at identity.
@@ -108,6 +112,11 @@ class Distiller:
         """The term of one logit pair (x or x'): KD's batch-mean KL_T times T² (``labels`` and ``epoch`` unused)."""
         del labels, epoch
         return losses.kd_kl(logits_s, logits_t, temperature)
+
+    def logit_loss_aug(self, logits_s, logits_t, labels, epoch, temperature: float):
+        """The term of the pair on x': ``logit_loss`` unless a method treats its two views apart (MLKD's weak x
+        and strong x')."""
+        return self.logit_loss(logits_s, logits_t, labels, epoch, temperature)
 
     def per_sample_logit_loss(self, logits_s, logits_t, labels, epoch, temperature: float):
         """``[B]`` terms whose batch mean is ``logit_loss``: KD's per-sample KL_T times T²."""

@@ -21,6 +21,10 @@ PyTorch code in tests/test_distiller_fixtures.py (fixtures written by tests/fixt
   p_s) with the teacher's probabilities raised to the power ``l`` and renormalised (p̃_t = softmax(l * z_t)) and the
   student at temperature 1, each row weighted by the teacher's power sum ``sum_c p_t^l`` (larger for a smoother
   teacher); batch mean.
+* MLKD (Jin et al., CVPR 2023; Jin-Ying/Multi-Level-Logit-Distillation, mdistiller/distillers/KD_ours.py): on a
+  weak and a strong view of each image, KD at five temperatures (the step's T and 3, 5, 2, 6) plus the class-level
+  (C x C) and batch-level (B x B) Gram matrices of the softened probabilities matched in squared error, as the
+  official code computes them (``mlkd_weak_loss`` / ``mlkd_strong_loss``, docs/fidelity.md "MLKD").
 
 The ``*_CIFAR100`` dicts give the weights the official repositories train CIFAR-100 students with.
 
@@ -57,6 +61,10 @@ NKD_CIFAR100 = dict(ce_weight=1.0, kd_weight=1.0, temperature=3.0, gamma=3.5)
 # WTTM: the TTM repository's README example of WTTM (--add wttm --ttm_l 0.2 -a 4, with -r 1); the paper lists its
 # per-pair T and beta in its appendix A.4, which the repository does not carry.
 WTTM_CIFAR100 = dict(ce_weight=1.0, kd_weight=4.0, power=0.2)
+# MLKD: its CIFAR-100 configs (configs/cifar100/ours/*.yaml) set no KD block, so mdistiller/engine/cfg.py's KD
+# defaults apply (TEMPERATURE 4, CE_WEIGHT 0.1, KD_WEIGHT 0.9); KD_ours.py adds the fixed temperatures 3, 5, 2, 6.
+MLKD_CIFAR100 = dict(ce_weight=0.1, kd_weight=0.9, temperature=4.0)
+MLKD_TEMPERATURES = (3.0, 5.0, 2.0, 6.0)
 
 # NCKD removes the target class by lowering its logit this much below the others: its softmax weight underflows to
 # exactly 0 in float32, while every term stays finite (a -inf logit would turn the gradient into nan).
@@ -185,6 +193,49 @@ def wttm_loss(logits_s, logits_t, power: float = 0.2):
     return jnp.mean(jnp.exp(log_weight) * kl)
 
 
+def _gram_gap(ps, pt, over_classes: bool):
+    """MLKD's ``cc_loss`` (``over_classes``: the C x C matrices p^T p, the sum divided by C) or ``bc_loss`` (the B
+    x B matrices p p^T, divided by B): the summed squared difference of the teacher's and the student's Gram
+    matrices of the softened probabilities."""
+    def gram(p):
+        a, b = (p.T, p) if over_classes else (p, p.T)
+        return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+    return jnp.sum((gram(pt) - gram(ps)) ** 2) / ps.shape[1 if over_classes else 0]
+
+
+def _below_median_fraction(values):
+    """The fraction of ``values`` at or below their median (NumPy's linearly interpolated 50th percentile), a
+    constant: what the official ``(loss * mask).mean()`` of a scalar loss and a boolean mask multiplies by."""
+    values = jax.lax.stop_gradient(values)
+    return jnp.mean((values <= jnp.percentile(values, 50.0)).astype(jnp.float32))
+
+
+def mlkd_weak_loss(logits_s, logits_t, temperature: float = 4.0):
+    """MLKD's terms of the weak view (x), as KD_ours.py sums them (kd_loss_weight not applied):
+
+    ``f_i * sum_T KD_T + KD_2 + KD_6 + f_c * sum_T CC_T + f_i * sum_T BC_T`` over T in (temperature, 3, 5, 2, 6),
+    with f_i the fraction of the batch whose teacher confidence max_c p_t is at or below its median and f_c the
+    fraction of classes whose summed teacher probability is (the official masks multiply batch-mean scalars, so
+    each mask acts as this one number); KD_2 and KD_6 are the weak-view terms of the official ``loss_kd_strong``."""
+    s, t = _student(logits_s), _teacher(logits_t)
+    p_t = jax.nn.softmax(t, axis=-1)
+    f_instance = _below_median_fraction(jnp.max(p_t, axis=-1))
+    f_class = _below_median_fraction(jnp.sum(p_t, axis=0))
+    total = kd_kl(s, t, 2.0) + kd_kl(s, t, 6.0)
+    for tau in (float(temperature),) + MLKD_TEMPERATURES:
+        ps, pt = jax.nn.softmax(s / tau, axis=-1), jax.nn.softmax(t / tau, axis=-1)
+        total = total + f_instance * (kd_kl(s, t, tau) + _gram_gap(ps, pt, over_classes=False))
+        total = total + f_class * _gram_gap(ps, pt, over_classes=True)
+    return total
+
+
+def mlkd_strong_loss(logits_s, logits_t, temperature: float = 4.0):
+    """MLKD's terms of the strong view (x'): ``KD_T + KD_3 + KD_5`` (T = ``temperature``), unmasked. The official
+    ``loss_cc_strong`` and ``loss_bc_strong`` are computed but not returned, so they train nothing."""
+    s, t = _student(logits_s), _teacher(logits_t)
+    return kd_kl(s, t, float(temperature)) + kd_kl(s, t, 3.0) + kd_kl(s, t, 5.0)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The logit distillers of the KD step (registered by ``kdjax.distillers``)
 
@@ -305,3 +356,26 @@ class WTTM(LogitDistiller):
     def logit_loss(self, logits_s, logits_t, labels, epoch, temperature: float):
         del labels, epoch, temperature
         return wttm_loss(logits_s, logits_t, float(self.ttm_l))
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class MLKD(LogitDistiller):
+    """MLKD on the two views of the KD step: x is its weak view (the base crop+flip) and x' its strong view (the
+    run's scheme applied to x; RandAugment-like ``autoaugment`` or ``cutout`` come closest to the official strong
+    transform). ``mlkd_weak_loss`` on (s(x), t(x)), ``mlkd_strong_loss`` on (s(x'), t(x')) at the step's
+    temperature (loss.temperature, the official KD.TEMPERATURE 4), and CE on both views with CE's weight
+    (``ce_on_aug``); CE 0.1 and loss weight 0.9 as mdistiller's KD defaults, which its CIFAR-100 configs keep."""
+
+    name: ClassVar[str] = "mlkd"
+    ce_on_aug: ClassVar[bool] = True
+    ce_weight: ClassVar[float] = MLKD_CIFAR100["ce_weight"]
+    kd_weight: ClassVar[float] = MLKD_CIFAR100["kd_weight"]
+
+    def logit_loss(self, logits_s, logits_t, labels, epoch, temperature: float):
+        del labels, epoch
+        return mlkd_weak_loss(logits_s, logits_t, temperature)
+
+    def logit_loss_aug(self, logits_s, logits_t, labels, epoch, temperature: float):
+        del labels, epoch
+        return mlkd_strong_loss(logits_s, logits_t, temperature)

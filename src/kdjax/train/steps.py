@@ -119,12 +119,13 @@ def first_rows(feats, rows: int):
     return None if feats is None else [f[:rows] for f in feats]
 
 
-def logit_term(weights: KDWeights, distiller=None):
+def logit_term(weights: KDWeights, distiller=None, aug: bool = False):
     """``term(logits_s, logits_t, labels, epoch)``: what each logit pair (x, x') contributes to the logit block.
 
-    KD's KL_T for ``kd`` (or no distiller) and the feature distillers, a logit distiller's ``logit_loss`` otherwise;
-    with ``weights.logit_stand`` both logits are z-scored first and the base temperature replaces T, for these
-    terms only."""
+    KD's KL_T for ``kd`` (or no distiller) and the feature distillers, a logit distiller's ``logit_loss`` otherwise
+    (``logit_loss_aug`` for the pair on x' when ``aug``: MLKD's strong view); with ``weights.logit_stand`` both
+    logits are z-scored first and the base temperature replaces T, for these terms only (logit standardisation and
+    sample weights apply to kd and dkd alone, whose two views share one term)."""
     d = distillers.Distiller() if distiller is None else distiller
     if weights.sample_weights != "none":
         return sample_weights.weighted_term(weights, d)
@@ -135,7 +136,8 @@ def logit_term(weights: KDWeights, distiller=None):
             return d.logit_loss(distillers.standardize(ls), distillers.standardize(lt), labels, epoch,
                                 weights.ls_temperature)
         return term
-    return lambda ls, lt, labels, epoch: d.logit_loss(ls, lt, labels, epoch, weights.temperature)
+    loss = d.logit_loss_aug if aug else d.logit_loss
+    return lambda ls, lt, labels, epoch: loss(ls, lt, labels, epoch, weights.temperature)
 
 
 def kd_objective(weights: KDWeights, num_classes: int, has_teacher: bool, distiller=None):
@@ -143,7 +145,8 @@ def kd_objective(weights: KDWeights, num_classes: int, has_teacher: bool, distil
     and the teacher's (None without a teacher: CE on x and on x' with the scheme's mixed labels). ``epoch`` is the
     step's 1-based epoch, read only by a logit distiller with a schedule (DKD's warm-up)."""
     lw1, lw2, lw3 = (float(w) for w in weights.lw_mix)
-    term = logit_term(weights, distiller)
+    term, term_aug = logit_term(weights, distiller), logit_term(weights, distiller, aug=True)
+    ce_on_aug = distiller is not None and distiller.ce_on_aug
     replaced = distiller is not None and distiller.replaces_kl
     # metric names: "kl" stays the KD term's (the logs of every KD run), a logit distiller's is "logit"
     name = "logit" if replaced else "kl"
@@ -159,8 +162,13 @@ def kd_objective(weights: KDWeights, num_classes: int, has_teacher: bool, distil
         labels_aug = None
         if replaced and distiller.uses_labels:  # the dominant label of each row of x' (a mixed image's larger part)
             labels_aug = transforms.dominant_labels(aux, labels, num_classes, lsa.shape[0])
-        kl, kl_aug = term(ls, lt, labels, epoch), term(lsa, lta, labels_aug, epoch)
+        kl, kl_aug = term(ls, lt, labels, epoch), term_aug(lsa, lta, labels_aug, epoch)
         loss = weights.gamma * ce + weights.alpha * (lw1 * kl + lw3 * kl_aug)
+        if ce_on_aug:  # MLKD: CE on the strong view too, with CE's weight (mixed labels under a mixing scheme)
+            ce_aug = jnp.mean(optax.softmax_cross_entropy(
+                lsa, transforms.mixed_targets(aux, labels, num_classes, lsa.shape[0])))
+            metrics["ce_aug"] = ce_aug
+            loss = loss + weights.gamma * ce_aug
         if lw2:
             soft = transforms.mixed_targets(aux, labels, num_classes, lsa.shape[0])
             loss = loss + weights.alpha * lw2 * jnp.mean(optax.softmax_cross_entropy(lsa, soft))
