@@ -42,10 +42,11 @@ INIT = ["--config.distill.init_epochs=2"]
 # the default suite under its 15 minutes.
 NEW = [("dkd", []), ("dist", []), ("kd+ls", ["--config.distiller=kd", "--config.loss.logit_stand=true"]),
        ("ab", INIT), ("ft", INIT), ("fsp", INIT), ("nkd", []), ("wttm", []),
-       ("mlkd", [])]
+       ("mlkd", []), ("kd+ctkd", ["--config.distiller=kd", "--config.ctkd.mode=global"])]
 SLOW = ([("nst", []), ("kdsvd", []), ("cc", []),
          ("dkd+ls", ["--config.distiller=dkd", "--config.loss.logit_stand=true"]),
          ("kd+ea", ["--config.distiller=kd", "--config.loss.sample_weights=entropy"]),
+         ("dkd+ctkd", ["--config.distiller=dkd", "--config.ctkd.mode=global", "--config.distill.warmup=0"]),
          ("correlation", []), ("attention", []), ("similarity", [])]
         + [(name, []) for name in ("kd", "crd", "hint", "at", "sp", "pkt", "rkd", "vid")])
 
@@ -87,6 +88,7 @@ def check_learned(results, label):
     canonical = distillers.canonical(label.split("+")[0])
     assert results["distiller"] == canonical and results["aug"] == "cutmix_pick_t"
     assert results["logit_stand"] == label.endswith("+ls")
+    assert results["ctkd"] == ("global" if label.endswith("+ctkd") else "none")
     assert results["top1"] >= 0.5, (label, results["top1"])  # 10 classes: chance is 0.1
     print(f"{label}: top1 {results['top1']:.4f}")
 
@@ -121,6 +123,7 @@ def test_teacher_none_is_refused_in_one_line_for_every_method_needing_a_teacher(
     assert all(distillers.create(n).needs_teacher for n in needing) and not distillers.create("kd").needs_teacher
     cases = [[f"--config.distiller={n}"] for n in needing]
     cases.append(["--config.distiller=kd", "--config.loss.logit_stand=true"])
+    cases.append(["--config.distiller=kd", "--config.ctkd.mode=global"])
     for args in cases:
         with pytest.raises(SystemExit) as stop:
             cli.main(["distill", *TINY, "--config.teacher=none", "--config.student=resnet8", "--config.aug=cutmix",

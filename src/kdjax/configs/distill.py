@@ -9,11 +9,13 @@
 ``distiller=dkd`` (or dist, nkd, wttm) replaces KD's KL terms on x and x' by that logit loss. Their options are under
 ``--config.distill.*`` and their weights default to the method's (``--config.loss.beta`` etc. override them).
 ``--config.loss.logit_stand=true`` z-scores the logits of the kd or dkd terms (logit standardisation, CVPR'24).
+``--config.ctkd.mode=global`` learns the temperature of the kd or dkd terms (CTKD, AAAI'23).
 """
 import ml_collections
 from ml_collections import config_dict
 
 from kdjax import augment, distillers
+from kdjax.distillers import ctkd
 from kdjax.configs import fields
 from kdjax.configs.parse import apply_arg
 
@@ -39,4 +41,7 @@ def get_config(arg=None):
     config.distill = ml_collections.ConfigDict({name: config_dict.placeholder(opt.type)
                                                 for name, opt in distillers.options().items()})
     config.augment = augment.config_block()
+    # CTKD's learned temperature of the logit terms (--config.ctkd.mode=global); its options are declared on
+    # kdjax.distillers.ctkd.CurriculumTemperature
+    config.ctkd = ctkd.config_block()
     return apply_arg(fields.from_checkpoint(config), arg)

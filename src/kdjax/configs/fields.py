@@ -200,6 +200,9 @@ def help_for(path: str) -> str:
         return distillers.option_help(path.split(".", 1)[1])
     if path.startswith("augment."):
         return augment.option_help(path.split(".", 1)[1])
+    if path.startswith("ctkd."):
+        from kdjax.distillers import ctkd
+        return ctkd.option_help(path.split(".", 1)[1])
     if path == "distiller":
         return f"loss beside or instead of KD: {', '.join(distillers.names())} (kd: plain KD)"
     if path == "aug":

@@ -112,3 +112,9 @@ MLKD_SOLVER: Dict[Tuple[str, str], Solver] = {
     ("resnet32x4", "ShuffleV1"): _mlkd("res32x4_shuv1.yaml", 0.01, 960),     # LR: 0.01, EPOCHS: 960
     ("resnet32x4", "ShuffleV2"): _mlkd("res32x4_shuv2.yaml", 0.01, 960),     # LR: 0.01, EPOCHS: 960
 }
+
+
+# ---------------------------------------------------------------------------------------------------- CTKD
+# CTKD (zhengli97/CTKD) has one CIFAR-100 script, scripts/run_cifar_distill.sh (resnet56 -> resnet20: --t_start 1
+# --t_end 20 --decay_max 0 --decay_min -1 --decay_loops 10), whose values are the defaults of
+# kdjax.distillers.ctkd.CurriculumTemperature; its repository holds no per-pair values, so there are no rows here.

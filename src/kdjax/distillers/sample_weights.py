@@ -53,7 +53,8 @@ def weighted_term(weights, distiller):
     from kdjax.distillers.logit import standardize  # here: logit.py imports the interface this module sits beside
     check_sample_weights(weights.sample_weights, distiller)
 
-    def term(logits_s, logits_t, labels, epoch):
+    def term(logits_s, logits_t, labels, epoch, temperature=None):
+        del temperature  # fixed: CTKD is refused with sample weights
         temperature = weights.temperature
         if weights.logit_stand:
             logits_s, logits_t, temperature = standardize(logits_s), standardize(logits_t), weights.ls_temperature

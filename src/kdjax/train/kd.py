@@ -21,7 +21,7 @@ import jax
 from kdjax import augment, distillers, models, runlog
 from kdjax.checkpoint import inputs as checkpoint_inputs
 from kdjax.configs import recipes
-from kdjax.distillers import sample_weights
+from kdjax.distillers import ctkd as ctkd_lib, sample_weights
 from kdjax.train import init_stage, loop, recipe as recipe_lib, steps
 
 NO_TEACHER = "none"
@@ -56,7 +56,8 @@ class KDMethod:
                                   temperature=float(loss.temperature), lw_mix=tuple(float(v) for v in loss.lw_mix),
                                   logit_stand=logit_stand,
                                   ls_temperature=float(loss.get("ls_temperature", distillers.LS_TEMPERATURE)),
-                                  sample_weights=str(loss.get("sample_weights") or "none"))
+                                  sample_weights=str(loss.get("sample_weights") or "none"),
+                                  ctkd=ctkd_lib.from_config(config.get("ctkd")))
         return cls(distiller, weights)
 
 
@@ -81,6 +82,7 @@ def validate(config) -> KDMethod:
     if method.weights.logit_stand:
         distillers.check_logit_stand(distiller)
     sample_weights.check_sample_weights(method.weights.sample_weights, distiller)
+    ctkd_lib.check_ctkd(method.weights.ctkd, distiller, method.weights.logit_stand, method.weights.sample_weights)
     if not has_teacher(config):
         if distiller.needs_teacher:
             what = "logits" if distiller.replaces_kl else "features"
@@ -89,6 +91,9 @@ def validate(config) -> KDMethod:
         if method.weights.logit_stand:
             raise ValueError("loss.logit_stand standardises a teacher's logits: set teacher= and "
                              "--config.teacher_checkpoint, or unset loss.logit_stand with teacher=none")
+        if method.weights.ctkd is not None:
+            raise ValueError("ctkd.mode learns the temperature of the teacher's softened logits and needs a teacher: "
+                             "set teacher= and --config.teacher_checkpoint, or unset ctkd.mode")
         if config.aug == "cutmix_pick_t":
             raise ValueError("aug=cutmix_pick_t scores by teacher entropy and needs a teacher: set teacher= and "
                              "--config.teacher_checkpoint")
@@ -164,11 +169,15 @@ class KDSetup:
         """``state['extra']``: the distiller's heads and state sized from the models' feature shapes; CRD's memory
         banks and class tables from the training labels in dataset order (the rows the batch's ``indices`` refer
         to); FT's trained paraphraser (``init_heads``) from its init stage."""
-        if not distillers.has_feature_term(self.distiller):
-            return {}
-        feats_s, feats_t = self.feature_shapes(student_vars, teacher_vars)
-        return distillers.make_extra(self.distiller, tx, key, feats_s, feats_t, num_train=num_train,
-                                     train_labels=train_labels, init_heads=init_heads)
+        extra = {}
+        if distillers.has_feature_term(self.distiller):
+            feats_s, feats_t = self.feature_shapes(student_vars, teacher_vars)
+            extra = distillers.make_extra(self.distiller, tx, key, feats_s, feats_t, num_train=num_train,
+                                          train_labels=train_labels, init_heads=init_heads)
+        if self.method.weights.ctkd is not None:  # CTKD's temperature parameter, updated by the student's tx
+            t_params = ctkd_lib.init_params()
+            extra = dict(extra, ctkd={"params": t_params, "opt_state": tx.init(t_params), "state": {}})
+        return extra
 
 
 def run_init_stage(setup: KDSetup, config, workdir: str, recipe, state, teacher_vars, data, mesh, run_key, meta):
@@ -232,6 +241,7 @@ def train_student(method: KDMethod, config, workdir: str, dataset, data, mesh, t
     out["recipe"], out["seed"] = recipe, int(config.seed)
     out["fields"] = {"distiller": config.distiller, "logit_stand": weights.logit_stand,
                      "sample_weights": weights.sample_weights,
+                     "ctkd": "none" if weights.ctkd is None else weights.ctkd.mode,
                      "recipe": recipes.applied(config.distiller, config.teacher, config.student,
                                                config.distill.to_dict()),
                      "loss_weights": {"gamma": weights.gamma, "alpha": weights.alpha, "beta": weights.beta},

@@ -48,6 +48,8 @@ class KDWeights:
     ls_temperature: float = distillers.LS_TEMPERATURE
     # 'entropy': each sample's L weighted by EA-KD's entropy weight (kdjax.distillers.sample_weights)
     sample_weights: str = "none"
+    # CTKD (kdjax.distillers.ctkd): L at a learned temperature instead of ``temperature`` (None: fixed)
+    ctkd: Optional[Any] = None
 
 
 def make_prepare(mean, std, pad: int):
@@ -132,18 +134,24 @@ def logit_term(weights: KDWeights, distiller=None, aug: bool = False):
     if weights.logit_stand:
         distillers.check_logit_stand(d)
 
-        def term(ls, lt, labels, epoch):
+        def term(ls, lt, labels, epoch, temperature=None):
+            del temperature  # the base temperature (CTKD is refused with logit standardisation)
             return d.logit_loss(distillers.standardize(ls), distillers.standardize(lt), labels, epoch,
                                 weights.ls_temperature)
         return term
     loss = d.logit_loss_aug if aug else d.logit_loss
-    return lambda ls, lt, labels, epoch: loss(ls, lt, labels, epoch, weights.temperature)
+
+    def term(ls, lt, labels, epoch, temperature=None):
+        """``temperature``: CTKD's learned one (traced), else the fixed ``weights.temperature``."""
+        return loss(ls, lt, labels, epoch, weights.temperature if temperature is None else temperature)
+    return term
 
 
 def kd_objective(weights: KDWeights, num_classes: int, has_teacher: bool, distiller=None):
-    """``objective(ls, lsa, lt, lta, labels, aux, epoch) -> (loss, metrics)`` from the student's logits on x and x'
-    and the teacher's (None without a teacher: CE on x and on x' with the scheme's mixed labels). ``epoch`` is the
-    step's 1-based epoch, read only by a logit distiller with a schedule (DKD's warm-up)."""
+    """``objective(ls, lsa, lt, lta, labels, aux, epoch, temperature) -> (loss, metrics)`` from the student's logits
+    on x and x' and the teacher's (None without a teacher: CE on x and on x' with the scheme's mixed labels).
+    ``epoch`` is the step's 1-based epoch, read only by a logit distiller with a schedule (DKD's warm-up);
+    ``temperature`` is CTKD's learned temperature of the logit terms (None: ``weights.temperature``)."""
     lw1, lw2, lw3 = (float(w) for w in weights.lw_mix)
     term, term_aug = logit_term(weights, distiller), logit_term(weights, distiller, aug=True)
     ce_on_aug = distiller is not None and distiller.ce_on_aug
@@ -151,7 +159,7 @@ def kd_objective(weights: KDWeights, num_classes: int, has_teacher: bool, distil
     # metric names: "kl" stays the KD term's (the logs of every KD run), a logit distiller's is "logit"
     name = "logit" if replaced else "kl"
 
-    def objective(ls, lsa, lt, lta, labels, aux, epoch=1):
+    def objective(ls, lsa, lt, lta, labels, aux, epoch=1, temperature=None):
         ce = losses.cross_entropy(ls, labels)
         metrics = {"ce": ce, "top1": _top1(ls, labels)}
         if not has_teacher:
@@ -162,7 +170,7 @@ def kd_objective(weights: KDWeights, num_classes: int, has_teacher: bool, distil
         labels_aug = None
         if replaced and distiller.uses_labels:  # the dominant label of each row of x' (a mixed image's larger part)
             labels_aug = transforms.dominant_labels(aux, labels, num_classes, lsa.shape[0])
-        kl, kl_aug = term(ls, lt, labels, epoch), term_aug(lsa, lta, labels_aug, epoch)
+        kl, kl_aug = term(ls, lt, labels, epoch, temperature), term_aug(lsa, lta, labels_aug, epoch, temperature)
         loss = weights.gamma * ce + weights.alpha * (lw1 * kl + lw3 * kl_aug)
         if ce_on_aug:  # MLKD: CE on the strong view too, with CE's weight (mixed labels under a mixing scheme)
             ce_aug = jnp.mean(optax.softmax_cross_entropy(
@@ -206,7 +214,11 @@ def make_kd_step(student, teacher: Optional[Any], tx, prepare: Callable, scheme:
     ``distiller`` (``None`` or ``kd``: plain KD, the exact same program as without it): a feature distiller adds
     ``weights.beta * L(feats_s, feats_t)`` on the original batch x, from the same passes asked for features; a
     logit distiller replaces KL_T on x and x' (``kd_objective``). ``steps_per_epoch`` gives the step's epoch,
-    ``state['step'] // steps_per_epoch + 1``, to a logit distiller that reads it (DKD's warm-up).
+    ``state['step'] // steps_per_epoch + 1``, to a logit distiller that reads it (DKD's warm-up) and to CTKD.
+
+    ``weights.ctkd`` (CTKD): the logit terms run at the learned temperature of ``state['extra']['ctkd']['params']``
+    (differentiated with the student in the same backward pass, its gradient scaled by the curriculum's lambda of
+    the epoch, updated by ``tx`` with an optimiser state of its own, as the original's one SGD over both).
     """
     two_halves = student.clone(bn_groups=2)
     distill = distillers.has_feature_term(distiller)
@@ -222,12 +234,14 @@ def make_kd_step(student, teacher: Optional[Any], tx, prepare: Callable, scheme:
     if weights.logit_stand and teacher is None:
         raise ValueError("loss.logit_stand standardises the teacher's logits and needs a teacher: set teacher= "
                          "and --config.teacher_checkpoint, or unset loss.logit_stand")
-    if replaced and steps_per_epoch is None:
-        raise ValueError(f"distiller={distiller.name} needs steps_per_epoch (its loss follows the epoch)")
+    ctkd = weights.ctkd
+    if (replaced or ctkd is not None) and steps_per_epoch is None:
+        who = "ctkd.mode" if ctkd is not None else f"distiller={distiller.name}"
+        raise ValueError(f"{who} needs steps_per_epoch (its loss follows the epoch)")
 
     def epoch_of(step):
         """The 1-based epoch of a step counted from 0, as the official trainers count epochs."""
-        return step // int(steps_per_epoch) + 1 if replaced else 1
+        return step // int(steps_per_epoch) + 1 if replaced or ctkd is not None else 1
     teacher_logits_of = lambda tv: lambda images: teacher_outputs(teacher, tv, images, False)[1]  # noqa: E731
 
     def targets(teacher_vars, x, x_aug, rows):
@@ -237,10 +251,16 @@ def make_kd_step(student, teacher: Optional[Any], tx, prepare: Callable, scheme:
         ft, lt = teacher_outputs(teacher, teacher_vars, jnp.concatenate([x, x_aug]), with_features)
         return first_rows(ft, rows), lt[:rows], lt[rows:]
 
-    def total(params, heads, d_state, outputs, labels, aux, batch, key, epoch):
-        """The objective, plus the distiller's term on x; returns (loss, (batch_stats, new d_state, metrics))."""
+    def total(params, trainables, d_state, outputs, labels, aux, batch, key, epoch):
+        """The objective, plus the distiller's term on x; returns (loss, (batch_stats, new d_state, metrics)).
+        ``trainables``: (the distiller's heads, CTKD's temperature parameter), both differentiated."""
+        heads, t_params = trainables
         fs, ls, lsa, ft, lt, lta, batch_stats = outputs
-        loss, metrics = objective(ls.astype(jnp.float32), lsa.astype(jnp.float32), lt, lta, labels, aux, epoch)
+        temperature = None if ctkd is None else ctkd.temperature(t_params["theta"], epoch)
+        loss, metrics = objective(ls.astype(jnp.float32), lsa.astype(jnp.float32), lt, lta, labels, aux, epoch,
+                                  temperature)
+        if temperature is not None:
+            metrics["temperature"] = temperature
         if distill:
             term, d_state = distiller.loss(heads, d_state, fs, ft, labels=labels, indices=batch.get("indices"),
                                            key=jax.random.fold_in(key, distillers.DISTILLER_KEY), train=True)
@@ -255,10 +275,11 @@ def make_kd_step(student, teacher: Optional[Any], tx, prepare: Callable, scheme:
         x, labels = prepare(k_base, batch["images"]), batch["labels"]
         rows, extra = x.shape[0], state["extra"]
         heads, d_state = (extra["params"], extra["state"]) if distill else ({}, {})
+        trainables = (heads, extra["ctkd"]["params"] if ctkd is not None else {})
         epoch = epoch_of(state["step"])
 
         if scored_by == "student":  # s(x), scoring pass, s(x'): the augmentation happens inside the loss
-            def loss_fn(params, heads):
+            def loss_fn(params, trainables):
                 variables = {"params": params, "batch_stats": state["batch_stats"]}
                 fs, ls, upd = student_outputs(student, variables, x, with_features)
                 score_fn = student_pool_scorer(student, jax.lax.stop_gradient(params), upd["batch_stats"],
@@ -268,8 +289,8 @@ def make_kd_step(student, teacher: Optional[Any], tx, prepare: Callable, scheme:
                 lsa, upd = student.apply({"params": params, "batch_stats": aux["score_state"]}, x_aug, train=True,
                                          mutable=["batch_stats"])
                 ft, lt, lta = targets(teacher_vars, x, x_aug, rows)
-                return total(params, heads, d_state, (fs, ls, lsa, ft, lt, lta, upd["batch_stats"]), labels, aux,
-                             batch, key, epoch)
+                return total(params, trainables, d_state, (fs, ls, lsa, ft, lt, lta, upd["batch_stats"]), labels,
+                             aux, batch, key, epoch)
         else:
             score_fn = None
             if scored_by == "teacher":
@@ -278,7 +299,7 @@ def make_kd_step(student, teacher: Optional[Any], tx, prepare: Callable, scheme:
             x_aug = jax.lax.stop_gradient(x_aug)
             ft, lt, lta = targets(teacher_vars, x, x_aug, rows)
 
-            def loss_fn(params, heads):
+            def loss_fn(params, trainables):
                 variables = {"params": params, "batch_stats": state["batch_stats"]}
                 if x_aug.shape[0] == rows:
                     fs, out, upd = student_outputs(two_halves, variables, jnp.concatenate([x, x_aug]), with_features)
@@ -286,12 +307,15 @@ def make_kd_step(student, teacher: Optional[Any], tx, prepare: Callable, scheme:
                 else:  # the picked batch differs in size (short last batch): two passes, same order
                     fs, ls, upd = student_outputs(student, variables, x, with_features)
                     lsa, upd = student.apply({"params": params, **upd}, x_aug, train=True, mutable=["batch_stats"])
-                return total(params, heads, d_state, (fs, ls, lsa, ft, lt, lta, upd["batch_stats"]), labels, aux,
-                             batch, key, epoch)
+                return total(params, trainables, d_state, (fs, ls, lsa, ft, lt, lta, upd["batch_stats"]), labels,
+                             aux, batch, key, epoch)
 
-        (loss, (batch_stats, new_d_state, metrics)), (grads, head_grads) = jax.value_and_grad(
-            loss_fn, argnums=(0, 1), has_aux=True)(state["params"], heads)
+        (loss, (batch_stats, new_d_state, metrics)), (grads, (head_grads, t_grads)) = jax.value_and_grad(
+            loss_fn, argnums=(0, 1), has_aux=True)(state["params"], trainables)
         new_extra = distillers.update_heads(tx, extra, head_grads, new_d_state) if distill else None
+        if ctkd is not None:  # the temperature parameter's own SGD update (its gradient already scaled by lambda)
+            new_extra = dict(extra if new_extra is None else new_extra,
+                             ctkd=distillers.update_heads(tx, extra["ctkd"], t_grads, {}))
         metrics["loss"] = loss
         return apply_update(tx, state, grads, batch_stats, new_extra), metrics
 
