@@ -73,6 +73,10 @@ RECIPES: Dict[Tuple[str, str, str], Entry] = {
     ("reviewkd", "resnet56", "resnet20"): _reviewkd(0.6),
     # --model resnet32 --teacher resnet110 --kd-loss-weight 1.0 (the default, stated per pair by the script)
     ("reviewkd", "resnet110", "resnet32"): _reviewkd(1.0),
+    # WTTM: no entries. zkxufo/TTM @ fe457b3 carries no per-pair values (its README has two examples only: TTM
+    # vgg13 -> vgg8 with --ttm_l 0.1 -b 45, and WTTM added to CRD with --ttm_l 0.2 -a 4; scripts/ only fetches the
+    # teachers); the paper (arXiv 2402.11148) lists its per-pair T and beta in appendix A.4, to be entered here from
+    # there with the table's citation.
 }
 
 
