@@ -3,7 +3,8 @@ ReviewKD module, hcl; train.py: the warm-up), on tests/fixtures/distillers/revie
 tests/fixtures/make_distiller_fixtures.py: the loss, the gradients of the student's features and of every ABF
 parameter, the ABFs' BatchNorm statistics; wrong constants asserted to land far off; the per-pair channels and
 sizes that kdjax derives from the models' feature shapes against the official build_review_kd table; the KD step
-(teacher's pre-activation features, the warm-up by epoch) against separate passes, and under every paper scheme."""
+(teacher's pre-activation features, the warm-up by epoch) against separate passes, and under every paper scheme
+(slow); the per-pair loss weights of the official script."""
 import functools
 
 import jax
@@ -16,6 +17,7 @@ from kdjax.augment import transforms
 from kdjax.distillers import review
 from kdjax.train import recipe, steps
 from test_distiller_fixtures import assert_far, assert_grad, assert_value, load, nchw, nhwc
+
 
 def fixture_features(d, case):
     """The fixture's levels as kdjax feature lists ``[stem, maps..., pooled [B, C]]``: the stem is zeros (the
