@@ -194,7 +194,7 @@ def np_crd_call(p, mem_s, mem_t, z, f_s, f_t, ind, idx, n_data, T=0.07, momentum
 
 def test_registry_names_and_errors():
     assert distillers.names() == ["ab", "at", "cc", "crd", "dist", "dkd", "fsp", "ft", "hint", "kd", "kdsvd", "mlkd",
-                                  "nkd", "nst", "pkt", "rkd", "sp", "vid", "wttm"]
+                                  "nkd", "nst", "pkt", "reviewkd", "rkd", "sp", "vid", "wttm"]
     assert distillers.logit_names() == ["dist", "dkd", "mlkd", "nkd", "wttm"]
     assert "kd" not in distillers.feature_names() and "dkd" not in distillers.feature_names()
     with pytest.raises(ValueError, match="valid distillers: ab, at, cc, crd, dist, dkd, fsp, ft, hint"):
@@ -242,7 +242,7 @@ def test_logit_distillers_options():
 
 def test_default_weights():
     betas = dict(kd=0.0, crd=0.8, hint=100.0, at=1000.0, sp=3000.0, pkt=30000.0, rkd=1.0, vid=1.0, nst=50.0,
-                 kdsvd=1.0, cc=0.02, ft=200.0)
+                 kdsvd=1.0, cc=0.02, ft=200.0, reviewkd=1.0)
     assert sorted(betas) == sorted(distillers.feature_names() + ["kd"])
     for name, beta in betas.items():
         d = distillers.create(name)

@@ -6,8 +6,8 @@ The runs share one persistent compilation cache (``--config.compile_cache_dir``)
 forward and the evaluation are the same programs in every run, so each run after the first compiles only its own
 train step (~15 s of ~25 s on 2 cores). Subprocesses keep that cache, and optimised XLA, out of this process.
 
-The default suite runs the newest (dkd, dist, nkd, wttm, mlkd, logit standardisation of kd, and the two-stage ab, ft and
-fsp with a two-epoch init stage); nst, kdsvd, cc, LS-DKD, the
+The default suite runs the newest (dkd, dist, nkd, wttm, mlkd, reviewkd, logit standardisation of kd, and the
+two-stage ab, ft and fsp with a two-epoch init stage); nst, kdsvd, cc, LS-DKD, the
 original's aliases end to end and the first eight distillers are behind ``slow``. Every method that needs a teacher
 is refused with ``teacher=none`` in one line, before any data is loaded (in this process: nothing compiles).
 """
@@ -42,7 +42,9 @@ INIT = ["--config.distill.init_epochs=2"]
 # the default suite under its 15 minutes.
 NEW = [("dkd", []), ("dist", []), ("kd+ls", ["--config.distiller=kd", "--config.loss.logit_stand=true"]),
        ("ab", INIT), ("ft", INIT), ("fsp", INIT), ("nkd", []), ("wttm", []),
-       ("mlkd", []), ("kd+ctkd", ["--config.distiller=kd", "--config.ctkd.mode=global"])]
+       ("mlkd", []), ("kd+ctkd", ["--config.distiller=kd", "--config.ctkd.mode=global"]),
+       # ReviewKD's term ramps in over two epochs (the official 20 would leave it at 0.15 of its weight by the end)
+       ("reviewkd", ["--config.distill.warmup=2"])]
 SLOW = ([("nst", []), ("kdsvd", []), ("cc", []),
          ("dkd+ls", ["--config.distiller=dkd", "--config.loss.logit_stand=true"]),
          ("kd+ea", ["--config.distiller=kd", "--config.loss.sample_weights=entropy"]),
@@ -106,6 +108,8 @@ def test_new_distiller_learns_on_digits(cache, teacher_dir, tmp_path, label, ove
         assert results["loss_weights"] == {"gamma": 1.0, "alpha": 1.0 if label == "nkd" else 4.0, "beta": 0.0}
     if label == "mlkd":  # mdistiller's KD weights (CE on both views 0.1, the two views' terms 0.9)
         assert results["loss_weights"] == {"gamma": 0.1, "alpha": 0.9, "beta": 0.0}
+    if label == "reviewkd":  # a feature term beside KD under a scheme: KD's 0.1 / 0.9 and the term's default weight 1
+        assert results["loss_weights"] == {"gamma": 0.1, "alpha": 0.9, "beta": 1.0} and results["recipe"] == {}
     if label in ("ab", "ft", "fsp"):  # the init stage ran and is reported
         assert results["init_stage"]["epochs"] == 2 and results["init_stage"]["lr"] == (0.01 if label == "ft" else 0.05)
 

@@ -20,6 +20,15 @@ MDISTILLER = "megvii-research/mdistiller"
 LS_REPO = "sunshangquan/logit-standardization-KD"
 
 
+REVIEWKD_REPO = "dvlab-research/ReviewKD"
+
+
+def _reviewkd(weight: float, also: str = "") -> Entry:
+    """A ReviewKD pair of the official script (``--kd-loss-weight``, the weight of its term: kdjax's loss weight
+    ``beta``, which a config overrides with ``loss.beta``); its warm-up (20 epochs) is the train.py default."""
+    return Entry({"beta": weight}, f"{REVIEWKD_REPO} CIFAR-100/script/reviewKD.sh" + (f"; {also}" if also else ""))
+
+
 def _dkd(beta: float, mdistiller_file: str, ls_file: str) -> Entry:
     """A DKD pair whose config sets ``DKD.BETA``; the logit-standardisation repository repeats mdistiller's
     config (its tools/train.py multiplies alpha and beta by --kd-weight for LS-DKD, which kdjax's loss.logit_stand
@@ -44,6 +53,30 @@ RECIPES: Dict[Tuple[str, str, str], Entry] = {
     ("dkd", "wrn_40_2", "wrn_16_2"): _dkd(6.0, "wrn40_2_wrn_16_2.yaml", "wrn_40_2_wrn_16_2.yaml"),
     # mdistiller configs/cifar100/dkd/wrn40_2_wrn_40_1.yaml (BETA: 6.0); LS repo wrn_40_2_wrn_40_1.yaml (same)
     ("dkd", "wrn_40_2", "wrn_40_1"): _dkd(6.0, "wrn40_2_wrn_40_1.yaml", "wrn_40_2_wrn_40_1.yaml"),
+    # ReviewKD: dvlab-research/ReviewKD CIFAR-100/script/reviewKD.sh, one train.py line per pair with its
+    # --kd-loss-weight (the train.py default is 1.0, the ReviewKD class's beta). The script has no vgg13 or
+    # ResNet50 teacher (model/reviewkd.py builds those students, but no published weight goes with them).
+    # --model wrn-16-2 --teacher wrn-40-2 --kd-loss-weight 5.0
+    ("reviewkd", "wrn_40_2", "wrn_16_2"): _reviewkd(5.0),
+    # --model wrn-40-1 --teacher wrn-40-2 --kd-loss-weight 5.0
+    ("reviewkd", "wrn_40_2", "wrn_40_1"): _reviewkd(5.0),
+    # --model shufflev1 --teacher wrn-40-2 --kd-loss-weight 5.0
+    ("reviewkd", "wrn_40_2", "ShuffleV1"): _reviewkd(5.0),
+    # --model resnet8x4 --teacher resnet32x4 --kd-loss-weight 5.0; mdistiller configs/cifar100/reviewkd.yaml
+    # (its only CIFAR-100 ReviewKD config) repeats it: REVIEWKD_WEIGHT: 5.0
+    ("reviewkd", "resnet32x4", "resnet8x4"): _reviewkd(5.0, f"{MDISTILLER} configs/cifar100/reviewkd.yaml"),
+    # --model shufflev1 --teacher resnet32x4 --kd-loss-weight 5.0
+    ("reviewkd", "resnet32x4", "ShuffleV1"): _reviewkd(5.0),
+    # --model shufflev2 --teacher resnet32x4 --kd-loss-weight 8.0
+    ("reviewkd", "resnet32x4", "ShuffleV2"): _reviewkd(8.0),
+    # --model resnet20 --teacher resnet56 --kd-loss-weight 0.6
+    ("reviewkd", "resnet56", "resnet20"): _reviewkd(0.6),
+    # --model resnet32 --teacher resnet110 --kd-loss-weight 1.0 (the default, stated per pair by the script)
+    ("reviewkd", "resnet110", "resnet32"): _reviewkd(1.0),
+    # WTTM: no entries. zkxufo/TTM @ fe457b3 carries no per-pair values (its README has two examples only: TTM
+    # vgg13 -> vgg8 with --ttm_l 0.1 -b 45, and WTTM added to CRD with --ttm_l 0.2 -a 4; scripts/ only fetches the
+    # teachers); the paper (arXiv 2402.11148) lists its per-pair T and beta in appendix A.4, to be entered here from
+    # there with the table's citation.
 }
 
 

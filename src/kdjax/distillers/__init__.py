@@ -1,5 +1,5 @@
 """The distillers of the KD step: ``kd`` (plain KD), the feature distillers beside KD (``crd``, ``hint``, ``at``,
-``sp``, ``pkt``, ``rkd``, ``vid``, ``nst``, ``kdsvd``, ``cc``), the logit distillers that replace KD's KL terms
+``sp``, ``pkt``, ``rkd``, ``vid``, ``nst``, ``kdsvd``, ``cc``, ``reviewkd``), the logit distillers that replace KD's KL terms
 (``dkd``, ``dist``, ``nkd``, ``wttm``) and the original's two-stage methods (``ab``, ``ft``, ``fsp``), which train
 an init stage before the KD stage.
 
@@ -31,7 +31,7 @@ from kdjax.distillers.interface import (LOGIT_STAND_DISTILLERS, LS_TEMPERATURE, 
 from kdjax.distillers.registry import (ALIASES, canonical, check_name, create, names, option,  # noqa: F401
                                        option_help, options, register)
 # the method modules register their classes as they are defined
-from kdjax.distillers import crd, feature, logit, relational, two_stage  # noqa: F401,E402
+from kdjax.distillers import crd, feature, logit, relational, review, two_stage  # noqa: F401,E402
 from kdjax.distillers.logit import standardize  # noqa: F401,E402
 from kdjax.distillers.registry import get as _get  # noqa: E402
 

@@ -83,6 +83,11 @@ class Distiller:
     # True when the student's CE on x' (the scheme's mixed labels) joins the loss with CE's weight gamma (MLKD: the
     # original's cross-entropy on its strong view beside the weak one's).
     ce_on_aug: ClassVar[bool] = False
+    # The KD step asks the teacher for its pre-activation features (reviewkd's targets); the student's stay as is.
+    teacher_preact: ClassVar[bool] = False
+    # The feature term's weight follows the epoch (reviewkd's warm-up): the step multiplies the term by
+    # ``term_scale(epoch)`` with its 1-based epoch.
+    term_follows_epoch: ClassVar[bool] = False
 
     beta: float = 0.0
     # The "+KD" variant of the original (e.g. CRD+KD: -a 1): the KL block keeps weight 1 at identity.
@@ -130,6 +135,11 @@ class Distiller:
     def loss(self, params, state, feats_s, feats_t, *, labels=None, indices=None, key=None,
              train: bool = True):
         return jnp.zeros((), jnp.float32), state
+
+    def term_scale(self, epoch):
+        """The factor on the feature term at the step's 1-based ``epoch`` (read when ``term_follows_epoch``)."""
+        del epoch
+        return 1.0
 
     def check_shapes(self, feats_s, feats_t) -> None:
         """Raise a one-line ``ValueError`` naming the fix when the two feature lists (arrays or

@@ -27,11 +27,18 @@ from kdjax.train import init_stage, loop, recipe as recipe_lib, steps
 NO_TEACHER = "none"
 
 
-def distiller_options(config) -> dict:
-    """The pair's official recipe (``kdjax.configs.recipes``) with the ``config.distill`` fields that are set (not
-    None) replacing it: together they replace the chosen distiller's defaults."""
+def set_by_config(config) -> dict:
+    """What the config sets of the options a recipe may give: the ``distill.*`` fields and ``loss.beta`` (the
+    weight of the distiller's term, which a recipe gives as ``beta``, e.g. ReviewKD's per-pair weight)."""
     options = config.get("distill")
-    options = {k: v for k, v in (options.to_dict() if options is not None else {}).items() if v is not None}
+    options = options.to_dict() if options is not None else {}
+    return {**options, "beta": config.loss.get("beta")}
+
+
+def distiller_options(config) -> dict:
+    """The pair's official recipe (``kdjax.configs.recipes``) with the options the config sets (not None)
+    replacing it: together they replace the chosen distiller's defaults."""
+    options = {k: v for k, v in set_by_config(config).items() if v is not None}
     return recipes.with_recipe(distillers.canonical(config.distiller), config.teacher, config.student, options)
 
 
@@ -121,8 +128,9 @@ def check_feature_shapes(config, distiller, num_classes: int) -> None:
     if not has_teacher(config) or type(distiller).check_shapes is distillers.Distiller.check_shapes:
         return  # nothing to check: spare tracing two models at start-up
     size, batch, preact = int(config.image_size), int(config.batch_size), bool(distiller.preact)
+    teacher_preact = preact or bool(distiller.teacher_preact)
     distiller.check_shapes(models.abstract_feature_shapes(config.student, num_classes, size, batch, preact),
-                           models.abstract_feature_shapes(config.teacher, num_classes, size, batch, preact))
+                           models.abstract_feature_shapes(config.teacher, num_classes, size, batch, teacher_preact))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,10 +168,12 @@ class KDSetup:
                                   steps_per_epoch=recipe.plan.steps_per_epoch)
 
     def feature_shapes(self, student_vars, teacher_vars):
-        """The student's and the teacher's feature shapes, as the distiller asks for them (``preact``)."""
+        """The student's and the teacher's feature shapes, as the distiller asks for them (``preact``,
+        ``teacher_preact``)."""
         preact = self.distiller.preact
+        teacher_preact = preact or self.distiller.teacher_preact
         return (models.feature_shapes(self.student, student_vars, self.batch, self.image_size, preact),
-                models.feature_shapes(self.teacher, teacher_vars, self.batch, self.image_size, preact))
+                models.feature_shapes(self.teacher, teacher_vars, self.batch, self.image_size, teacher_preact))
 
     def init_extra(self, tx, key, student_vars, teacher_vars, num_train: int, train_labels, init_heads=None):
         """``state['extra']``: the distiller's heads and state sized from the models' feature shapes; CRD's memory
@@ -213,7 +223,7 @@ def train_student(method: KDMethod, config, workdir: str, dataset, data, mesh, t
     stage first for a two-stage distiller, then the KD stage. Returns ``fit``'s output, with the recipe and the
     results.json fields of the method."""
     setup = KDSetup.create(method, config, dataset, with_teacher=teacher_vars is not None)
-    recipe_line = recipes.describe(config.distiller, config.teacher, config.student, config.distill.to_dict())
+    recipe_line = recipes.describe(config.distiller, config.teacher, config.student, set_by_config(config))
     if recipe_line:
         runlog.ProgressLog("distill").line(recipe_line)
     recipe = recipe_lib.make_recipe(config, dataset.num_train, mesh.size, config.student)
@@ -243,7 +253,7 @@ def train_student(method: KDMethod, config, workdir: str, dataset, data, mesh, t
                      "sample_weights": weights.sample_weights,
                      "ctkd": "none" if weights.ctkd is None else weights.ctkd.mode,
                      "recipe": recipes.applied(config.distiller, config.teacher, config.student,
-                                               config.distill.to_dict()),
+                                               set_by_config(config)),
                      "loss_weights": {"gamma": weights.gamma, "alpha": weights.alpha, "beta": weights.beta},
                      **({} if stage is None else {"init_stage": stage["record"]})}
     return out

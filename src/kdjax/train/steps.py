@@ -99,11 +99,13 @@ def make_ce_step(model, tx, prepare: Callable):
 # ------------------------------------------------------------------------------------------- the KD step's parts
 
 
-def teacher_outputs(teacher, teacher_vars, x, with_features: bool):
-    """(features or None, float32 logits) of the teacher in inference mode, both constants."""
+def teacher_outputs(teacher, teacher_vars, x, with_features: bool, preact: bool = False):
+    """(features or None, float32 logits) of the teacher in inference mode, both constants; ``preact``: its
+    pre-activation features (a distiller's ``teacher_preact``)."""
     if not with_features:
         return None, jax.lax.stop_gradient(teacher.apply(teacher_vars, x, train=False).astype(jnp.float32))
-    feats, logits = teacher.apply(teacher_vars, x, train=False, features=True)
+    asked = {"preact": True} if preact else {}  # only when asked: a user-registered model may lack the keyword
+    feats, logits = teacher.apply(teacher_vars, x, train=False, features=True, **asked)
     return jax.lax.stop_gradient(feats), jax.lax.stop_gradient(logits.astype(jnp.float32))
 
 
@@ -214,7 +216,9 @@ def make_kd_step(student, teacher: Optional[Any], tx, prepare: Callable, scheme:
     ``distiller`` (``None`` or ``kd``: plain KD, the exact same program as without it): a feature distiller adds
     ``weights.beta * L(feats_s, feats_t)`` on the original batch x, from the same passes asked for features; a
     logit distiller replaces KL_T on x and x' (``kd_objective``). ``steps_per_epoch`` gives the step's epoch,
-    ``state['step'] // steps_per_epoch + 1``, to a logit distiller that reads it (DKD's warm-up) and to CTKD.
+    ``state['step'] // steps_per_epoch + 1``, to a logit distiller that reads it (DKD's warm-up), to a feature
+    term that follows it (``term_follows_epoch``: ReviewKD's warm-up, ``weights.beta * term_scale(epoch) * L``)
+    and to CTKD.
 
     ``weights.ctkd`` (CTKD): the logit terms run at the learned temperature of ``state['extra']['ctkd']['params']``
     (differentiated with the student in the same backward pass, its gradient scaled by the curriculum's lambda of
@@ -224,6 +228,8 @@ def make_kd_step(student, teacher: Optional[Any], tx, prepare: Callable, scheme:
     distill = distillers.has_feature_term(distiller)
     with_features = distill and distiller.uses_features
     replaced = distiller is not None and distiller.replaces_kl
+    scaled_term = distill and distiller.term_follows_epoch
+    teacher_preact = with_features and distiller.teacher_preact
     scored_by = getattr(scheme, "scored_by", None)
     criterion = getattr(scheme, "criterion", None) or "entropy"
     objective = kd_objective(weights, num_classes, teacher is not None, distiller)
@@ -235,20 +241,20 @@ def make_kd_step(student, teacher: Optional[Any], tx, prepare: Callable, scheme:
         raise ValueError("loss.logit_stand standardises the teacher's logits and needs a teacher: set teacher= "
                          "and --config.teacher_checkpoint, or unset loss.logit_stand")
     ctkd = weights.ctkd
-    if (replaced or ctkd is not None) and steps_per_epoch is None:
+    if (replaced or scaled_term or ctkd is not None) and steps_per_epoch is None:
         who = "ctkd.mode" if ctkd is not None else f"distiller={distiller.name}"
         raise ValueError(f"{who} needs steps_per_epoch (its loss follows the epoch)")
 
     def epoch_of(step):
         """The 1-based epoch of a step counted from 0, as the official trainers count epochs."""
-        return step // int(steps_per_epoch) + 1 if replaced or ctkd is not None else 1
+        return step // int(steps_per_epoch) + 1 if replaced or scaled_term or ctkd is not None else 1
     teacher_logits_of = lambda tv: lambda images: teacher_outputs(teacher, tv, images, False)[1]  # noqa: E731
 
     def targets(teacher_vars, x, x_aug, rows):
         """The teacher's (features of x, logits of x, logits of x'), or Nones without a teacher."""
         if teacher is None:
             return None, None, None
-        ft, lt = teacher_outputs(teacher, teacher_vars, jnp.concatenate([x, x_aug]), with_features)
+        ft, lt = teacher_outputs(teacher, teacher_vars, jnp.concatenate([x, x_aug]), with_features, teacher_preact)
         return first_rows(ft, rows), lt[:rows], lt[rows:]
 
     def total(params, trainables, d_state, outputs, labels, aux, batch, key, epoch):
@@ -265,7 +271,7 @@ def make_kd_step(student, teacher: Optional[Any], tx, prepare: Callable, scheme:
             term, d_state = distiller.loss(heads, d_state, fs, ft, labels=labels, indices=batch.get("indices"),
                                            key=jax.random.fold_in(key, distillers.DISTILLER_KEY), train=True)
             metrics["distill"] = term
-            loss = loss + weights.beta * term
+            loss = loss + weights.beta * (distiller.term_scale(epoch) * term if scaled_term else term)
         return loss, (batch_stats, d_state, metrics)
 
     def step(state, teacher_vars, batch, key):
