@@ -19,12 +19,15 @@
 #   kd_vgg13_vgg8_b64    kd_step.py vgg13->vgg8, batch 64 float32: single, chunk, CRD vs KD                   70 s
 #   kd_r56_r20_b512_bf16 kd_step.py resnet56->resnet20, batch 512 bfloat16: single, chunk                     75 s
 #   tstddev              tstddev.py: nine schemes, resnet56 teacher, 10 epochs of 50,000 images              110 s
+#   kd_imagenet          kd_step.py --imagenet: resnet34->resnet18, resnet50->mobilenetv1 (ImageNet zoo),    110 s
+#                        224 px, batch 256 bfloat16, chunk K=10
 #   augment              augment.py: the nine schemes + base crop+flip, batch 64 and 1024                      45 s
 #   forward              forward.py: eval forward of every zoo model, batch 1024 float32                      45 s
+#   forward_imagenet     forward.py: eval forward of the ImageNet zoo, 224 px, batch 256 bfloat16             45 s
 #   kd_distillers        kd_step.py: every distiller's step vs KD, resnet56->resnet20 b64 float32, K=100     150 s
 #                        (paired windows; stops starting distillers at its budget: skip rows for the rest)
 #   sweep_share          sweep_share.py --procs 1,2,4,8 (N concurrent distill runs)            what is left (<= 400 s)
-# Overall deadline 465 s after the start (420 s with --cpu-smoke; DEVICE_CHECK_BUDGET_S or --budget), then the
+# Overall deadline 465 s after the start (450 s with --cpu-smoke; DEVICE_CHECK_BUDGET_S or --budget), then the
 # summary (at most 10 s): the whole call ends within 8 minutes. A step killed at its budget keeps the rows it had
 # printed (summarize.py reads them from its log). --only kd,tstddev runs the steps whose names start so (kd
 # includes kd_distillers; --only kd_distillers runs it alone). An argument @STEP_BUDGET@ of a step's command is
@@ -70,7 +73,7 @@ done
 [ "$SMOKE" = "1" ] || SMOKE=0
 case "$WHEEL_DIR" in ""|/*) ;; *) WHEEL_DIR="$CALLER_PWD/$WHEEL_DIR" ;; esac  # relative to the caller
 if [ -z "$BUDGET" ]; then
-  if [ "$SMOKE" = 1 ]; then BUDGET=420; else BUDGET=465; fi
+  if [ "$SMOKE" = 1 ]; then BUDGET=450; else BUDGET=465; fi
 fi
 case "$BUDGET" in ''|*[!0-9]*) echo "--budget must be whole seconds, got '$BUDGET'" >&2; exit 2 ;; esac
 case "${DEVICE_CHECK_DISTILLERS_S:-150}" in
@@ -255,6 +258,31 @@ run_step() {  # run_step NAME BENCH PLANNED_S JSON -- command...
 
 # --- 3. the benchmarks, most important first ----------------------------------------------------------------------
 B="$REPO/bench"
+
+# The ImageNet zoo's rows (issue 18): the KD step of the standard ImageNet pairs and the eval forward at 224 px.
+# kd_step.py --imagenet times only the chunk driver (K=10, 10-step windows x 3): its steps take tens of ms, so the
+# time goes to compiling the two pairs (an estimated 30-40 s each on an H100/H200).
+imagenet_steps() {  # imagenet_steps kd|forward (GPU)
+  case "$1" in
+    kd) run_step kd_imagenet kd_step 110 "$(json_for kd_step-imagenet-b256-bf16)" -- \
+          "$PY" "$B/kd_step.py" --imagenet --out "$(json_for kd_step-imagenet-b256-bf16)" ;;
+    forward) run_step forward_imagenet forward 45 "$(json_for forward-imagenet)" -- \
+          "$PY" "$B/forward.py" --models imagenet --image-size 224 --num-classes 1000 --batch 256 --dtype bfloat16 \
+          --out "$(json_for forward-imagenet)" ;;
+  esac
+}
+# CPU smoke: one pair that builds both ImageNet families (a ResNet teacher, the MobileNetV1 student) at 32 px, one
+# step per dispatch (about 40 CPU-seconds, most of it compiling); the forward of the same two models.
+imagenet_steps_smoke() {  # imagenet_steps_smoke kd|forward
+  case "$1" in
+    kd) run_step kd_imagenet kd_step 75 "$(json_for kd_step-imagenet)" -- \
+          "$PY" "$B/kd_step.py" --imagenet --quick --pairs resnet18_imagenet:mobilenetv1_imagenet \
+          --out "$(json_for kd_step-imagenet)" ;;
+    forward) run_step forward_imagenet forward 45 "$(json_for forward-imagenet)" -- \
+          "$PY" "$B/forward.py" --quick --models resnet18_imagenet,mobilenetv1_imagenet --image-size 32 \
+          --num-classes 10 --out "$(json_for forward-imagenet)" ;;
+  esac
+}
 if [ "$SMOKE" = 1 ]; then
   # Every bench in --quick mode, the same steps as on the GPU. A few size options on top keep the run near 5 minutes
   # on 2 CPU cores: the three KD steps all time the quick case (resnet8->resnet8, batch 16, float32; the first
@@ -273,10 +301,12 @@ if [ "$SMOKE" = 1 ]; then
     "$PY" "$B/kd_step.py" $KD --distillers none --out "$(json_for kd_step-r56-r20-b512-bf16)"
   run_step tstddev tstddev 120 "$(json_for tstddev_quick)" -- \
     "$PY" "$B/tstddev.py" --quick --out "$(json_for tstddev_quick)"
+  imagenet_steps_smoke kd
   run_step augment augment 90 "$(json_for augment)" -- \
     "$PY" "$B/augment.py" --quick --batches 64 --out "$(json_for augment)"
   run_step forward forward 60 "$(json_for forward)" -- \
     "$PY" "$B/forward.py" --quick --models resnet8,wrn_16_1 --out "$(json_for forward)"
+  imagenet_steps_smoke forward
   run_step kd_distillers kd_step 75 "$(json_for kd_step-distillers)" -- \
     "$PY" "$B/kd_step.py" --quick --no-kd-drivers --distillers dkd,fsp --distiller-repeats 3 \
     --time-budget @STEP_BUDGET@ --out "$(json_for kd_step-distillers)"
@@ -300,10 +330,12 @@ else
     --steps 300 --out "$(json_for kd_step-r56-r20-b512-bf16)"
   run_step tstddev tstddev 110 "$(json_for tstddev_full)" -- \
     "$PY" "$B/tstddev.py" --out "$(json_for tstddev_full)"
+  imagenet_steps kd
   run_step augment augment 45 "$(json_for augment)" -- \
     "$PY" "$B/augment.py" --out "$(json_for augment)"
   run_step forward forward 45 "$(json_for forward)" -- \
     "$PY" "$B/forward.py" --out "$(json_for forward)"
+  imagenet_steps forward
   # Every distiller's step cost relative to KD (kd_step.py --distillers all: 17 distillers and the init stages of
   # ab, ft, fsp, 20 rows) on the batch-64 pair of the first step, whose KD and CRD programs it finds in the
   # compilation cache; ab and fsp reuse KD's program. Compile-bound (17 new programs, an estimated 10-30 s each on
