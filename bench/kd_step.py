@@ -47,7 +47,7 @@ the ImageNet zoo) at 224 px, 1000 classes, batch 256 bfloat16 on synthetic image
 them: one K = 10 chunk). Their step is the one the streamed ImageNet path runs (``steps.prepare_for`` of a streamed
 dataset: the host pipeline did RandomResizedCrop + flip, the step only normalises) with the scheme ``--aug``; so
 these rows are the device side of the ImageNet step, without the host input pipeline (``bench/input_pipeline.py``).
-Only the chunk driver is timed (a step of tens of milliseconds leaves nothing for K to amortise), no distiller
+Only the chunk driver is timed (a step this large leaves little dispatch overhead for K to amortise), no distiller
 comparison unless ``--distillers`` names some. ``--imagenet --quick``: the same pairs at 32 px, 10 classes, batch 2,
 a CPU smoke run.
 
@@ -93,14 +93,14 @@ CRD_TARGET_RATIO = 1.3  # CRD step cost / KD step cost at batch 64
 # host callback on CPU (kdjax/distillers/svd.py), outside XLA's pool, so nothing is skipped any more.
 CPU_LAPACK_DISTILLERS = ()
 LS = "+ls"  # suffix of a distiller spec: the same distiller with logit standardisation (loss.logit_stand)
-# The default order of --distillers (the priority under --time-budget): CRD first (it has a target), the original
-# repository's order of the others, logit standardisation, then the two-stage methods (init-stage rows too).
-# Registered names missing here (a distiller added later) come last; names not registered are left out.
 # --imagenet: the standard ImageNet KD pairs (CRD, DKD, DIST, logit standardisation) and their defaults
 IMAGENET_PAIRS = "resnet34_imagenet:resnet18_imagenet,resnet50_imagenet:mobilenetv1_imagenet"
 IMAGENET_DEFAULTS = dict(settings="256:bfloat16", chunk=10, steps=10, repeats=3, num_train=2560, image_size=224,
                          num_classes=1000)
 IMAGENET_QUICK = dict(settings="2:float32", chunk=1, steps=1, repeats=1, num_train=8, image_size=32, num_classes=10)
+# The default order of --distillers (the priority under --time-budget): CRD first (it has a target), the original
+# repository's order of the others, logit standardisation, then the two-stage methods (init-stage rows too).
+# Registered names missing here (a distiller added later) come last; names not registered are left out.
 DEFAULT_ORDER = ("crd", "hint", "at", "sp", "pkt", "rkd", "vid", "nst", "kdsvd", "cc", "dkd", "dist", "kd+ls",
                  "dkd+ls", "ft", "ab", "fsp")
 
@@ -173,7 +173,8 @@ def parse_args(argv=None):
     p.add_argument("--image-size", type=int, default=None, help="default 32; quick 16")
     p.add_argument("--num-classes", type=int, default=None, help="default 100")
     p.add_argument("--imagenet", action="store_true",
-                   help=f"the ImageNet KD pairs ({IMAGENET_PAIRS}) at 224 px, batch 256 bfloat16, chunk driver only")
+                   help=f"the ImageNet KD pairs ({IMAGENET_PAIRS}) at 224 px, batch 256 bfloat16, chunk driver "
+                        "only")
     p.add_argument("--no-kd-drivers", dest="kd_drivers", action="store_false",
                    help="skip the single/chunk KD throughput rows (only the distiller comparison)")
     p.add_argument("--distillers", default="all",
@@ -707,7 +708,8 @@ def main(argv=None):
 
     def record(r):
         rows.append(r)
-        print(f"{r['teacher'] + '->' + r['student']:<{40 if args.imagenet else 22}} {r['batch']:>5} {r['dtype']:<9} {r['distiller']:<9} "
+        pair_width = 40 if args.imagenet else 22
+        print(f"{r['teacher'] + '->' + r['student']:<{pair_width}} {r['batch']:>5} {r['dtype']:<9} {r['distiller']:<9} "
               f"{r['driver']:<7} {r['compile_s']:>9.1f} {r['ms_per_step']:>9.3f} {r['img_per_s']:>10,.0f}",
               flush=True)
         return r

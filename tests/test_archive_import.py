@@ -217,3 +217,12 @@ def test_a_single_file_import_records_the_same(tmp_path):
     results = json.loads((tmp_path / "t" / "results.json").read_text())
     assert results["source_sha256"] == record["source_sha256"] == sha256(source)
     assert results["digest"] == read_meta(str(tmp_path / "t"))["digest"] and results["source"] == str(source)
+
+
+def test_an_unknown_dataset_or_dtype_is_refused_before_anything_is_imported(tmp_path):
+    tar = make_tar(tmp_path / "t.tar", GOOD)
+    with pytest.raises(ValueError, match="unknown dataset 'cifar1000'"):
+        run_import(tar, tmp_path / "a", dataset="cifar1000")
+    with pytest.raises(ValueError, match="unknown dtype 'float8'"):
+        run_import(tar, tmp_path / "b", dtype="float8")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -8,7 +8,7 @@ import os
 
 from kdjax import models
 from kdjax.checkpoint import CheckpointError, archive_import, check_against_dataset, load_checkpoint
-from kdjax.data import DataNotFoundError, open_for
+from kdjax.data import DataNotFoundError, names as data_names, open_for, streams
 from kdjax.tasks import frame
 from kdjax.train import recipe as recipe_lib
 from kdjax.train.evaluate import evaluate_model
@@ -68,7 +68,16 @@ def evaluate_teachers(config, workdir):
     return evaluate_rows
 
 
+def check_archive_evaluation(config):
+    """What evaluating an archive's teachers needs from the config, checked before anything is imported."""
+    recipe_lib.compute_dtype(config.dtype)
+    if not (config.dataset in data_names() or streams(config.dataset)):
+        raise ValueError(f"unknown dataset {config.dataset!r}: valid names are {', '.join(data_names())}, imagenet, "
+                         f"imagenet100")
+
+
 def run(config, workdir):
     if config.source and archive_import.is_archive(config.source):
+        check_archive_evaluation(config)
         return archive_import.import_and_report(config, workdir, evaluate_teachers(config, workdir))
     return frame.run_frame(TASK, config, workdir)
