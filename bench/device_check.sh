@@ -272,11 +272,11 @@ imagenet_steps() {  # imagenet_steps kd|forward (GPU)
   esac
 }
 # CPU smoke: the KD step of one pair that builds both ImageNet families (a ResNet teacher, the MobileNetV1 student)
-# at 32 px, one step per dispatch: about 40 CPU-seconds on a quiet machine, most of it compiling (2 min 20 s of wall
-# time at load average 11 on 2 cores). Its forward is the `forward` step's forward.py code with other model names,
+# at 32 px, one step per dispatch: about 40 CPU-seconds, most of it compiling (2 min 20 s of wall time at load average
+# 11 on 2 cores). Its forward is the `forward` step's forward.py code with other model names,
 # so the smoke leaves forward_imagenet out; it comes late, so that under load it does not push out the CIFAR rows.
 imagenet_step_smoke() {
-  run_step kd_imagenet kd_step 75 "$(json_for kd_step-imagenet)" -- \
+  run_step kd_imagenet kd_step 120 "$(json_for kd_step-imagenet)" -- \
     "$PY" "$B/kd_step.py" --imagenet --quick --pairs resnet18_imagenet:mobilenetv1_imagenet \
     --out "$(json_for kd_step-imagenet)"
 }
