@@ -5,6 +5,8 @@
                                              # every distiller against KD on resnet56->resnet20 at batch 64 float32
     python bench/kd_step.py --pairs resnet56:resnet20 --settings 64:float32 --steps 1000 --distillers crd,dkd
     python bench/kd_step.py --quick          # CPU smoke run: resnet8->resnet8, 16x16, batch 16, a few steps
+    python bench/kd_step.py --imagenet       # resnet34->resnet18 and resnet50->mobilenetv1 (ImageNet zoo), 224 px,
+                                             # batch 256 bfloat16, chunk driver (--quick: 32 px, batch 2, CPU)
 
 What is timed is what ``kdjax.train.loop.fit`` runs: ``steps.make_kd_step`` (teacher on concat[x, x'], student on
 concat[x, x'] with per-half BatchNorm, SGD update) with the scheme ``--aug`` (default ``cutmix``), each batch
@@ -39,6 +41,15 @@ rows again), ``--compile-workers`` compiles several at once. ``--no-crd`` (the f
 none``; ``--crd-setting`` = ``--distiller-setting``.
 Distillers in ``CPU_LAPACK_DISTILLERS`` (none now) are skipped on XLA:CPU with jaxlib < 0.11 (``--cpu-lapack`` to
 run them).
+
+``--imagenet`` times the ImageNet KD pairs (``IMAGENET_PAIRS``: ResNet34 -> ResNet18 and ResNet50 -> MobileNetV1 of
+the ImageNet zoo) at 224 px, 1000 classes, batch 256 bfloat16 on synthetic images already on the device (2,560 of
+them: one K = 10 chunk). Their step is the one the streamed ImageNet path runs (``steps.prepare_for`` of a streamed
+dataset: the host pipeline did RandomResizedCrop + flip, the step only normalises) with the scheme ``--aug``; so
+these rows are the device side of the ImageNet step, without the host input pipeline (``bench/input_pipeline.py``).
+Only the chunk driver is timed (a step this large leaves little dispatch overhead for K to amortise), no distiller
+comparison unless ``--distillers`` names some. ``--imagenet --quick``: the same pairs at 32 px, 10 classes, batch 2,
+a CPU smoke run.
 
 The table goes to stdout and a JSON file to ``bench/results/kd_step_<device kind>_<date>[_quick].json``.
 """
@@ -82,6 +93,11 @@ CRD_TARGET_RATIO = 1.3  # CRD step cost / KD step cost at batch 64
 # host callback on CPU (kdjax/distillers/svd.py), outside XLA's pool, so nothing is skipped any more.
 CPU_LAPACK_DISTILLERS = ()
 LS = "+ls"  # suffix of a distiller spec: the same distiller with logit standardisation (loss.logit_stand)
+# --imagenet: the standard ImageNet KD pairs (CRD, DKD, DIST, logit standardisation) and their defaults
+IMAGENET_PAIRS = "resnet34_imagenet:resnet18_imagenet,resnet50_imagenet:mobilenetv1_imagenet"
+IMAGENET_DEFAULTS = dict(settings="256:bfloat16", chunk=10, steps=10, repeats=3, num_train=2560, image_size=224,
+                         num_classes=1000)
+IMAGENET_QUICK = dict(settings="2:float32", chunk=1, steps=1, repeats=1, num_train=8, image_size=32, num_classes=10)
 # The default order of --distillers (the priority under --time-budget): CRD first (it has a target), the original
 # repository's order of the others, logit standardisation, then the two-stage methods (init-stage rows too).
 # Registered names missing here (a distiller added later) come last; names not registered are left out.
@@ -155,7 +171,10 @@ def parse_args(argv=None):
     p.add_argument("--num-train", type=int, default=None, help="synthetic training set size (default 50000; "
                                                               "quick 512)")
     p.add_argument("--image-size", type=int, default=None, help="default 32; quick 16")
-    p.add_argument("--num-classes", type=int, default=100)
+    p.add_argument("--num-classes", type=int, default=None, help="default 100")
+    p.add_argument("--imagenet", action="store_true",
+                   help=f"the ImageNet KD pairs ({IMAGENET_PAIRS}) at 224 px, batch 256 bfloat16, chunk driver "
+                        "only")
     p.add_argument("--no-kd-drivers", dest="kd_drivers", action="store_false",
                    help="skip the single/chunk KD throughput rows (only the distiller comparison)")
     p.add_argument("--distillers", default="all",
@@ -191,6 +210,9 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny models and data, a few steps: a CPU smoke run")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/kd_step_<device>_<date>.json)")
     args = p.parse_args(argv)
+    if args.imagenet:
+        imagenet_defaults(args)
+    args.num_classes = args.num_classes or 100
     q = args.quick
     args.pair_list = parse_pairs(args.pairs or ("resnet8:resnet8" if q else "resnet56:resnet20,vgg13:vgg8"))
     args.setting_list = parse_settings(args.settings or ("16:float32" if q else "64:float32,512:bfloat16"))
@@ -232,6 +254,25 @@ def parse_args(argv=None):
     return args
 
 
+def imagenet_defaults(args):
+    """--imagenet: the unset options take IMAGENET_DEFAULTS (IMAGENET_QUICK with --quick); no distillers unless
+    --distillers names some."""
+    args.pairs = args.pairs or IMAGENET_PAIRS
+    for field, value in (IMAGENET_QUICK if args.quick else IMAGENET_DEFAULTS).items():
+        if getattr(args, field) is None:
+            setattr(args, field, value)
+    if args.distillers == "all":
+        args.distillers = "none"
+
+
+def case_prepare(dataset, teacher_name, student_name):
+    """The step's ``prepare``: for the ImageNet zoo what a streamed dataset gets (normalisation only: its host
+    pipeline crops and flips), for the CIFAR-sized zoo the original's pad-crop + flip + normalise."""
+    if teacher_name.endswith("_imagenet") or student_name.endswith("_imagenet"):
+        return lambda key, images: transforms.normalize(images, dataset.mean, dataset.std)
+    return steps.make_prepare(dataset.mean, dataset.std, transforms.default_pad(dataset.image_size))
+
+
 _INIT_STATES = {}
 
 
@@ -268,7 +309,7 @@ class Case:
         tx, _ = recipe.make_optimizer(0.05, self.steps_per_epoch, (150, 180, 210))
         distiller = distillers.create(name)
         self.distiller = distiller
-        prepare = steps.make_prepare(dataset.mean, dataset.std, transforms.default_pad(size))
+        prepare = case_prepare(dataset, teacher_name, student_name)
         key = jax.random.key(0)
         state = initial_model_state(student_name, student, tx, 0, size, classes, dtype, batch)
         teacher_vars = {k: v for k, v in
@@ -632,6 +673,26 @@ def compare_distillers(args, dataset, data, mesh, kd_cases, t_start):
     return rows
 
 
+def time_imagenet_pairs(args, dataset, data, mesh, record):
+    """--imagenet: the chunk driver of every pair and setting (summary entries: chunk img/s, step ms)."""
+    header = (f"{'pair':<40} {'batch':>5} {'dtype':<9} {'distiller':<9} {'driver':<7} {'compile s':>9} "
+              f"{'ms/step':>9} {'img/s':>10}")
+    print(header)
+    print("-" * len(header))
+    summary = []
+    for pair in args.pair_list:
+        for batch, dtype in args.setting_list:
+            case = Case(*pair, batch, dtype, "kd", dataset, data, mesh, args.aug)
+            chunk = record(row(pair, batch, dtype, "kd", "chunk", args.chunk, args.steps,
+                               *case.time_chunk(args.chunk, args.steps, args.repeats)))
+            summary.append({"teacher": pair[0], "student": pair[1], "batch": batch, "dtype": dtype,
+                            "image_size": args.image_size, "chunk_img_per_s": chunk["img_per_s"],
+                            "ms_per_step": chunk["ms_per_step"]})
+            case.release()
+            del case
+    return summary
+
+
 def main(argv=None):
     t_start = time.perf_counter()
     args = parse_args(argv)
@@ -647,12 +708,15 @@ def main(argv=None):
 
     def record(r):
         rows.append(r)
-        print(f"{r['teacher'] + '->' + r['student']:<22} {r['batch']:>5} {r['dtype']:<9} {r['distiller']:<9} "
+        pair_width = 40 if args.imagenet else 22
+        print(f"{r['teacher'] + '->' + r['student']:<{pair_width}} {r['batch']:>5} {r['dtype']:<9} {r['distiller']:<9} "
               f"{r['driver']:<7} {r['compile_s']:>9.1f} {r['ms_per_step']:>9.3f} {r['img_per_s']:>10,.0f}",
               flush=True)
         return r
 
-    if args.kd_drivers:
+    if args.kd_drivers and args.imagenet:
+        summary += time_imagenet_pairs(args, dataset, data, mesh, record)
+    elif args.kd_drivers:
         header = (f"{'pair':<22} {'batch':>5} {'dtype':<9} {'distiller':<9} {'driver':<7} {'compile s':>9} "
                   f"{'ms/step':>9} {'img/s':>10}")
         print(header)
@@ -684,7 +748,8 @@ def main(argv=None):
     print()
     for e in summary:
         line = (f"{e['teacher']}->{e['student']} batch {e['batch']} {e['dtype']}: chunk {e['chunk_img_per_s']:,.0f} "
-                f"img/s, {e['chunk_speedup']:.2f}x the one-step-per-dispatch loop")
+                f"img/s" + (f", {e['chunk_speedup']:.2f}x the one-step-per-dispatch loop" if "chunk_speedup" in e
+                            else f" ({e['ms_per_step']:.1f} ms per step)"))
         if "target_img_per_s" in e:
             line += (f"; {e['x_pytorch_h100']:.1f}x the PyTorch H100 figure {e['pytorch_h100_img_per_s']:,.0f} "
                      f"(target {e['target_img_per_s']:,.0f} on an H100)")
@@ -715,6 +780,7 @@ def main(argv=None):
         "repeats": args.repeats,
         "chunk": args.chunk,
         "quick": args.quick,
+        "imagenet": args.imagenet,
         "img_per_s": "original images per second: batch x steps / seconds (the step also runs x')",
         "command": " ".join(["bench/kd_step.py"] + (sys.argv[1:] if argv is None else list(argv))),
         "summary": summary,

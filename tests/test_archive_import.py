@@ -58,7 +58,7 @@ def run_import(source, workdir, **fields):
 def imported(tmp_path_factory):
     root = tmp_path_factory.mktemp("archive")
     tar = make_tar(root / "cifar_teachers.tar", dict(GOOD, **LEFT_OUT))
-    return tar, root / "teachers", run_import(tar, root / "teachers")
+    return tar, root / "teachers", run_import(tar, root / "teachers", data_dir=str(root / "no_data"))
 
 
 def test_every_teacher_of_the_tar_becomes_a_finished_workdir(imported, capsys):
@@ -81,15 +81,67 @@ def test_every_teacher_of_the_tar_becomes_a_finished_workdir(imported, capsys):
 
 def test_the_table_lists_the_teachers_and_every_file_left_out(tmp_path, capsys):
     tar = make_tar(tmp_path / "t.tar", dict(GOOD, **LEFT_OUT))
-    run_import(tar, tmp_path / "teachers")
+    rows = run_import(tar, tmp_path / "teachers", data_dir=str(tmp_path / "no_data"))
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert lines[0].split()[:4] == ["model", "classes", "epoch", "stored"]
+    assert lines[0].split()[:6] == ["model", "classes", "epoch", "stored", "top-1", "test"]
     assert lines[1].split()[:3] == ["resnet8", "100", "240"] and lines[2].split()[:3] == ["wrn_16_1", "100", "240"]
     for name in LEFT_OUT:
         assert name in out
     assert "an earlier epoch of resnet8" in out and "no zoo model 'resnet1202'" in out
     assert "--config.teacher_dir=" in out
+    # cifar100 is not under data_dir: '-' in the test top-1 column, and one line saying how to get it
+    assert [r.get("test_top1") for r in rows] == [None, None]
+    stored = f"{rows[0]['top1']:.2f}"
+    assert lines[1].split()[3:5] == [stored, "-"]
+    note = [line for line in lines if line.startswith("test top-1 not evaluated")]
+    assert len(note) == 1 and f"cifar100 is not prepared in {tmp_path / 'no_data'}" in note[0]
+    assert "--config.data_dir=DIR" in note[0] and "kdjax evaluate --config.checkpoint=" in note[0]
+
+
+def evaluate_teacher(teacher_dir, workdir, **dataset_options):
+    """``kdjax evaluate`` of one imported teacher on the synthetic test split."""
+    from kdjax.tasks import evaluate
+    config = load_config("evaluate", "dataset=synthetic,eval_batch_size=64")
+    config.checkpoint = str(teacher_dir)
+    config.dataset_options.update(dataset_options)
+    return evaluate.run(config, str(workdir))
+
+
+def synthetic_import(tar, teachers, **dataset_options):
+    from kdjax.tasks import import_torch
+    config = load_config("import_torch", "dataset=synthetic,eval_batch_size=32")
+    config.source = str(tar)
+    config.dataset_options.update(dataset_options)
+    return import_torch.run(config, str(teachers))
+
+
+def test_the_table_shows_the_top1_that_evaluate_gives_when_the_dataset_is_present(imported, tmp_path, capsys):
+    """The archive's teachers (100 classes, 32 px) on a present test split (synthetic at 100 classes): the
+    printed top-1 is ``kdjax evaluate``'s on the same teacher (another batch size, so another batching)."""
+    tar, teachers, _ = imported
+    options = dict(num_classes=100, num_train=8, num_test=300, seed=3)
+    capsys.readouterr()
+    rows = synthetic_import(tar, teachers, **options)  # already imported: evaluated all the same
+    out = capsys.readouterr().out
+    assert [r["status"] for r in rows] == ["done", "done"]
+    lines = out.splitlines()
+    for row, line in zip(rows, lines[1:3]):
+        expected = evaluate_teacher(teachers / row["model"], tmp_path / row["model"], **options)["top1"]
+        assert row["test_top1"] == expected
+        assert line.split()[:5] == [row["model"], "100", "240", f"{row['top1']:.2f}", f"{100 * expected:.2f}"]
+    assert "test top-1: on the 300 test images of synthetic" in out
+    # the two random teachers do not agree on every image: the column is not one value printed twice
+    assert rows[0]["test_top1"] != rows[1]["test_top1"] or rows[0]["test_top1"] not in (0.0, 1.0)
+
+
+def test_a_dataset_of_another_class_count_is_not_evaluated_in_one_line(imported, capsys):
+    tar, teachers, _ = imported
+    rows = synthetic_import(tar, teachers, num_classes=10, num_train=8, num_test=16)
+    out = capsys.readouterr().out
+    assert [r.get("test_top1") for r in rows] == [None, None]
+    note = [line for line in out.splitlines() if line.startswith("test top-1 not evaluated on synthetic")]
+    assert len(note) == 1 and "num_classes" in note[0]
 
 
 def test_a_second_run_keeps_what_is_imported(imported, capsys):
@@ -165,3 +217,12 @@ def test_a_single_file_import_records_the_same(tmp_path):
     results = json.loads((tmp_path / "t" / "results.json").read_text())
     assert results["source_sha256"] == record["source_sha256"] == sha256(source)
     assert results["digest"] == read_meta(str(tmp_path / "t"))["digest"] and results["source"] == str(source)
+
+
+def test_an_unknown_dataset_or_dtype_is_refused_before_anything_is_imported(tmp_path):
+    tar = make_tar(tmp_path / "t.tar", GOOD)
+    with pytest.raises(ValueError, match="unknown dataset 'cifar1000'"):
+        run_import(tar, tmp_path / "a", dataset="cifar1000")
+    with pytest.raises(ValueError, match="unknown dtype 'float8'"):
+        run_import(tar, tmp_path / "b", dtype="float8")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

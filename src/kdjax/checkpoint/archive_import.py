@@ -200,10 +200,15 @@ def _import_member(tar, source, teacher: Teacher, label: str, out_dir: str, num_
 
 
 def format_table(rows: List[dict], left_out: List[str]) -> str:
-    """The rows as an aligned text table, then the files left out."""
-    header = ("model", "classes", "epoch", "stored top-1", "status", "file")
-    lines = [header] + [(r["model"], str(r["classes"]), str(r["epoch"]),
-                         "-" if r["top1"] is None else f"{float(r['top1']):.2f}",
+    """The rows as an aligned text table, then the files left out. ``test top-1``: the teacher's top-1 (%) on the
+    test split as ``kdjax evaluate`` computes it (``row['test_top1']``, a fraction), '-' when not evaluated."""
+    header = ("model", "classes", "epoch", "stored top-1", "test top-1", "status", "file")
+
+    def percent(value, scale):
+        return "-" if value is None else f"{float(value) * scale:.2f}"
+
+    lines = [header] + [(r["model"], str(r["classes"]), str(r["epoch"]), percent(r["top1"], 1),
+                         percent(r.get("test_top1"), 100),
                          r["status"] if r["status"] != "failed" else f"FAILED: {r['error']}", r["file"])
                         for r in rows]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
@@ -222,18 +227,20 @@ def teacher_dirs(teacher_dir: str, zoo: List[str]) -> Dict[str, str]:
             if os.path.exists(os.path.join(teacher_dir, name, RESULTS))}
 
 
-def import_and_report(config, workdir: str) -> List[dict]:
-    """The ``import_torch`` task for an archive: import, print the table, and fail (after the others are
-    imported) naming the first teacher that did not import."""
+def import_and_report(config, workdir: str, evaluate_rows=None) -> List[dict]:
+    """The ``import_torch`` task for an archive: import, evaluate (``evaluate_rows(rows)``, when given, sets each
+    imported row's ``test_top1`` and returns a line to print, or None), print the table, and fail (after the
+    others are imported) naming the first teacher that did not import."""
     rows, left_out = import_archive(config.source, workdir, int(config.num_classes), int(config.image_size),
                                     config.dataset, config)
+    note = evaluate_rows(rows) if evaluate_rows is not None else None
     print(format_table(rows, left_out), flush=True)
+    if note:
+        print(note, flush=True)
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
         raise ValueError(f"{len(failed)} of {len(rows)} teachers did not import; first, {failed[0]['model']}: "
                          f"{failed[0]['error']}")
     print(f"[import_torch] {len(rows)} teachers in {os.path.abspath(workdir)}; give the sweep "
-          f"--config.teacher_dir={workdir}; their top-1 on the test split: kdjax evaluate "
-          f"--config.checkpoint={os.path.join(workdir, rows[0]['model'])} --workdir=DIR (one per teacher)",
-          flush=True)
+          f"--config.teacher_dir={workdir}", flush=True)
     return rows

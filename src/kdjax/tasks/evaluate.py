@@ -2,12 +2,12 @@
 import dataclasses
 from typing import Any
 
-from kdjax import models, parallel
+from kdjax import models
 from kdjax.checkpoint import CheckpointError, check_against_dataset, fill_data_fields, load_checkpoint, read_meta
-from kdjax.data import open_for, place
+from kdjax.data import open_for
 from kdjax.tasks import frame
 from kdjax.train import recipe as recipe_lib
-from kdjax.train.evaluate import eval_batch_size, make_evaluator
+from kdjax.train.evaluate import evaluate_model
 
 
 def check(config):
@@ -35,12 +35,9 @@ def load(config, _) -> Inputs:
 
 
 def run_evaluation(config, workdir, inputs: Inputs):
-    dataset, mesh = inputs.dataset, parallel.make_mesh()
-    model = models.create(inputs.model_name, dataset.num_classes, dataset.image_size,
-                          recipe_lib.compute_dtype(config.dtype))
-    evaluate = make_evaluator(model, dataset.mean, dataset.std,
-                              eval_batch_size(int(config.eval_batch_size), mesh.size), dataset.num_test, mesh)
-    out = evaluate(inputs.variables, place(dataset, mesh))
+    dataset = inputs.dataset
+    out = evaluate_model(inputs.model_name, inputs.variables, dataset, recipe_lib.compute_dtype(config.dtype),
+                         int(config.eval_batch_size))
     results = {"task": "evaluate", "model": inputs.model_name, "dataset": dataset.name, **out,
                "checkpoint": config.checkpoint}
     line = (f"[evaluate] {inputs.model_name} on {dataset.name}: test_loss {out['test_loss']:.6f} top1 "

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kdjax import parallel
+from kdjax import models, parallel
 from kdjax.augment import transforms
-from kdjax.data.placement import is_streamed
+from kdjax.data.placement import is_streamed, place
 
 
 def masked_sums(model, variables, images, y, mask, mean, std):
@@ -84,3 +84,14 @@ def make_streamed_evaluator(model, mean, std, batch_size: int, num_examples: int
 def eval_batch_size(requested: int, num_devices: int) -> int:
     """The requested size rounded up to a multiple of the device count."""
     return -(-requested // num_devices) * num_devices
+
+
+def evaluate_model(model_name: str, variables, dataset, dtype, requested_batch_size: int, mesh=None) -> dict:
+    """``{'test_loss', 'top1', 'top5'}`` of zoo model ``model_name`` with ``variables`` on ``dataset``'s test split
+    (in memory or streamed), computed in ``dtype``: what ``kdjax evaluate`` reports, and the archive import's
+    evaluated top-1."""
+    mesh = mesh if mesh is not None else parallel.make_mesh()
+    model = models.create(model_name, dataset.num_classes, dataset.image_size, dtype)
+    evaluate = make_evaluator(model, dataset.mean, dataset.std, eval_batch_size(requested_batch_size, mesh.size),
+                              dataset.num_test, mesh)
+    return evaluate(variables, place(dataset, mesh))

@@ -27,11 +27,15 @@ RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 
 def decode_rgb(data: bytes):
-    """A PIL RGB image from encoded bytes, as torchvision's ``pil_loader`` (greyscale and CMYK JPEGs -> RGB)."""
+    """A PIL RGB image from encoded bytes, as torchvision's ``pil_loader`` (greyscale and CMYK JPEGs -> RGB).
+
+    An RGB image is returned as decoded: ``convert("RGB")`` of an RGB image is a full copy (8% of the train
+    transform's time, bench/NOTES.md), with the same pixels."""
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as image:
-        return image.convert("RGB")
+        image.load()
+        return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -86,11 +90,12 @@ def center_crop_box(height: int, width: int, size: int = TRAIN_SIZE) -> tuple[in
 
 
 def train_transform(data: bytes, rng: np.random.Generator, size: int = TRAIN_SIZE) -> np.ndarray:
-    """RandomResizedCrop(size) + RandomHorizontalFlip on encoded bytes -> uint8 [size, size, 3]."""
+    """RandomResizedCrop(size) + RandomHorizontalFlip on encoded bytes -> uint8 [size, size, 3] (a flipped image is
+    a reversed view: the batch's ``np.stack`` makes the one copy)."""
     image = decode_rgb(data)
     top, left, h, w = random_resized_crop_params(rng, image.height, image.width)
     out = resized_crop(image, top, left, h, w, size)
-    return np.ascontiguousarray(out[:, ::-1]) if rng.random() < 0.5 else out
+    return out[:, ::-1] if rng.random() < 0.5 else out
 
 
 def resize_for(size: int) -> int:
