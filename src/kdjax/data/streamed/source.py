@@ -180,10 +180,11 @@ class StreamedDataset:
     placement: str = "streamed"
 
     @classmethod
-    def open(cls, root, *, verify: bool = True, image_size: int = transforms.TRAIN_SIZE) -> "StreamedDataset":
-        """The prepared dataset in ``root`` (``prepare.dataset_root(data_dir, name)``); ``verify`` checks every
-        shard's SHA-256 against the manifest first (a corrupt shard is refused, naming it). Pins glibc's mmap
-        threshold (``pin_malloc_mmap_threshold``) so that host memory stays flat over the epochs."""
+    def open(cls, root, *, verify: bool | str = True, image_size: int = transforms.TRAIN_SIZE) -> "StreamedDataset":
+        """The prepared dataset in ``root`` (``prepare.dataset_root(data_dir, name)``); ``verify`` checks the
+        shards' SHA-256 against the manifest first (a corrupt shard is refused, naming it): ``'changed'`` (True)
+        re-hashes only shards changed since their last match, ``'always'`` all of them (``records.verify_shards``).
+        Pins glibc's mmap threshold (``pin_malloc_mmap_threshold``) so that host memory stays flat over the epochs."""
         pin_malloc_mmap_threshold()
         return cls(records.open_manifest(root, verify=verify), image_size)
 
@@ -194,15 +195,22 @@ class StreamedDataset:
     num_train = property(lambda self: self.manifest.count("train"))
     num_test = property(lambda self: self.manifest.count("test"))
 
+    @property
+    def train_labels(self) -> np.ndarray:
+        """int32 [num_train] in example-index order, from the manifest (CRD's class tables; its memory banks are
+        indexed by the ``indices`` every batch carries)."""
+        return self.manifest.labels("train")
+
     def train_steps(self, plan: epochs_lib.EpochPlan, num_epochs: int, seed: int,
-                    share: Optional[ProcessShare] = None):
-        """The grain ``MapDataset`` of training steps ``0 .. num_epochs * plan.steps_per_epoch - 1``."""
+                    share: Optional[ProcessShare] = None, pad_to: Optional[int] = None):
+        """The grain ``MapDataset`` of training steps ``0 .. num_epochs * plan.steps_per_epoch - 1`` (``pad_to``:
+        ``TrainBatch``)."""
         import grain
 
         if plan.num_train != self.num_train:
             raise ValueError(f"the plan is for {plan.num_train} examples, the dataset has {self.num_train}")
         share = share or ProcessShare.current()
-        fn = TrainBatch(self.manifest.paths("train"), plan, seed, share, self.image_size)
+        fn = TrainBatch(self.manifest.paths("train"), plan, seed, share, self.image_size, pad_to)
         return grain.MapDataset.range(num_epochs * plan.steps_per_epoch).map(fn)
 
     def eval_steps(self, batch_size: int, share: Optional[ProcessShare] = None):
