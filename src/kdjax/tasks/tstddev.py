@@ -59,6 +59,7 @@ def check(config) -> None:
         raise ValueError(f"augment.mix_n_run must be >= 2 (CutMixPick picks from several CutMix draws), got "
                          f"{config.augment.mix_n_run}")
     fill_data_fields(config, read_meta(config.teacher_checkpoint))
+    recipe_lib.check_streamed_fields(config)
 
 
 def _row(name: str, r: dict) -> str:
