@@ -259,6 +259,7 @@ def prepare_dataset(name: str, manual_dir, data_dir, *, classes: Sequence[str] |
                                 root=root, label_counts={split: label_counts(refs_by_split[split], len(classes))
                                                          for split in records.SPLITS})
     records.write_manifest(manifest, root)
+    records.record_verified(manifest)  # the digests were computed from the bytes just written or re-hashed above
     return manifest
 
 

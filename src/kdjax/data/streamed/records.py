@@ -200,6 +200,14 @@ def verify_shards(manifest: Manifest, splits: Sequence[str] = SPLITS, threads: i
     return [path.name for path, _ in todo]
 
 
+def record_verified(manifest: Manifest) -> None:
+    """Record every shard's current identity beside the digest its preparation just computed, so that the first
+    launch after ``prepare_data`` does not hash the dataset again."""
+    entries = {s.file: {**_identity(manifest.root / s.file), "sha256": s.sha256}
+               for split in manifest.shards for s in manifest.shards[split]}
+    _write_verified(manifest.root, {**_read_verified(manifest.root), **entries})
+
+
 def open_manifest(root, verify: bool | str = True) -> Manifest:
     """The manifest of the prepared dataset in ``root``; ``verify`` (True: ``'changed'``, or ``'always'``; False:
     not at all) checks the shards' digests first (``verify_shards``)."""
