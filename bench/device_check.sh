@@ -83,7 +83,7 @@ MIN_STEP_S=20     # a step with less time than this left is skipped
 
 PY="${PYTHON:-python3}"
 DEPS_DIR="$REPO/build/device_check_pydeps"
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"  # the package lives in src/ (kdjax/__init__.py there)
 [ -d "$DEPS_DIR" ] && export PYTHONPATH="$PYTHONPATH:$DEPS_DIR"
 export PYTHONUNBUFFERED=1
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-1}"
@@ -176,7 +176,7 @@ EOF
 imports="$(printf '%s\n' "$PROBE" | grep '^IMPORTS|' | tail -1)"
 where="$(printf '%s\n' "$PROBE" | grep '^KDJAX|' | tail -1)"
 [ "${imports#IMPORTS|}" = ok ] || say "WARNING: the benchmarks need what does not import: ${imports#IMPORTS|}"
-[ "${where#KDJAX|}" = "$REPO" ] || say "WARNING: kdjax is not this checkout's: ${where#KDJAX|}"
+[ "${where#KDJAX|}" = "$REPO/src" ] || say "WARNING: kdjax is not this checkout's: ${where#KDJAX|}"
 probe_line="$(printf '%s\n' "$PROBE" | grep '^PROBE|' | tail -1)"
 if [ -z "$probe_line" ]; then
   printf '%s\n' "$PROBE" | tail -20
@@ -260,11 +260,11 @@ B="$REPO/bench"
 # --- streamed ImageNet KD step (bench/streamed_kd.py), one step called in both modes after `forward` --------------
 # resnet34_imagenet -> resnet18_imagenet at 224 px, batch 256, bfloat16, fed by the streamed source (grain threads
 # decode + RandomResizedCrop synthetic JPEG records on the host) through `kdjax distill`: end-to-end images/s.
-# Planned 150 s on the GPU (records ~15 s, compiles ~60-90 s, 32 steps); 90 s in --cpu-smoke (resnet8, 32 px).
+# Planned 150 s on the GPU (records ~15 s, compiles ~60-90 s, 32 steps); 120 s in --cpu-smoke (resnet8, 32 px).
 # It runs before kd_distillers and sweep_share, which get that much less of the overall budget.
 streamed_kd_step() {
   if [ "$SMOKE" = 1 ]; then
-    run_step streamed_kd streamed_kd 90 "$(json_for streamed_kd)" -- \
+    run_step streamed_kd streamed_kd 120 "$(json_for streamed_kd)" -- \
       "$PY" "$B/streamed_kd.py" --quick --out "$(json_for streamed_kd)"
   else
     run_step streamed_kd streamed_kd 150 "$(json_for streamed_kd)" -- \

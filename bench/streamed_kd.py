@@ -97,7 +97,9 @@ def run_bench(base, args, quick, teacher, student, size, batch, dtype, images, e
 
     t0 = time.perf_counter()
     tree = write_tree(base / "manual", images, num_classes, distinct)
-    prepare_dataset("imagenet", base / "manual", base / "data", classes=tree["classes"], progress_every=0)
+    # --quick: in-process (a pool of spawned workers costs more than its 100 records)
+    prepare_dataset("imagenet", base / "manual", base / "data", classes=tree["classes"], progress_every=0,
+                    workers=1 if quick else None)
     prepare_s = time.perf_counter() - t0
     print(f"{images} train records ({distinct} distinct JPEGs, {tree['mean_kb']:.0f} KB mean) prepared in "
           f"{prepare_s:.1f} s", flush=True)
