@@ -18,6 +18,10 @@ Randomness (everything drawn on the device, one key per run):
 ``run_keys``, ``epoch_permutation``, ``base_step_key`` and ``scheme_step_key`` are those derivations, so that a
 reference written step by step reproduces a run exactly.
 
+A streamed dataset (ImageNet, ImageNet-100: ``host_crop``) takes its epoch orders and its RandomResizedCrop + flip
+from the host pipeline (``StreamedDataset.train_steps`` with the seed ``streamed_host_seed``), one dispatch per step;
+the schemes' keys are the same ``scheme_step_key``s (``Evaluator._run_streamed``).
+
 Several schemes at once (``aug='all'``): one compiled program advances all of them in lockstep over the same base
 batches, i.e. with common random numbers: every scheme sees the same permutation and the same crop+flip of each
 step, and the teacher's forward of the original batch runs once per step for all of them. Each scheme's result is
