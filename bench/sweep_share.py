@@ -49,7 +49,7 @@ def main(argv=None):
     env = dict(os.environ)
     teacher_dir = os.path.join(root, "teacher")
     proc = launch(f"teacher.py:model={args.teacher},dataset=synthetic,epochs=1", teacher_dir,
-                  data + ["--config.optim.lr=0.0"], env)
+                  data + ["--config.optim.lr=1e-9"], env)  # the weights barely move; lr must be > 0
     if proc.wait():
         raise SystemExit(f"teacher run failed: {proc.stderr.read()[-2000:]}")
     import jax
