@@ -24,6 +24,7 @@
 #   augment              augment.py: the nine schemes + base crop+flip, batch 64 and 1024                      45 s
 #   forward              forward.py: eval forward of every zoo model, batch 1024 float32                      45 s
 #   forward_imagenet     forward.py: eval forward of the ImageNet zoo, 224 px, batch 256 bfloat16             45 s
+#   streamed_kd          streamed_kd.py: resnet34->resnet18 ImageNet KD, 224 px b256 bf16, streamed records 150 s
 #   kd_distillers        kd_step.py: every distiller's step vs KD, resnet56->resnet20 b64 float32, K=100     150 s
 #                        (paired windows; stops starting distillers at its budget: skip rows for the rest)
 #   sweep_share          sweep_share.py --procs 1,2,4,8 (N concurrent distill runs)            what is left (<= 400 s)
@@ -108,7 +109,7 @@ say "repository $REPO, python $PY, mode $([ "$SMOKE" = 1 ] && echo 'CPU smoke (-
 # --- 1. what kdjax needs: import first, install only the missing ones from WHEEL_DIR --------------------------
 # import name:distribution. The first group is needed by the benchmarks; the rest by other kdjax tasks.
 NEEDED="jax:jax flax:flax optax:optax orbax.checkpoint:orbax-checkpoint absl:absl-py numpy:numpy scipy:scipy ml_collections:ml-collections"
-OPTIONAL="tensorflow_datasets:tensorflow-datasets importlib_resources:importlib_resources PIL:pillow sklearn:scikit-learn matplotlib:matplotlib dm_pix:dm-pix ${DEVICE_CHECK_EXTRA_PACKAGES:-}"
+OPTIONAL="tensorflow_datasets:tensorflow-datasets importlib_resources:importlib_resources PIL:pillow sklearn:scikit-learn matplotlib:matplotlib dm_pix:dm-pix grain:grain array_record:array-record ${DEVICE_CHECK_EXTRA_PACKAGES:-}"
 missing_of() {  # prints the distributions of the given import:dist pairs that are not installed (no import run)
   "$PY" - "$@" <<'EOF' 2>/dev/null
 import importlib.util, sys
@@ -280,6 +281,21 @@ imagenet_step_smoke() {
     "$PY" "$B/kd_step.py" --imagenet --quick --pairs resnet18_imagenet:mobilenetv1_imagenet \
     --out "$(json_for kd_step-imagenet)"
 }
+# --- streamed ImageNet KD step (bench/streamed_kd.py), one step called in both modes after `forward` --------------
+# resnet34_imagenet -> resnet18_imagenet at 224 px, batch 256, bfloat16, fed by the streamed source (grain threads
+# decode + RandomResizedCrop synthetic JPEG records on the host) through `kdjax distill`: end-to-end images/s.
+# Planned 150 s on the GPU (records ~15 s, compiles ~60-90 s, 32 steps); 120 s in --cpu-smoke (resnet8, 32 px).
+# It runs before kd_distillers and sweep_share, which get that much less of the overall budget.
+streamed_kd_step() {
+  if [ "$SMOKE" = 1 ]; then
+    run_step streamed_kd streamed_kd 120 "$(json_for streamed_kd)" -- \
+      "$PY" "$B/streamed_kd.py" --quick --out "$(json_for streamed_kd)"
+  else
+    run_step streamed_kd streamed_kd 150 "$(json_for streamed_kd)" -- \
+      "$PY" "$B/streamed_kd.py" --out "$(json_for streamed_kd)"
+  fi
+}
+
 if [ "$SMOKE" = 1 ]; then
   # Every bench in --quick mode, the same steps as on the GPU. A few size options on top keep the run near 5 minutes
   # on 2 CPU cores: the three KD steps all time the quick case (resnet8->resnet8, batch 16, float32; the first
@@ -302,6 +318,7 @@ if [ "$SMOKE" = 1 ]; then
     "$PY" "$B/augment.py" --quick --batches 64 --out "$(json_for augment)"
   run_step forward forward 60 "$(json_for forward)" -- \
     "$PY" "$B/forward.py" --quick --models resnet8,wrn_16_1 --out "$(json_for forward)"
+  streamed_kd_step
   run_step kd_distillers kd_step 75 "$(json_for kd_step-distillers)" -- \
     "$PY" "$B/kd_step.py" --quick --no-kd-drivers --distillers dkd,fsp --distiller-repeats 3 \
     --time-budget @STEP_BUDGET@ --out "$(json_for kd_step-distillers)"
@@ -332,6 +349,7 @@ else
   run_step forward forward 45 "$(json_for forward)" -- \
     "$PY" "$B/forward.py" --out "$(json_for forward)"
   imagenet_steps forward
+  streamed_kd_step
   # Every distiller's step cost relative to KD (kd_step.py --distillers all: 17 distillers and the init stages of
   # ab, ft, fsp, 20 rows) on the batch-64 pair of the first step, whose KD and CRD programs it finds in the
   # compilation cache; ab and fsp reuse KD's program. Compile-bound (17 new programs, an estimated 10-30 s each on

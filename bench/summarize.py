@@ -262,8 +262,23 @@ def sweep_share_rows(data, log_text, quick):
     return rows
 
 
+# --- streamed_kd -------------------------------------------------------------------------------------------------
+STREAMED_LOG = re.compile(r"^(\S+)->(\S+) (\d+)px batch (\d+) (\S+) streamed: ([\d,]+) img/s")
+
+
+def streamed_kd_rows(data, log_text, quick):
+    """The ImageNet KD step fed by the streamed source (bench/streamed_kd.py): no target yet, the first measurement."""
+    if data is not None:
+        return [row(f"streamed KD {r['teacher']}->{r['student']} {r['image_size']}px b{r['batch']} {r['dtype']}",
+                    r["img_per_s"], "img/s", note=f"end to end, {r['host_cores']} host cores")
+                for r in data["results"]]
+    return [row(f"streamed KD {m.group(1)}->{m.group(2)} {m.group(3)}px b{m.group(4)} {m.group(5)}{PARTIAL}",
+                float(m.group(6).replace(",", "")), "img/s")
+            for m in map(STREAMED_LOG.match, log_text.splitlines()) if m]
+
+
 HANDLERS = {"kd_step": kd_step_rows, "forward": forward_rows, "augment": augment_rows, "tstddev": tstddev_rows,
-            "sweep_share": sweep_share_rows}
+            "sweep_share": sweep_share_rows, "streamed_kd": streamed_kd_rows}
 
 
 def guess_bench(path, data):

@@ -215,6 +215,36 @@ def test_corrupt_shard_is_detected_before_use(prepared, tmp_path):
         StreamedDataset.open(root)
 
 
+def test_unchanged_shards_are_not_hashed_again_and_a_damaged_one_still_is(prepared, tmp_path):
+    """verify='changed': a second launch checks the shards by size, mtime and ctime alone; a shard damaged in place
+    and given back its old size and mtime differs in ctime, is hashed again and refused; 'always' hashes all."""
+    import os
+    import shutil
+    import time
+
+    from kdjax.data.streamed import records
+
+    assert records.verify_shards(records.read_manifest(prepared.root)) == []  # prepare_data recorded its digests
+    root = tmp_path / "copy"
+    shutil.copytree(prepared.root, root)
+    files = [s.file for split in records.SPLITS for s in prepared.shards[split]]
+    manifest = records.read_manifest(root)
+    assert sorted(records.verify_shards(manifest)) == sorted(files)   # a copy (new ctimes): every shard
+    assert records.verify_shards(manifest) == []                      # then none
+    assert sorted(records.verify_shards(manifest, mode="always")) == sorted(files)
+    shard = root / files[1]
+    before = shard.stat()
+    time.sleep(0.01)  # a ctime on a coarse clock must still move
+    content = bytearray(shard.read_bytes())
+    content[len(content) // 3] ^= 0x01
+    shard.write_bytes(bytes(content))
+    os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))  # same size, same mtime
+    with pytest.raises(CorruptShardError, match=rf"{shard.name} has sha256 .* the shard is corrupt"):
+        StreamedDataset.open(root, verify="changed")
+    with pytest.raises(ValueError, match="verify must be one of changed, always"):
+        records.verify_shards(manifest, mode="sometimes")
+
+
 def test_unprepared_folder_is_one_line(tmp_path):
     with pytest.raises(NotPreparedError, match="holds no prepared dataset"):
         StreamedDataset.open(tmp_path)

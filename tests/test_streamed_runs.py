@@ -102,16 +102,17 @@ def test_resumed_from_a_checkpoint_inside_an_epoch_ends_as_the_uninterrupted_run
     assert stop % STEPS_PER_EPOCH
 
 
-def test_checkpoint_every_steps_is_refused_for_in_memory_datasets_and_crd_for_streamed_ones(straight, data_dir,
-                                                                                          tmp_path):
+def test_checkpoint_every_steps_is_refused_for_in_memory_datasets_and_a_placement_that_does_not_exist(
+        straight, data_dir, tmp_path):
     from kdjax.tasks import distill, teacher
     with pytest.raises(ValueError, match="checkpoint_every_steps applies to the streamed datasets"):
         teacher.run(teacher_config(data_dir, "model=tiny_cnn,dataset=digits,epochs=1",
                                    checkpoint_every_steps=5), str(tmp_path / "digits"))
-    config = load_config("distill", "student=tiny_cnn,distiller=crd")
-    config.teacher_checkpoint, config.data_dir = str(straight), str(data_dir)
-    with pytest.raises(ValueError, match="distiller=crd needs the training labels in memory"):
-        distill.run(config, str(tmp_path / "crd"))
+    config = load_config("distill", "student=tiny_cnn")
+    config.teacher_checkpoint, config.data_dir, config.placement = str(straight), str(data_dir), "device"
+    with pytest.raises(ValueError, match="placement=device: imagenet is read from prepared JPEG records"):
+        distill.run(config, str(tmp_path / "device"))
+    assert not (tmp_path / "device").exists()
     with pytest.raises(ValueError, match="checkpoint_every_steps must be >= 1"):
         teacher.run(teacher_config(data_dir, checkpoint_every_steps=0), str(tmp_path / "zero"))
     assert not (tmp_path / "digits").exists() or not any((tmp_path / "digits").iterdir())

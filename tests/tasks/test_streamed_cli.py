@@ -56,3 +56,37 @@ def test_a_dataset_not_prepared_is_one_line(tmp_path, capsys):
     assert exit_.value.code == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "imagenet100" in errors[0] and "prepare_data" in errors[0]
+
+
+def test_crd_on_streamed_records_uses_their_labels_and_indices(tmp_path):
+    """CRD's class tables come from the manifest's per-class counts (equal to the labels the records hold) and its
+    memory banks from the indices every streamed batch carries: a distill run on the streamed path runs it."""
+    from kdjax.checkpoint import save_model
+    from kdjax.data.streamed import StreamedDataset, dataset_root
+    from kdjax.data.streamed.records import decode_record
+    from test_tstddev_evaluator import _variables
+    import grain
+
+    manual = fab.write_tars(tmp_path / "manual", fab.make_images(seed=7))
+    data = [f"--config.data_dir={tmp_path / 'data'}"]
+    cli.main(["prepare_data", "--config.dataset=imagenet", f"--config.manual_dir={manual}", "--config.workers=1",
+              "--config.records_per_shard=16", f"--config.classes={','.join(fab.classes())}", *data,
+              f"--workdir={tmp_path / 'prepare'}"])
+    dataset = StreamedDataset.open(dataset_root(tmp_path / "data", "imagenet"), image_size=16)
+    source = grain.sources.ArrayRecordDataSource([str(p) for p in dataset.manifest.paths("train")])
+    held = [decode_record(source[i])[1:] for i in range(len(source))]
+    assert [index for _, index in held] == list(range(30))
+    np.testing.assert_array_equal(dataset.train_labels, [label for label, _ in held])
+    assert np.bincount(dataset.train_labels).tolist() == [6] * 5
+
+    meta = {"model": "tiny_cnn", "num_classes": 5, "image_size": 16, "dataset": "imagenet",
+            "mean": list(dataset.mean), "std": list(dataset.std)}
+    save_model(str(tmp_path / "teacher"), _variables(2, 16, 5, "tiny_cnn"), meta)
+    cli.main(["distill", "--config.student=tiny_cnn", f"--config.teacher_checkpoint={tmp_path / 'teacher'}",
+              "--config.distiller=crd", "--config.distill.nce_k=8", "--config.distill.feat_dim=8",
+              "--config.aug=identity", *SMALL[1:], "--config.epochs=2", *data, f"--workdir={tmp_path / 'student'}"])
+    student = results(tmp_path / "student")
+    assert (student["dataset"], student["distiller"]) == ("imagenet", "crd")
+    rows = [json.loads(line) for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
+    terms = [r["distill"] for r in rows if "distill" in r]
+    assert len(terms) == 8 and all(np.isfinite(terms))

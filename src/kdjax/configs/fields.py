@@ -23,11 +23,13 @@ RUN_FIELDS = dict(
     image_size=config_dict.placeholder(int),
     data_dir=config_dict.placeholder(str),
     manual_dir=config_dict.placeholder(str),
+    placement=config_dict.placeholder(str),
+    verify=config_dict.placeholder(str),
     eval_batch_size=500,
     compile_cache_dir=config_dict.placeholder(str),
 )
 
-DATA_FIELDS = ("dataset", "image_size", "data_dir", "manual_dir")
+DATA_FIELDS = ("dataset", "image_size", "data_dir", "manual_dir", "placement", "verify")
 
 
 def dataset_options() -> ml_collections.ConfigDict:
@@ -108,6 +110,9 @@ HELP = {
                   "the RandomResizedCrop / CenterCrop size (unset: 224)",
     "data_dir": "TFDS data_dir; unset: $KDJAX_DATA_DIR or ~/tensorflow_datasets",
     "manual_dir": "where the official archives (cifar-100-python.tar.gz, ...) are put for offline preparation",
+    "placement": "where the data lives: 'device' (in device memory), 'streamed' (prepared records read per step: "
+                 "imagenet, imagenet100); unset: auto, by dataset (docs/data.md, 'Placement')",
+    "verify": "streamed datasets: re-hash the shards 'changed' since their digest last matched (unset) or 'always'",
     "eval_batch_size": "test batch size",
     "compile_cache_dir": "JAX's persistent compilation cache (per device kind below it); unset: none, in a "
                          "sweep <workdir>/compile_cache",

@@ -3,7 +3,8 @@
 ``load(name, ...)`` returns a host ``Dataset`` (uint8 NHWC images, int32 labels, mean/std); ``DeviceDataset`` puts it
 on the devices of a ("data",) mesh and gathers batches inside jit. Built-in sources: ``cifar10``, ``cifar100``,
 ``tiny_imagenet`` (through tensorflow-datasets, prepared from the official archives), ``svhn`` (the official .mat
-files), ``digits`` (bundled with scikit-learn, no download) and ``synthetic``; ``register_source`` adds more.
+files), ``imagenet_resized`` (the downsampled-ImageNet npz files, 8-64 px), ``digits`` (bundled with scikit-learn,
+no download) and ``synthetic``; ``register_source`` adds more.
 ImageNet and ImageNet-100 do not fit in memory: ``kdjax.data.streamed`` prepares and streams them; ``open_for`` /
 ``place`` pick the streamed or the in-memory path from a run config.
 """
@@ -14,6 +15,7 @@ from kdjax.data.device import DeviceDataset
 from kdjax.data.placement import is_streamed, open_for, place, streams
 from kdjax.data.digits import load_digits
 from kdjax.data.svhn import load_svhn
+from kdjax.data.imagenet_resized import load_imagenet_resized
 from kdjax.data.synthetic import load_synthetic
 
 
@@ -31,6 +33,7 @@ def _tfds_source(name: str):
 register_source("digits", load_digits)
 register_source("synthetic", load_synthetic)
 register_source("svhn", load_svhn)
+register_source("imagenet_resized", load_imagenet_resized)
 for _name in ("cifar10", "cifar100", "tiny_imagenet"):
     register_source(_name, _tfds_source(_name))
 

@@ -25,7 +25,6 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import ml_collections
-from ml_collections import config_dict
 
 from kdjax.distillers.registry import option
 

@@ -20,7 +20,6 @@ def check(config) -> kd.KDMethod:
     else:
         fill_data_fields(config, None)
     recipe_lib.check_streamed_fields(config)
-    kd.check_streamed(config, method.distiller)
     return method
 
 

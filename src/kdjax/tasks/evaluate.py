@@ -5,6 +5,7 @@ from typing import Any
 from kdjax import models
 from kdjax.checkpoint import CheckpointError, check_against_dataset, fill_data_fields, load_checkpoint, read_meta
 from kdjax.data import open_for
+from kdjax.data.placement import check_placement
 from kdjax.tasks import frame
 from kdjax.train import recipe as recipe_lib
 from kdjax.train.evaluate import evaluate_model
@@ -17,6 +18,7 @@ def check(config):
         models.check_name(config.model)
     recipe_lib.compute_dtype(config.dtype)
     fill_data_fields(config, read_meta(config.checkpoint))
+    check_placement(config)
 
 
 @dataclasses.dataclass

@@ -17,7 +17,7 @@ from kdjax import augment, models, parallel, runlog, workdir as workdir_lib
 from kdjax.augment import transforms
 from kdjax.checkpoint import (check_against_dataset, fill_data_fields, fill_model_field, input_record,
                               load_checkpoint, read_meta)
-from kdjax.data import DeviceDataset, load_for
+from kdjax.data import is_streamed, open_for, place
 from kdjax.tasks import frame
 from kdjax.train import recipe as recipe_lib
 from kdjax.tstddev import Evaluator, make_plan
@@ -59,6 +59,7 @@ def check(config) -> None:
         raise ValueError(f"augment.mix_n_run must be >= 2 (CutMixPick picks from several CutMix draws), got "
                          f"{config.augment.mix_n_run}")
     fill_data_fields(config, read_meta(config.teacher_checkpoint))
+    recipe_lib.check_streamed_fields(config)
 
 
 def _row(name: str, r: dict) -> str:
@@ -103,7 +104,7 @@ def load(config, _) -> Inputs:
     if BY_STUDENT in names:
         inputs.student_vars, inputs.student_meta, inputs.student_name = load_checkpoint(
             config.student_checkpoint, config.student or None, "student")
-    inputs.dataset = load_for(config)
+    inputs.dataset = open_for(config)  # ImageNet / ImageNet-100: the streamed source
     for meta, path in ((teacher_meta, config.teacher_checkpoint), (inputs.student_meta, config.student_checkpoint)):
         if meta is not None:
             check_against_dataset(meta, path, inputs.dataset)
@@ -131,15 +132,16 @@ def run_tstddev(config, workdir, inputs: Inputs):
                if inputs.student_name else None)
     evaluator = Evaluator(teacher, schemes, dataset.num_classes, plan, dataset.mean, dataset.std,
                           transforms.default_pad(dataset.image_size), student=student,
-                          float32_exact=config.dtype == "float32")
+                          float32_exact=config.dtype == "float32", host_crop=is_streamed(dataset))
     mesh = parallel.make_mesh()
-    data = DeviceDataset.create(dataset, mesh)
+    data = place(dataset, mesh)
     log = runlog.ProgressLog("tstddev")
-    log.line(f"{config.teacher} on {dataset.name}, {runlog.devices_line(mesh.size)}: {len(names)} scheme(s), "
+    where = " (streamed)" if is_streamed(dataset) else ""
+    log.line(f"{config.teacher} on {dataset.name}{where}, {runlog.devices_line(mesh.size)}: {len(names)} scheme(s), "
              f"{plan.epochs} epochs x "
              f"{plan.steps_per_epoch} steps (short batch {plan.short_batch}), {plan.expected_groups()} groups; "
              f"compiling")
-    compile_s = evaluator.compile(inputs.teacher_vars, data, inputs.student_vars, int(config.seed))
+    compile_s = evaluator.compile(inputs.teacher_vars, data, inputs.student_vars, int(config.seed), mesh)
     log.line(f"compiled in {compile_s:.1f} s; {evaluator.teacher_rows_per_step()} teacher rows per step")
 
     def on_chunk(r):
@@ -153,7 +155,7 @@ def run_tstddev(config, workdir, inputs: Inputs):
                          f"TotalStep {r.global_step - 1} MeanStd {v:.6f} MeanEntropy {h:.6f}", tag=f"tstddev:{n}")
 
     out = evaluator.run(inputs.teacher_vars, data, student_vars=inputs.student_vars, seed=int(config.seed),
-                        on_chunk=on_chunk)
+                        on_chunk=on_chunk, mesh=mesh)
     parts, all_results = [], {}
     records = consumed(config, inputs)  # the student scores CutMixPick (S. ent.) only: the other schemes' inputs
     teacher_only = {role: r for role, r in records.items() if role != "student"}  # are the teacher alone

@@ -113,15 +113,6 @@ def validate(config) -> KDMethod:
     return method
 
 
-def check_streamed(config, distiller) -> None:
-    """A streamed dataset (ImageNet) carries no label array in memory: CRD's class tables and memory banks, sized
-    from the training labels, are not built for it yet."""
-    from kdjax.data import streams
-    if streams(config.dataset) and distiller.needs_indices:
-        raise ValueError(f"distiller={config.distiller} needs the training labels in memory (memory banks), which "
-                         f"the streamed dataset {config.dataset} does not load: use another distiller on it")
-
-
 def check_feature_shapes(config, distiller, num_classes: int) -> None:
     """A distiller that cannot pair these two models' features (FSP's equal channels) fails here, in one line,
     before any data is loaded."""

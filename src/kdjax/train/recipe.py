@@ -72,8 +72,12 @@ STEP_CHECKPOINTS_STREAMED_ONLY = (
 
 
 def check_streamed_fields(config) -> None:
-    """Fields that only a streamed dataset can honour, once the run's dataset is known (before any loading)."""
+    """The placement (``kdjax.data.placement.check_placement``) and the fields that only a streamed dataset can
+    honour, once the run's dataset is known (before any loading)."""
     from kdjax.data import streams
+    from kdjax.data.placement import check_placement
+
+    check_placement(config)
     if config.get("checkpoint_every_steps") is not None and not streams(config.dataset):
         raise ValueError(STEP_CHECKPOINTS_STREAMED_ONLY)
 

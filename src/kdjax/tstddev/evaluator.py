@@ -18,6 +18,10 @@ Randomness (everything drawn on the device, one key per run):
 ``run_keys``, ``epoch_permutation``, ``base_step_key`` and ``scheme_step_key`` are those derivations, so that a
 reference written step by step reproduces a run exactly.
 
+A streamed dataset (ImageNet, ImageNet-100: ``host_crop``) takes its epoch orders and its RandomResizedCrop + flip
+from the host pipeline (``StreamedDataset.train_steps`` with the seed ``streamed_host_seed``), one dispatch per step;
+the schemes' keys are the same ``scheme_step_key``s (``Evaluator._run_streamed``).
+
 Several schemes at once (``aug='all'``): one compiled program advances all of them in lockstep over the same base
 batches, i.e. with common random numbers: every scheme sees the same permutation and the same crop+flip of each
 step, and the teacher's forward of the original batch runs once per step for all of them. Each scheme's result is
@@ -152,11 +156,13 @@ def _precision_context(float32_exact: bool):
 
 
 def make_step_probs(teacher, schemes: Sequence[Any], *, mean, std, pad: int, student=None,
-                    float32_exact: bool = True, counts: Optional[ForwardCount] = None) -> Callable:
+                    float32_exact: bool = True, counts: Optional[ForwardCount] = None,
+                    host_crop: bool = False) -> Callable:
     """``fn(teacher_vars, student_vars, images_uint8, labels, base_key, scheme_keys) -> (probs_x, probs_aug,
     labels_aug, student_aug)``.
 
-    One step, for an arbitrary batch: base crop+flip and normalisation, each scheme's x' with its key
+    One step, for an arbitrary batch: base crop+flip and normalisation (``host_crop``: normalisation only, the
+    streamed source's host pipeline cropped and flipped already; ``base_key`` is then unused), each scheme's x' with its key
     (``scheme_keys`` [n_schemes]), the teacher's softmax (T = 1, float32) on x ([B, C]) and on each x' (a tuple of
     [rows_s, C]). ``student`` (a module run in eval mode) scores CutMixPick by student entropy. ``labels_aug``: per
     scheme the dominant labels of x' [rows_s] (``transforms.dominant_labels``); ``student_aug``: per scheme the
@@ -175,7 +181,8 @@ def make_step_probs(teacher, schemes: Sequence[Any], *, mean, std, pad: int, stu
 
     def step_probs(teacher_vars, student_vars, images_uint8, labels, base_key, scheme_keys):
         with _precision_context(float32_exact):
-            x = transforms.base_train_batch(base_key, images_uint8, mean, std, pad)
+            x = (transforms.normalize(images_uint8, mean, std) if host_crop
+                 else transforms.base_train_batch(base_key, images_uint8, mean, std, pad))
             batch = x.shape[0]
             pending = []          # (scheme index, images) that need a teacher forward
             ready = {}            # scheme index -> logits already known
@@ -249,6 +256,69 @@ def _stack_schemes(per_scheme, rows: int, steps: int):
     return jnp.stack(values, axis=1), jnp.stack(masks, axis=1)
 
 
+def make_block_update(step_probs: Callable, estimator: GroupedStddev, metrics: AugmentedMetrics) -> Callable:
+    """``update((states, metric_states), teacher_vars, student_vars, images, labels, steps, base_keys, streams,
+    valid) -> (states, metric_states)``: a block of S steps (``images`` [S, B, ...], ``labels`` [S, B], global
+    ``steps`` [S], ``base_keys`` [S], ``valid`` [S] bool) through one teacher forward (``step_probs`` vmapped over
+    the steps), their entries added to every scheme's estimator in step order (x, then x') and their rows to the
+    teacher-side metrics. Steps that are not ``valid`` add nothing."""
+    vmapped = jax.vmap(step_probs, in_axes=(None, None, 0, 0, 0, 0))
+    add_shared = jax.vmap(estimator.update, in_axes=(0, None, None))
+    add_each = jax.vmap(estimator.update, in_axes=(0, 0, 0))
+    add_metrics = jax.vmap(metrics.update)
+
+    def update(carry, teacher_vars, student_vars, images, labels, steps, base_keys, streams, valid):
+        states, metric_states = carry
+        steps_per_forward = steps.shape[0]
+        scheme_keys = jax.vmap(lambda t: jax.vmap(lambda s: jax.random.fold_in(s, t))(streams))(steps)
+        probs_x, probs_aug, labels_aug, student_aug = vmapped(teacher_vars, student_vars, images, labels,
+                                                              base_keys, scheme_keys)
+        rows = max(p.shape[1] for p in probs_aug)
+        padded = [jax.vmap(lambda p: _pad_rows(p, rows))(p) for p in probs_aug]
+        aug = jnp.stack([p for p, _ in padded], axis=1)      # [steps, schemes, rows, C]
+        aug_mask = jnp.stack([m for _, m in padded], axis=1)  # [steps, schemes, rows]
+
+        def entry(states, j):
+            mask_x = jnp.broadcast_to(valid[j], probs_x.shape[1:2])
+            states = add_shared(states, probs_x[j], mask_x)
+            return add_each(states, aug[j], aug_mask[j] & valid[j]), None
+
+        states, _ = jax.lax.scan(entry, states, jnp.arange(steps_per_forward))
+
+        # The teacher-side metrics are sums over rows, so the block's rows of each scheme are added at once.
+        labels_stacked, _ = _stack_schemes(labels_aug, rows, steps_per_forward)
+        student_stacked, student_mask = _stack_schemes(student_aug, rows, steps_per_forward)
+        real = aug_mask & valid[:, None, None]
+
+        def by_scheme(a):  # [steps, schemes, rows, ...] -> [schemes, steps * rows, ...]
+            a = jnp.swapaxes(a, 0, 1)
+            return a.reshape((a.shape[0], -1) + a.shape[3:])
+
+        metric_states = add_metrics(metric_states, by_scheme(aug), by_scheme(labels_stacked), by_scheme(real),
+                                    by_scheme(student_stacked), by_scheme(student_mask))
+        return states, metric_states
+
+    return update
+
+
+def make_streamed_step_fn(step_probs: Callable, estimator: GroupedStddev, *, rows: int,
+                          metrics: AugmentedMetrics) -> Callable:
+    """``step(states, teacher_vars, student_vars, batch, global_step, streams) -> (states, summary)``: one step of
+    the streamed source. ``batch`` is the global batch the host pipeline cropped and flipped (``TrainBatch`` with
+    ``pad_to``): its first ``rows`` rows are the step's real batch, the rest is padding (masked on the host) that
+    is cut off here, before the schemes draw their batch-level parameters (partners, CutMixPick's pool) from it."""
+    accumulate = make_block_update(step_probs, estimator, metrics)
+
+    def step(states, teacher_vars, student_vars, batch, global_step, streams):
+        images, labels = batch["images"][:rows], batch["labels"][:rows]
+        steps = jnp.reshape(global_step, (1,))
+        states = accumulate(states, teacher_vars, student_vars, images[None], labels[None], steps,
+                            jnp.zeros((1,), jnp.uint32), streams, jnp.ones((1,), bool))
+        return states, jax.vmap(estimator.result_arrays)(states[0])
+
+    return step
+
+
 def make_chunk_fn(step_probs: Callable, estimator: GroupedStddev, *, batch: int, slots: int,
                   steps_per_forward: int, metrics: AugmentedMetrics) -> Callable:
     """``chunk(states, teacher_vars, student_vars, data, perm, first_row, n_valid, global_step, base_key,
@@ -263,14 +333,10 @@ def make_chunk_fn(step_probs: Callable, estimator: GroupedStddev, *, batch: int,
     if slots % steps_per_forward:
         raise ValueError(f"slots ({slots}) must be a multiple of steps_per_forward ({steps_per_forward})")
     blocks = slots // steps_per_forward
-    vmapped = jax.vmap(step_probs, in_axes=(None, None, 0, 0, 0, 0))
-    add_shared = jax.vmap(estimator.update, in_axes=(0, None, None))
-    add_each = jax.vmap(estimator.update, in_axes=(0, 0, 0))
-    add_metrics = jax.vmap(metrics.update)
+    accumulate = make_block_update(step_probs, estimator, metrics)
 
     def chunk(states, teacher_vars, student_vars, data, perm, first_row, n_valid, global_step, base_key, streams):
         def block(carry, b):
-            states, metric_states = carry
             local = b * steps_per_forward + jnp.arange(steps_per_forward)
             idx = jax.vmap(lambda j: epochs_lib.batch_indices(perm, first_row + j * batch, batch))(local)
             images, labels = epochs_lib.gather_rows(data, idx.reshape(-1))
@@ -278,34 +344,8 @@ def make_chunk_fn(step_probs: Callable, estimator: GroupedStddev, *, batch: int,
             labels = labels.reshape((steps_per_forward, batch))
             steps = global_step + local
             base_keys = jax.vmap(base_step_key, in_axes=(None, 0))(base_key, steps)
-            scheme_keys = jax.vmap(lambda t: jax.vmap(lambda s: jax.random.fold_in(s, t))(streams))(steps)
-            probs_x, probs_aug, labels_aug, student_aug = vmapped(teacher_vars, student_vars, images, labels,
-                                                                  base_keys, scheme_keys)
-            rows = max(p.shape[1] for p in probs_aug)
-            padded = [jax.vmap(lambda p: _pad_rows(p, rows))(p) for p in probs_aug]
-            aug = jnp.stack([p for p, _ in padded], axis=1)      # [steps, schemes, rows, C]
-            aug_mask = jnp.stack([m for _, m in padded], axis=1)  # [steps, schemes, rows]
-            valid = local < n_valid
-
-            def entry(states, j):
-                mask_x = jnp.broadcast_to(valid[j], probs_x.shape[1:2])
-                states = add_shared(states, probs_x[j], mask_x)
-                return add_each(states, aug[j], aug_mask[j] & valid[j]), None
-
-            states, _ = jax.lax.scan(entry, states, jnp.arange(steps_per_forward))
-
-            # The teacher-side metrics are sums over rows, so the block's rows of each scheme are added at once.
-            labels_stacked, _ = _stack_schemes(labels_aug, rows, steps_per_forward)
-            student_stacked, student_mask = _stack_schemes(student_aug, rows, steps_per_forward)
-            real = aug_mask & valid[:, None, None]
-
-            def by_scheme(a):  # [steps, schemes, rows, ...] -> [schemes, steps * rows, ...]
-                a = jnp.swapaxes(a, 0, 1)
-                return a.reshape((a.shape[0], -1) + a.shape[3:])
-
-            metric_states = add_metrics(metric_states, by_scheme(aug), by_scheme(labels_stacked), by_scheme(real),
-                                        by_scheme(student_stacked), by_scheme(student_mask))
-            return (states, metric_states), None
+            return accumulate(carry, teacher_vars, student_vars, images, labels, steps, base_keys, streams,
+                              local < n_valid), None
 
         if blocks == 1:  # no loop around the teacher forward (slow on XLA:CPU, see kdjax.parallel)
             states, _ = block(states, 0)
@@ -357,6 +397,7 @@ class Evaluator:
     student: Any = None
     float32_exact: bool = True
     se_buckets: int = 256
+    host_crop: bool = False  # the data is a streamed source: crop + flip done on the host (``make_step_probs``)
 
     def __post_init__(self):
         names = [s.name for s in self.schemes]
@@ -369,8 +410,9 @@ class Evaluator:
         self.counts = ForwardCount()
         self._step_probs = make_step_probs(self.teacher, self.schemes, mean=self.mean, std=self.std, pad=self.pad,
                                            student=self.student, float32_exact=self.float32_exact,
-                                           counts=self.counts)
+                                           counts=self.counts, host_crop=self.host_crop)
         self._programs = None  # {"full": compiled, "short": compiled}, made by ``compile``
+        self._mesh = None      # the streamed programs' mesh
         self.compile_s = 0.0
 
     @property
@@ -389,10 +431,23 @@ class Evaluator:
                                stacked_init(self.metrics, len(self.schemes)))),
                 "replicated": replicated}
 
-    def compile(self, teacher_vars, data, student_vars=None, seed: int = 0) -> float:
-        """Compile the programs ahead of the loop, so that the loop's time is execution only; returns seconds."""
+    def _check_placement(self, data) -> bool:
+        """True for a streamed source; the evaluator's ``host_crop`` must say the same."""
+        from kdjax.data.placement import is_streamed
+
+        streamed = is_streamed(data)
+        if streamed != self.host_crop:
+            raise ValueError(f"the evaluator was built with host_crop={self.host_crop} for "
+                             f"{'a streamed' if streamed else 'an on-device'} dataset: set host_crop={streamed}")
+        return streamed
+
+    def compile(self, teacher_vars, data, student_vars=None, seed: int = 0, mesh=None) -> float:
+        """Compile the programs ahead of the loop, so that the loop's time is execution only; returns seconds.
+        ``data``: a ``DeviceDataset``, or a ``StreamedDataset`` with the ``mesh`` to run on (default all devices)."""
         if self._programs is not None:
             return self.compile_s
+        if self._check_placement(data):
+            return self._compile_streamed(teacher_vars, data, student_vars, seed, mesh)
         t0 = time.perf_counter()
         plan = self.plan
         inputs = self._inputs(data.mesh, teacher_vars, student_vars, seed)
@@ -413,16 +468,49 @@ class Evaluator:
         self.compile_s = time.perf_counter() - t0
         return self.compile_s
 
+    def _streamed_layout(self, mesh) -> Dict[str, tuple]:
+        """``{kind: (rows, padded rows)}`` of the full and short steps: the host pads every global batch to a
+        multiple of the device count (``TrainBatch``'s ``pad_to``)."""
+        plan = self.plan
+        pad = lambda rows: -(-rows // mesh.size) * mesh.size  # noqa: E731
+        kinds = {"full": plan.batch_size} if plan.full_steps else {}
+        if plan.short_batch:
+            kinds["short"] = plan.short_batch
+        return {kind: (rows, pad(rows)) for kind, rows in kinds.items()}
+
+    def _compile_streamed(self, teacher_vars, data, student_vars, seed: int, mesh) -> float:
+        from kdjax import parallel
+
+        t0 = time.perf_counter()
+        mesh = mesh if mesh is not None else parallel.make_mesh()
+        inputs = self._inputs(mesh, teacher_vars, student_vars, seed)
+        sharded = NamedSharding(mesh, P(mesh.axis_names[0]))
+        size = data.image_size
+        programs = {}
+        for kind, (rows, padded) in self._streamed_layout(mesh).items():
+            batch = {"images": jax.ShapeDtypeStruct((padded, size, size, 3), jnp.uint8, sharding=sharded),
+                     "labels": jax.ShapeDtypeStruct((padded,), jnp.int32, sharding=sharded),
+                     "indices": jax.ShapeDtypeStruct((padded,), jnp.int32, sharding=sharded),
+                     "mask": jax.ShapeDtypeStruct((padded,), jnp.bool_, sharding=sharded)}
+            fn = jax.jit(make_streamed_step_fn(self._step_probs, self.estimator, rows=rows, metrics=self.metrics),
+                         donate_argnums=0, out_shardings=inputs["replicated"])
+            programs[kind] = fn.lower(inputs["states"], inputs["teacher_vars"], inputs["student_vars"], batch,
+                                      jnp.zeros([], jnp.int32), inputs["streams"]).compile()
+        self._programs, self._mesh = programs, mesh
+        self.compile_s = time.perf_counter() - t0
+        return self.compile_s
+
     def teacher_rows_per_step(self, batch: Optional[int] = None) -> int:
         """Teacher rows actually run by one step of ``batch`` rows (default the full batch); known once compiled."""
         return self.counts.teacher.get(self.plan.batch_size if batch is None else batch, 0)
 
     def run(self, teacher_vars, data, student_vars=None, seed: int = 0,
-            on_chunk: Optional[Callable[[ChunkReport], None]] = None) -> Dict[str, Any]:
+            on_chunk: Optional[Callable[[ChunkReport], None]] = None, mesh=None) -> Dict[str, Any]:
         """Evaluate every scheme; returns {'results': {name: {tstddev, tstddev_se, groups, mean_entropy, ece,
         aug_top1, class_histogram_entropy, agreement, aug_rows}} (``kdjax.tstddev.teacher_metrics``),
         'eval_s', 'compile_s', 'teacher_rows', 'images_per_s', 'steps', ...}. ``data``: a
-        ``kdjax.data.DeviceDataset`` (its mesh is the programs' mesh).
+        ``kdjax.data.DeviceDataset`` (its mesh is the programs' mesh), or a ``kdjax.data.streamed.StreamedDataset``
+        (``_run_streamed``; ``mesh``: default all devices).
 
         ``on_chunk`` is called after every dispatch; its numbers are fetched one dispatch late, so that the host
         never waits for the device before queueing the next dispatch.
@@ -431,6 +519,8 @@ class Evaluator:
         if data.num_train != plan.num_train:
             raise ValueError(f"the plan was made for {plan.num_train} training examples, the data has "
                              f"{data.num_train}: make the plan from the same dataset")
+        if self._check_placement(data):
+            return self._run_streamed(teacher_vars, data, student_vars, seed, on_chunk, mesh)
         self.compile(teacher_vars, data, student_vars, seed)
         inputs = self._inputs(data.mesh, teacher_vars, student_vars, seed)
         permutation = jax.jit(epoch_permutation, static_argnums=2, out_shardings=inputs["replicated"])
@@ -438,24 +528,8 @@ class Evaluator:
         segments = plan.segments()
         rows_per_step = {"full": self.teacher_rows_per_step(plan.batch_size),
                          "short": self.teacher_rows_per_step(plan.short_batch)}
-        done_rows, global_step, pending = 0, 0, None
-        t0 = time.perf_counter()
-
-        def report(item):
-            if on_chunk is None or item is None:
-                return
-            summary, epoch, step_in_epoch, step, rows, epoch_end = item
-            summary = jax.device_get(summary)
-            elapsed = time.perf_counter() - t0
-            rate = step / elapsed if elapsed > 0 else 0.0
-            on_chunk(ChunkReport(epoch=epoch, step_in_epoch=step_in_epoch, global_step=step,
-                                 total_steps=plan.total_steps, groups=[int(g) for g in summary["groups"]],
-                                 tstddev=[float(v) for v in summary["tstddev"]],
-                                 mean_entropy=[float(v) for v in summary["mean_entropy"]],
-                                 images_per_s=rows / elapsed if elapsed > 0 else float("nan"),
-                                 eta_s=(plan.total_steps - step) / rate if rate > 0 else float("nan"),
-                                 epoch_end=epoch_end))
-
+        done_rows, global_step = 0, 0
+        report = _Reporter(on_chunk, plan)
         for epoch in range(plan.epochs):
             perm = permutation(inputs["perm_key"], epoch, plan.num_train).astype(jnp.int32)
             for k, seg in enumerate(segments):
@@ -465,19 +539,91 @@ class Evaluator:
                     inputs["base_key"], inputs["streams"])
                 global_step += seg.steps
                 done_rows += seg.steps * rows_per_step[seg.kind]
-                report(pending)
-                pending = (summary, epoch + 1, seg.first_step + seg.steps, global_step, done_rows,
-                           k == len(segments) - 1)
+                report.after(summary, epoch + 1, seg.first_step + seg.steps, global_step, done_rows,
+                             k == len(segments) - 1)
+        return self._finish(states, report, done_rows, global_step, rows_per_step)
+
+    def _finish(self, states, report: "_Reporter", done_rows: int, global_step: int, rows_per_step: dict) -> dict:
         final = jax.device_get(states)
-        eval_s = time.perf_counter() - t0
-        report(pending)
+        eval_s = time.perf_counter() - report.t0
+        report.flush()
         results = {name: {**self.estimator.result(jax.tree.map(lambda a, i=i: a[i], final[0])),
                           **self.metrics.result(jax.tree.map(lambda a, i=i: a[i], final[1]))}
                    for i, name in enumerate(self.names)}
         return {"results": results, "eval_s": eval_s, "compile_s": self.compile_s, "teacher_rows": done_rows,
                 "images_per_s": done_rows / eval_s if eval_s > 0 else float("nan"), "steps": global_step,
                 "teacher_rows_per_step": rows_per_step["full"],
-                "student_rows_per_step": self.counts.student.get(plan.batch_size, 0)}
+                "student_rows_per_step": self.counts.student.get(self.plan.batch_size, 0)}
+
+    def _run_streamed(self, teacher_vars, data, student_vars, seed: int, on_chunk, mesh) -> Dict[str, Any]:
+        """The streamed source's loop: one dispatch per step, on the global batches that the host pipeline reads,
+        crops and flips (``StreamedDataset.train_steps``: each process its share, every image of an epoch once,
+        padded to the device count), prefetched to the devices. The epoch orders and the host crops come from a
+        seed drawn from the run's permutation key; the schemes' keys are the on-device path's
+        (``scheme_step_key``). The states are replicated, so every process holds the results of the whole
+        batch: the reduction over processes happens inside the step."""
+        from kdjax.data.streamed import DeviceIterator, host_iterator
+
+        plan = self.plan
+        self.compile(teacher_vars, data, student_vars, seed, mesh)
+        mesh = self._mesh
+        inputs = self._inputs(mesh, teacher_vars, student_vars, seed)
+        host_seed = streamed_host_seed(seed)
+        steps = data.train_steps(plan.epoch, plan.epochs, host_seed, pad_to=mesh.size)
+        batches = DeviceIterator(host_iterator(steps), mesh)
+        layout = self._streamed_layout(mesh)
+        rows_per_step = {"full": self.teacher_rows_per_step(plan.batch_size),
+                         "short": self.teacher_rows_per_step(plan.short_batch)}
+        states, done_rows, global_step = inputs["states"], 0, 0
+        report = _Reporter(on_chunk, plan)
+        for epoch in range(plan.epochs):
+            for k in range(plan.steps_per_epoch):
+                kind = "full" if k < plan.full_steps else "short"
+                batch = next(batches)
+                if batch["images"].shape[0] != layout[kind][1]:  # the host pipeline and this plan disagree
+                    raise RuntimeError(f"step {global_step}: the host sent {batch['images'].shape[0]} rows, "
+                                       f"the {kind} program takes {layout[kind][1]}")
+                states, summary = self._programs[kind](states, inputs["teacher_vars"], inputs["student_vars"],
+                                                       batch, jnp.int32(global_step), inputs["streams"])
+                global_step += 1
+                done_rows += rows_per_step[kind]
+                report.after(summary, epoch + 1, k + 1, global_step, done_rows, k == plan.steps_per_epoch - 1)
+        return self._finish(states, report, done_rows, global_step, rows_per_step)
+
+
+def streamed_host_seed(seed: int) -> int:
+    """The seed of the streamed source's epoch orders and host crops (``StreamedDataset.train_steps``), drawn from
+    the run's permutation key as the streamed training loop draws its own."""
+    return int(jax.random.bits(run_keys(seed)["perm"], dtype=jnp.uint32))
+
+
+class _Reporter:
+    """Calls ``on_chunk`` with a ``ChunkReport`` after every dispatch, one dispatch late (``after`` keeps the
+    summary, the next ``after`` or ``flush`` fetches it), so that the host never waits for the device before
+    queueing the next dispatch."""
+
+    def __init__(self, on_chunk, plan: Plan):
+        self.on_chunk, self.plan, self.pending, self.t0 = on_chunk, plan, None, time.perf_counter()
+
+    def after(self, summary, epoch: int, step_in_epoch: int, step: int, rows: int, epoch_end: bool) -> None:
+        self.flush()
+        self.pending = (summary, epoch, step_in_epoch, step, rows, epoch_end)
+
+    def flush(self) -> None:
+        item, self.pending = self.pending, None
+        if self.on_chunk is None or item is None:
+            return
+        summary, epoch, step_in_epoch, step, rows, epoch_end = item
+        summary = jax.device_get(summary)
+        elapsed = time.perf_counter() - self.t0
+        rate = step / elapsed if elapsed > 0 else 0.0
+        total = self.plan.total_steps
+        self.on_chunk(ChunkReport(epoch=epoch, step_in_epoch=step_in_epoch, global_step=step, total_steps=total,
+                                  groups=[int(g) for g in summary["groups"]],
+                                  tstddev=[float(v) for v in summary["tstddev"]],
+                                  mean_entropy=[float(v) for v in summary["mean_entropy"]],
+                                  images_per_s=rows / elapsed if elapsed > 0 else float("nan"),
+                                  eta_s=(total - step) / rate if rate > 0 else float("nan"), epoch_end=epoch_end))
 
 
 def expected_groups(num_train: int, batch_size: int, epochs: int) -> int:

@@ -207,6 +207,17 @@ def _run_jobs(jobs: list[ShardJob], workers: int):
         yield from pool.imap_unordered(write_shard, jobs)
 
 
+def label_counts(refs: Sequence[ImageRef], num_classes: int) -> tuple[int, ...]:
+    """Images per class of a split whose refs are in label order (``inputs.find_inputs``'s ImageFolder order)."""
+    labels = [ref.label for ref in refs]
+    if any(b < a for a, b in zip(labels, labels[1:])):
+        raise AssertionError("the image index is not in label order")  # find_inputs sorts it: a bug if reached
+    counts = [0] * num_classes
+    for label in labels:
+        counts[label] += 1
+    return tuple(counts)
+
+
 def prepare_dataset(name: str, manual_dir, data_dir, *, classes: Sequence[str] | None = None,
             records_per_shard: int = DEFAULT_RECORDS_PER_SHARD, workers: int | None = None,
             progress_every: float = 5.0) -> records.Manifest:
@@ -245,8 +256,10 @@ def prepare_dataset(name: str, manual_dir, data_dir, *, classes: Sequence[str] |
                                          sha256=markers[j.file]["sha256"]) for j in jobs if j.split == split)
               for split in records.SPLITS}
     manifest = records.Manifest(name=name, classes=classes, mean=IMAGENET_MEAN, std=IMAGENET_STD, shards=shards,
-                                root=root)
+                                root=root, label_counts={split: label_counts(refs_by_split[split], len(classes))
+                                                         for split in records.SPLITS})
     records.write_manifest(manifest, root)
+    records.record_verified(manifest)  # the digests were computed from the bytes just written or re-hashed above
     return manifest
 
 

@@ -12,8 +12,9 @@ they were in the archive (JPEG for ImageNet): nothing is re-encoded, so preparat
 happens in the loader's workers. Shard ``k`` of a split holds the examples ``[first, first + count)`` in order, so the
 concatenation of the shards is the split in example-index order (the original's ``ImageFolder`` order).
 
-Every shard's SHA-256 is in the manifest; ``open_manifest`` recomputes them (``verify=True``) so that a shard changed
-or damaged after preparation is refused before any batch is read from it.
+Every shard's SHA-256 is in the manifest; ``open_manifest`` recomputes them (``verify``) so that a shard changed
+or damaged after preparation is refused before any batch is read from it: every shard on ``'always'``, only those
+whose size, mtime or ctime changed since their digest last matched on ``'changed'`` (``verified.json``).
 """
 from __future__ import annotations
 
@@ -78,6 +79,9 @@ class Manifest:
     std: tuple[float, float, float]
     shards: dict            # split -> tuple[Shard, ...]
     root: pathlib.Path = dataclasses.field(default=pathlib.Path("."), compare=False)
+    # split -> images per class: records are in label order (ImageFolder's), so the labels of a split in example
+    # order are these counts run-length decoded (``labels``); None in a manifest written before they were recorded
+    label_counts: dict | None = None
 
     @property
     def num_classes(self) -> int:
@@ -89,11 +93,24 @@ class Manifest:
     def paths(self, split: str) -> list[pathlib.Path]:
         return [self.root / s.file for s in self.shards[split]]
 
+    def labels(self, split: str):
+        """int32 [count(split)]: the label of every example of ``split`` in example-index order (CRD's class tables
+        and memory banks), without reading a record."""
+        import numpy as np
+
+        if self.label_counts is None:
+            raise NotPreparedError(f"{self.root / MANIFEST} predates the per-class counts that the labels are read "
+                                   f"from: delete it and run kdjax prepare_data again (the shards are kept; only "
+                                   f"the manifest is rewritten)")
+        return np.repeat(np.arange(self.num_classes, dtype=np.int32), self.label_counts[split])
+
     def to_json(self) -> dict:
         return {"format": FORMAT, "name": self.name, "classes": list(self.classes), "mean": list(self.mean),
                 "std": list(self.std),
                 "counts": {split: self.count(split) for split in self.shards},
-                "shards": {split: [dataclasses.asdict(s) for s in shards] for split, shards in self.shards.items()}}
+                "shards": {split: [dataclasses.asdict(s) for s in shards] for split, shards in self.shards.items()},
+                **({} if self.label_counts is None else
+                   {"label_counts": {split: list(c) for split, c in self.label_counts.items()}})}
 
 
 def write_manifest(manifest: Manifest, root: pathlib.Path) -> None:
@@ -113,32 +130,88 @@ def read_manifest(root: pathlib.Path) -> Manifest:
     if data.get("format") != FORMAT:
         raise ValueError(f"{path} is format {data.get('format')!r}, expected {FORMAT!r}: prepare the dataset again")
     shards = {split: tuple(Shard(**s) for s in items) for split, items in data["shards"].items()}
+    counts = data.get("label_counts")
     return Manifest(name=data["name"], classes=tuple(data["classes"]), mean=tuple(data["mean"]),
-                    std=tuple(data["std"]), shards=shards, root=root)
+                    std=tuple(data["std"]), shards=shards, root=root,
+                    label_counts=None if counts is None else {k: tuple(v) for k, v in counts.items()})
 
 
-def verify_shards(manifest: Manifest, splits: Sequence[str] = SPLITS, threads: int | None = None) -> None:
-    """Raise CorruptShardError naming the first shard whose SHA-256 or presence differs from the manifest.
+VERIFY_MODES = ("changed", "always")
+VERIFIED = "verified.json"  # beside the manifest: each shard's file identity when its digest last matched
 
-    Hashing runs in threads (hashlib releases the GIL on large buffers): ImageNet's 150 GB take minutes on one
-    core, a fraction of that on many.
+
+def _identity(path: pathlib.Path) -> dict:
+    """What changes when a file's bytes are written: size, modification and status-change times. ``ctime`` is
+    set by the kernel on every write and on ``utime`` itself, so a shard damaged and given back its old mtime still
+    differs here."""
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
+
+
+def _read_verified(root: pathlib.Path) -> dict:
+    try:
+        return json.loads((root / VERIFIED).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_verified(root: pathlib.Path, verified: dict) -> None:
+    """Best effort: a read-only dataset folder just re-hashes on every launch."""
+    tmp = root / (VERIFIED + ".tmp")
+    try:
+        tmp.write_text(json.dumps(verified, indent=1))
+        os.replace(tmp, root / VERIFIED)
+    except OSError:
+        pass
+
+
+def verify_shards(manifest: Manifest, splits: Sequence[str] = SPLITS, threads: int | None = None,
+                  mode: str = "changed") -> list[str]:
+    """Raise CorruptShardError naming the first shard whose SHA-256 or presence differs from the manifest; returns
+    the files it hashed.
+
+    ``mode='always'`` hashes every shard. ``'changed'`` hashes only the shards whose size, mtime or ctime differ from
+    those recorded in ``verified.json`` when their digest last matched (ImageNet's 150 GB take about 7 core-minutes
+    to hash; an unchanged dataset is then checked by ``stat`` alone). Any write to a shard changes its ctime, so a
+    damaged shard is hashed again and refused. Hashing runs in threads (hashlib releases the GIL on large buffers).
     """
+    if mode not in VERIFY_MODES:
+        raise ValueError(f"verify must be one of {', '.join(VERIFY_MODES)}, not {mode!r}")
     items = [(manifest.root / s.file, s.sha256) for split in splits for s in manifest.shards[split]]
     for path, _ in items:
         if not path.exists():
             raise CorruptShardError(f"{path} is missing: the prepared dataset in {manifest.root} is incomplete; "
                                     "run prepare_data again")
+    verified = _read_verified(manifest.root)
+    identities = {path.name: _identity(path) for path, _ in items}
+    todo = [(path, expected) for path, expected in items
+            if mode == "always" or verified.get(path.name) != {**identities[path.name], "sha256": expected}]
     with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
-        digests = list(pool.map(lambda item: file_sha256(item[0]), items))
-    for (path, expected), actual in zip(items, digests):
+        digests = list(pool.map(lambda item: file_sha256(item[0]), todo))
+    for (path, expected), actual in zip(todo, digests):
         if actual != expected:
+            verified.pop(path.name, None)
+            _write_verified(manifest.root, verified)
             raise CorruptShardError(f"{path} has sha256 {actual[:16]}..., the manifest says {expected[:16]}...: the "
                                     f"shard is corrupt; delete it and its .done marker and run prepare_data again")
+    if todo:
+        verified.update({path.name: {**identities[path.name], "sha256": expected} for path, expected in todo})
+        _write_verified(manifest.root, verified)
+    return [path.name for path, _ in todo]
 
 
-def open_manifest(root, verify: bool = True) -> Manifest:
-    """The manifest of the prepared dataset in ``root``; with ``verify`` every shard's digest is checked first."""
+def record_verified(manifest: Manifest) -> None:
+    """Record every shard's current identity beside the digest its preparation just computed, so that the first
+    launch after ``prepare_data`` does not hash the dataset again."""
+    entries = {s.file: {**_identity(manifest.root / s.file), "sha256": s.sha256}
+               for split in manifest.shards for s in manifest.shards[split]}
+    _write_verified(manifest.root, {**_read_verified(manifest.root), **entries})
+
+
+def open_manifest(root, verify: bool | str = True) -> Manifest:
+    """The manifest of the prepared dataset in ``root``; ``verify`` (True: ``'changed'``, or ``'always'``; False:
+    not at all) checks the shards' digests first (``verify_shards``)."""
     manifest = read_manifest(pathlib.Path(root))
     if verify:
-        verify_shards(manifest)
+        verify_shards(manifest, mode="changed" if verify is True else verify)
     return manifest

@@ -88,12 +88,27 @@ def _stack(examples: list[tuple[bytes, int, int]], expected: np.ndarray, make_im
             "labels": np.array([label for _, label, _ in examples], np.int32), "indices": indices}
 
 
-class TrainBatch:
-    """``step -> this process's part of the global batch of that step`` (module docstring)."""
+def _pad_rows(batch: dict, missing: int, size: int) -> dict:
+    """``missing`` padding rows appended (zero images, label 0, index -1) and the ``mask`` of the real rows."""
+    if missing:
+        batch = {"images": np.concatenate([batch["images"], np.zeros((missing, size, size, 3), np.uint8)]),
+                 "labels": np.concatenate([batch["labels"], np.zeros(missing, np.int32)]),
+                 "indices": np.concatenate([batch["indices"], np.full(missing, -1, np.int32)])}
+    return {**batch, "mask": batch["indices"] >= 0}
 
-    def __init__(self, paths, plan: epochs_lib.EpochPlan, seed: int, share: ProcessShare, image_size: int):
+
+class TrainBatch:
+    """``step -> this process's part of the global batch of that step`` (module docstring).
+
+    ``pad_to`` (the T. stddev evaluator: the device count) pads every global batch with masked rows to a multiple
+    of it, so that a short last batch of any size still divides over the processes and devices; the padding goes to
+    the end of the global batch and the batch dict gains ``"mask"``. None (training): batches as they are."""
+
+    def __init__(self, paths, plan: epochs_lib.EpochPlan, seed: int, share: ProcessShare, image_size: int,
+                 pad_to: Optional[int] = None):
         self.reader, self.plan, self.seed, self.share, self.image_size = (_RecordReader(paths), plan, int(seed),
                                                                           share, image_size)
+        self.pad_to = pad_to
         self._order = (None, None)  # (epoch, permutation): one epoch's order is reused by all its steps
 
     def order(self, epoch: int) -> np.ndarray:
@@ -110,11 +125,15 @@ class TrainBatch:
 
     def __call__(self, step: int) -> dict:
         epoch, batch = self.global_indices(step)
-        local = batch[self.share.rows(batch.shape[0])]
+        if self.pad_to is not None:
+            batch = np.concatenate([batch, np.full(-batch.shape[0] % self.pad_to, -1, batch.dtype)])
+        rows = batch[self.share.rows(batch.shape[0])]
+        local = rows[rows >= 0]
         size = self.image_size
-        return _stack(self.reader.read(local), local,
-                      lambda data, index: transforms.train_transform(
-                          data, transforms.example_rng(self.seed, epoch, index), size), size)
+        out = _stack(self.reader.read(local), local,
+                     lambda data, index: transforms.train_transform(
+                         data, transforms.example_rng(self.seed, epoch, index), size), size)
+        return out if self.pad_to is None else _pad_rows(out, rows.shape[0] - local.shape[0], size)
 
 
 class EvalBatch:
@@ -130,13 +149,7 @@ class EvalBatch:
         real = rows[rows < self.num_examples]
         size = self.image_size
         batch = _stack(self.reader.read(real), real, lambda data, _: transforms.test_transform(data, size), size)
-        missing = rows.shape[0] - real.shape[0]
-        if missing:
-            batch = {"images": np.concatenate([batch["images"], np.zeros((missing, size, size, 3), np.uint8)]),
-                     "labels": np.concatenate([batch["labels"], np.zeros(missing, np.int32)]),
-                     "indices": np.concatenate([batch["indices"], np.full(missing, -1, np.int32)])}
-        batch["mask"] = batch["indices"] >= 0
-        return batch
+        return _pad_rows(batch, rows.shape[0] - real.shape[0], size)
 
 
 def pin_malloc_mmap_threshold(nbytes: int = 128 * 1024) -> bool:
@@ -167,10 +180,11 @@ class StreamedDataset:
     placement: str = "streamed"
 
     @classmethod
-    def open(cls, root, *, verify: bool = True, image_size: int = transforms.TRAIN_SIZE) -> "StreamedDataset":
-        """The prepared dataset in ``root`` (``prepare.dataset_root(data_dir, name)``); ``verify`` checks every
-        shard's SHA-256 against the manifest first (a corrupt shard is refused, naming it). Pins glibc's mmap
-        threshold (``pin_malloc_mmap_threshold``) so that host memory stays flat over the epochs."""
+    def open(cls, root, *, verify: bool | str = True, image_size: int = transforms.TRAIN_SIZE) -> "StreamedDataset":
+        """The prepared dataset in ``root`` (``prepare.dataset_root(data_dir, name)``); ``verify`` checks the
+        shards' SHA-256 against the manifest first (a corrupt shard is refused, naming it): ``'changed'`` (True)
+        re-hashes only shards changed since their last match, ``'always'`` all of them (``records.verify_shards``).
+        Pins glibc's mmap threshold (``pin_malloc_mmap_threshold``) so that host memory stays flat over the epochs."""
         pin_malloc_mmap_threshold()
         return cls(records.open_manifest(root, verify=verify), image_size)
 
@@ -181,15 +195,22 @@ class StreamedDataset:
     num_train = property(lambda self: self.manifest.count("train"))
     num_test = property(lambda self: self.manifest.count("test"))
 
+    @property
+    def train_labels(self) -> np.ndarray:
+        """int32 [num_train] in example-index order, from the manifest (CRD's class tables; its memory banks are
+        indexed by the ``indices`` every batch carries)."""
+        return self.manifest.labels("train")
+
     def train_steps(self, plan: epochs_lib.EpochPlan, num_epochs: int, seed: int,
-                    share: Optional[ProcessShare] = None):
-        """The grain ``MapDataset`` of training steps ``0 .. num_epochs * plan.steps_per_epoch - 1``."""
+                    share: Optional[ProcessShare] = None, pad_to: Optional[int] = None):
+        """The grain ``MapDataset`` of training steps ``0 .. num_epochs * plan.steps_per_epoch - 1`` (``pad_to``:
+        ``TrainBatch``)."""
         import grain
 
         if plan.num_train != self.num_train:
             raise ValueError(f"the plan is for {plan.num_train} examples, the dataset has {self.num_train}")
         share = share or ProcessShare.current()
-        fn = TrainBatch(self.manifest.paths("train"), plan, seed, share, self.image_size)
+        fn = TrainBatch(self.manifest.paths("train"), plan, seed, share, self.image_size, pad_to)
         return grain.MapDataset.range(num_epochs * plan.steps_per_epoch).map(fn)
 
     def eval_steps(self, batch_size: int, share: Optional[ProcessShare] = None):
