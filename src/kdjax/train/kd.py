@@ -171,7 +171,8 @@ class KDSetup:
                                      train_labels=train_labels, init_heads=init_heads)
 
 
-def run_init_stage(setup: KDSetup, config, workdir: str, recipe, state, teacher_vars, data, mesh, run_key, meta):
+def run_init_stage(setup: KDSetup, training: recipe_lib.TrainingSpec, workdir: str, recipe, state, teacher_vars,
+                   data, mesh, run_key, meta):
     """The two-stage distillers' init stage (``kdjax.train.init_stage``) in ``<workdir>/init_stage``, resumed
     from its own checkpoints; returns ``fit``'s output (its final ``state``: student variables and heads) with its
     ``record`` for results.json."""
@@ -185,10 +186,12 @@ def run_init_stage(setup: KDSetup, config, workdir: str, recipe, state, teacher_
         name="distill:init", state=init_stage.init_stage_state(stage_recipe.tx, state, heads),
         step_fn=init_stage.make_init_step(setup.student, setup.student_name, setup.teacher, stage_recipe.tx,
                                           setup.prepare, distiller),
-        teacher_vars=teacher_vars, eval_model=setup.student, meta=dict(meta, stage="init"), run_key=stage_key)
-    # the student is evaluated once, at the stage's end (its per-epoch accuracy is not what the stage trains)
-    bookkeeping = {"eval_every": stage_recipe.epochs, "checkpoint_every": config.checkpoint_every,
-                   "keep_checkpoints": config.keep_checkpoints, "eval_batch_size": config.eval_batch_size}
+        teacher_vars=teacher_vars, eval_model=setup.student, meta=dict(meta, stage="init"), run_key=stage_key,
+        dtype=training.dtype)
+    # the student is evaluated once, at the stage's end (its per-epoch accuracy is not what the stage trains); the
+    # stage saves at its epoch ends only
+    bookkeeping = dataclasses.replace(training.bookkeeping, eval_every=stage_recipe.epochs,
+                                      checkpoint_every_steps=None)
     stage_dir = init_stage.init_stage_dir(workdir)
     out = loop.fit(stage_dir, bookkeeping, stage_recipe, trainee, data, mesh)
     out["record"] = {"epochs": stage_recipe.epochs, "lr": stage_recipe.base_lr,
@@ -207,13 +210,14 @@ def train_student(method: KDMethod, config, workdir: str, dataset, data, mesh, t
     recipe_line = recipes.describe(config.distiller, config.teacher, config.student, config.distill.to_dict())
     if recipe_line:
         runlog.ProgressLog("distill").line(recipe_line)
-    recipe = recipe_lib.make_recipe(config, dataset.num_train, mesh.size, config.student)
-    run_key = jax.random.key(int(config.seed))
+    training = recipe_lib.training_spec(config, config.student)
+    recipe = recipe_lib.make_recipe(training, dataset.num_train, mesh.size)
+    run_key = jax.random.key(training.seed)
     state = recipe_lib.init_state(setup.student, recipe.tx, jax.random.fold_in(run_key, 0), dataset.image_size)
     meta = recipe_lib.model_meta(config.student, dataset, {"teacher": config.teacher, "aug": config.aug})
     distiller, stage, init_heads = setup.distiller, None, None
     if distiller.init_stage and int(distiller.init_epochs) > 0:
-        stage = run_init_stage(setup, config, workdir, recipe, state, teacher_vars, data, mesh, run_key, meta)
+        stage = run_init_stage(setup, training, workdir, recipe, state, teacher_vars, data, mesh, run_key, meta)
         trained = stage.pop("state")
         init_heads = trained["extra"]["params"]
         # the KD stage starts from the stage's student with a new optimiser, as the original's second SGD
@@ -224,12 +228,12 @@ def train_student(method: KDMethod, config, workdir: str, dataset, data, mesh, t
                                       dataset.num_train, getattr(dataset, "train_labels", None),
                                       init_heads=init_heads)
     trainee = loop.Trainee(name="distill", step_fn=setup.make_step(recipe), state=state, teacher_vars=teacher_vars,
-                           eval_model=setup.student, meta=meta, run_key=run_key)
-    out = loop.fit(workdir, config, recipe, trainee, data, mesh)
+                           eval_model=setup.student, meta=meta, run_key=run_key, dtype=training.dtype)
+    out = loop.fit(workdir, training.bookkeeping, recipe, trainee, data, mesh)
     if stage is not None:
         out["compile_s"] += stage["compile_s"]
     weights = method.weights
-    out["recipe"], out["seed"] = recipe, int(config.seed)
+    out["recipe"], out["seed"] = recipe, training.seed
     out["fields"] = {"distiller": config.distiller, "logit_stand": weights.logit_stand,
                      "sample_weights": weights.sample_weights,
                      "recipe": recipes.applied(config.distiller, config.teacher, config.student,
