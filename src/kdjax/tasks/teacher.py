@@ -22,7 +22,7 @@ class Inputs(NamedTuple):
 
 def load(config, spec: recipe_lib.TrainingSpec) -> Inputs:
     dataset = open_for(config)
-    recipe_lib.check_batches(config, dataset.num_train)
+    recipe_lib.check_batches(spec, dataset.num_train)
     return Inputs(spec, dataset)
 
 

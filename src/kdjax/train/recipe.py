@@ -83,10 +83,10 @@ def check_streamed_fields(config) -> None:
         raise ValueError(STEP_CHECKPOINTS_STREAMED_ONLY)
 
 
-def check_batches(config, num_train: int) -> None:
+def check_batches(spec: "TrainingSpec", num_train: int) -> None:
     """The batch size against the dataset and the devices, before a run claims its workdir (``make_plan``'s one
     line when the batch is larger than the dataset or does not divide over the devices)."""
-    epochs_lib.make_plan(num_train, int(config.batch_size), jax.device_count(), config.last_batch)
+    epochs_lib.make_plan(num_train, spec.batch_size, jax.device_count(), spec.last_batch)
 
 
 def init_state(model, tx, key, image_size: int) -> Dict[str, Any]:
