@@ -30,7 +30,7 @@ def _setup(name):
     feats_t = models.feature_shapes(teacher, t_vars, BATCH, SIZE, distiller.preact)
     heads = distiller.init_stage_heads(jax.random.key(2), feats_s, feats_t)
     config = load_config("distill", f"student={MODEL},teacher={MODEL},batch_size={BATCH},image_size={SIZE}")
-    recipe = recipe_lib.make_recipe(config, 64, 1, MODEL)
+    recipe = recipe_lib.make_recipe(recipe_lib.training_spec(config, MODEL), 64, 1)
     stage = init_stage.make_init_recipe(recipe, distiller, MODEL, s_vars["params"], heads)
     state = init_stage.init_stage_state(stage.tx, s_vars, heads)
     prepare = steps.make_prepare(jnp.full((3,), 0.5), jnp.full((3,), 0.25), 1)

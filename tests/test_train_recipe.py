@@ -86,3 +86,16 @@ def test_a_shortened_run_anneals():
 def test_a_milestone_given_twice_decays_twice():
     schedule = recipe.step_decay_schedule(0.1, 5, (2, 2, 3))
     np.testing.assert_allclose([float(schedule(e * 5)) for e in range(4)], [0.1, 0.1, 0.001, 0.0001], rtol=1e-6)
+
+
+def test_the_training_spec_resolves_the_run_fields_and_the_recipe_follows_it():
+    from helpers import load_config
+    config = load_config("teacher", "model=MobileNetV2,epochs=10,epoch_factor=2,batch_size=16,eval_every=3")
+    spec = recipe.training_spec(config, "MobileNetV2")
+    assert (spec.model, spec.epochs, spec.base_lr, spec.decay_epochs) == ("MobileNetV2", 20, 0.01, (13, 15, 18))
+    assert spec.bookkeeping == recipe.Bookkeeping(eval_every=3, checkpoint_every=10, keep_checkpoints=2,
+                                                  eval_batch_size=500, checkpoint_every_steps=None)
+    made = recipe.make_recipe(spec, num_train=100, num_devices=1)  # 6 batches of 16 and one of 4
+    assert (made.epochs, made.plan.steps_per_epoch, made.base_lr, made.decay_epochs) == (20, 7, 0.01, (13, 15, 18))
+    np.testing.assert_allclose([float(made.schedule(7 * e)) for e in (12, 13, 15, 18)], [0.01, 0.001, 1e-4, 1e-5],
+                               rtol=1e-6)

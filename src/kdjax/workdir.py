@@ -65,10 +65,12 @@ def upgrade_recorded(recorded: dict) -> dict:
     return out
 
 
-def _adopt_recorded_schedule(config, recorded: dict) -> None:
+def adopt_recorded_schedule(workdir: str, config) -> None:
     """A run started with absolute milestones resumes with them when the command leaves the schedule unset: the
-    default became fractions of the run, which would change a resumed run's learning rate half way."""
-    optim = recorded.get("optim") or {}
+    default became fractions of the run, which would change a resumed run's learning rate half way. The frame
+    calls it before the task's checks, which resolve the schedule from the config."""
+    recorded = _recorded_config(workdir)
+    optim = (recorded or {}).get("optim") or {}
     if optim.get("decay_epochs") is None or "optim" not in config:
         return
     if config.optim.get("decay_epochs") is None and config.optim.get("decay_fractions") is None:
@@ -311,15 +313,21 @@ def write_config(workdir: str, config) -> None:
     os.replace(tmp, path)
 
 
-def _differences(workdir: str, config, ignore: Iterable[str]):
-    """None when ``workdir`` records no run yet, else the fields in which its recorded config differs from
-    ``config`` (a run started with absolute milestones keeps them, see ``_adopt_recorded_schedule``)."""
+def _recorded_config(workdir: str) -> Optional[dict]:
+    """The run config ``workdir`` records (in today's spelling), None when it records no run yet."""
     path = os.path.join(workdir, RUN_CONFIG)
     if not os.path.exists(path):
         return None
     with open(path) as f:
-        upgraded = upgrade_recorded(json.load(f))
-    _adopt_recorded_schedule(config, upgraded)
+        return upgrade_recorded(json.load(f))
+
+
+def _differences(workdir: str, config, ignore: Iterable[str]):
+    """None when ``workdir`` records no run yet, else the fields in which its recorded config differs from
+    ``config`` (a run started with absolute milestones keeps them: ``adopt_recorded_schedule``)."""
+    upgraded = _recorded_config(workdir)
+    if upgraded is None:
+        return None
     current = _flatten(_normalise(config.to_dict() if hasattr(config, "to_dict") else dict(config)))
     recorded = _flatten(upgraded)
     # A field added to kdjax after the run started is absent from its record: left unset, it changes nothing.

@@ -159,3 +159,14 @@ def test_every_refusal_is_one_line_that_says_what_to_fix(case, tmp_path, monkeyp
     assert len(errors) == 1 and len(err) == 1, err
     assert re.search(CASES[case], errors[0]), errors[0]
     assert not contradictions(errors[0], config), errors[0]
+
+
+def test_a_distill_run_refuses_its_optimiser_fields_before_writing(tmp_path, capsys):
+    """The run spec resolves the lr and the milestones at the checks: both milestone forms are refused before the
+    data loads or anything is written (the run used to find them after claiming its workdir)."""
+    workdir = tmp_path / "w"
+    argv = STUDENT + ["--config.optim.decay_epochs=5", "--config.optim.decay_fractions=0.5", f"--workdir={workdir}"]
+    with pytest.raises(SystemExit):
+        cli.main(argv)
+    assert "set either optim.decay_fractions" in capsys.readouterr().err
+    assert not workdir.exists()

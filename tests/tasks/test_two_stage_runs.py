@@ -75,9 +75,9 @@ def test_kd_stage_starts_from_the_init_stage_with_a_new_optimiser(teacher_dir, t
     seen = []
     real_fit = loop.fit
 
-    def recording_fit(workdir, config, recipe, trainee, data, mesh):
+    def recording_fit(workdir, bookkeeping, recipe, trainee, data, mesh):
         start = jax.device_get(trainee.state)  # before fit donates its buffers
-        out = real_fit(workdir, config, recipe, trainee, data, mesh)
+        out = real_fit(workdir, bookkeeping, recipe, trainee, data, mesh)
         seen.append((trainee.name, start, jax.device_get(out["state"])))
         return out
     monkeypatch.setattr(loop, "fit", recording_fit)

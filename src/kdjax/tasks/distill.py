@@ -11,7 +11,7 @@ from kdjax.tasks import frame
 from kdjax.train import kd, recipe as recipe_lib
 
 
-def check(config) -> kd.KDMethod:
+def check(config) -> kd.DistillSpec:
     method = kd.validate(config)
     if kd.has_teacher(config):  # the teacher's dataset and size, where the config leaves them unset
         teacher_meta = read_meta(config.teacher_checkpoint)
@@ -20,27 +20,27 @@ def check(config) -> kd.KDMethod:
     else:
         fill_data_fields(config, None)
     recipe_lib.check_streamed_fields(config)
-    return method
+    return kd.DistillSpec.from_config(config, method)
 
 
 @dataclasses.dataclass
 class Inputs:
-    method: kd.KDMethod
+    spec: kd.DistillSpec
     dataset: Any
     teacher_vars: Optional[Any] = None
     teacher_meta: Optional[dict] = None
 
 
-def load(config, method: kd.KDMethod) -> Inputs:
-    inputs = Inputs(method, None)
-    if kd.has_teacher(config):
-        inputs.teacher_vars, inputs.teacher_meta, _ = load_checkpoint(config.teacher_checkpoint, config.teacher,
+def load(config, spec: kd.DistillSpec) -> Inputs:
+    inputs = Inputs(spec, None)
+    if spec.has_teacher:
+        inputs.teacher_vars, inputs.teacher_meta, _ = load_checkpoint(config.teacher_checkpoint, spec.teacher,
                                                                       "teacher")
     inputs.dataset = open_for(config)
-    recipe_lib.check_batches(config, inputs.dataset.num_train)
+    recipe_lib.check_batches(spec.training, inputs.dataset.num_train)
     if inputs.teacher_meta is not None:
         check_against_dataset(inputs.teacher_meta, config.teacher_checkpoint, inputs.dataset)
-        kd.warn_dataset_mismatch(config, inputs.teacher_meta, inputs.dataset)
+        kd.warn_dataset_mismatch(spec.teacher, inputs.teacher_meta, inputs.dataset)
     return inputs
 
 
@@ -50,13 +50,12 @@ def consumed(config, inputs: Inputs) -> dict:
 
 
 def run_student(config, workdir, inputs: Inputs):
-    dataset, mesh = inputs.dataset, parallel.make_mesh()
-    out = kd.train_student(inputs.method, config, workdir, dataset, place(dataset, mesh), mesh,
-                           inputs.teacher_vars)
-    results = {"task": "distill", "teacher": config.teacher, "student": config.student, "dataset": dataset.name,
-               "aug": config.aug, **out["fields"], "inputs": consumed(config, inputs),
+    spec, dataset, mesh = inputs.spec, inputs.dataset, parallel.make_mesh()
+    out = kd.train_student(spec, workdir, dataset, place(dataset, mesh), mesh, inputs.teacher_vars)
+    results = {"task": "distill", "teacher": spec.teacher, "student": spec.student, "dataset": dataset.name,
+               "aug": spec.aug, **out["fields"], "inputs": consumed(config, inputs),
                **frame.training_results(out)}
-    label = f"{config.teacher}->{config.student} {config.aug}"
+    label = f"{spec.teacher}->{spec.student} {spec.aug}"
     return frame.Outcome(results, frame.training_line("distill", label, dataset.name, out))
 
 

@@ -1,6 +1,8 @@
 """The one frame every task runs in, in this order:
 
-1. ``check(config) -> plan``: every name, field and checkpoint meta, before anything is loaded or written;
+1. ``check(config) -> plan``: every name, field and checkpoint meta, before anything is loaded or written; the plan
+   is the run resolved from the config (into which a resumed workdir's recorded absolute milestones are adopted
+   first), what the library reads instead of the config;
 2. a run that finished with this same config is answered from its results.json;
 3. the workdir is checked writable and locked (one process at a time);
 4. ``load(config, plan) -> inputs``: checkpoints and data, checked against each other;
@@ -58,6 +60,7 @@ def already_finished(task: str, workdir: str, config) -> Optional[Dict[str, Any]
 
 def run_frame(task: Task, config, workdir: str):
     workdir_lib.check_owner(workdir, task.name)  # never into another task's workdir (a teacher's, for evaluate)
+    workdir_lib.adopt_recorded_schedule(workdir, config)  # before the checks resolve the run from the config
     plan = task.check(config)
     done = already_finished(task.name, workdir, config)
     if done is not None:

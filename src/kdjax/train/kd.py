@@ -1,13 +1,15 @@
 """A KD student run assembled once from its config: the library half of ``kdjax distill``, which the task, the
 benchmarks and the tests all build the same way.
 
-Two objects, in the order a run needs them:
+Three objects, in the order a run needs them:
 
 * ``KDMethod.from_config(config)``: the distiller with its options, the loss weights and logit standardisation,
   resolved and checked from the config alone (no data, no checkpoint). ``validate(config)`` returns it after every
   distill-specific check, so a launch is refused before anything is loaded; the run then uses that same object:
   the distiller is built once per run.
-* ``KDSetup.create(method, config, dataset, ...)``: the method plus what needs the data: the scheme, the base
+* ``DistillSpec.from_config(config, method)``: the run as the checks resolved it (the method, the student's
+  ``TrainingSpec``, the teacher, the scheme's options, the pair's recipe); the run reads it, never the config.
+* ``KDSetup.create(spec, dataset, ...)``: the spec plus what needs the data: the scheme, the base
   transform (``prepare``), the student and teacher modules. It builds the step (``make_step``), the initial
   student state with the distiller's heads and state (``initial_state``, running the two-stage methods' init stage
   first), and ``train_student`` runs it all through ``loop.fit``.
@@ -125,6 +127,36 @@ def check_feature_shapes(config, distiller, num_classes: int) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistillSpec:
+    """A distill run as its checks resolved it from the config, passed on as data: the run below the task reads
+    this, never the config."""
+    method: KDMethod
+    training: recipe_lib.TrainingSpec   # the student's: model, seed, dtype, schedule, bookkeeping
+    teacher: str                        # NO_TEACHER: the student learns from the labels only
+    aug: str
+    augment: Dict[str, Any]             # the scheme's options (``augment.create``'s keywords)
+    recipe: Dict[str, Any]              # the pair's official values this run uses (``configs.recipes``)
+    recipe_line: Optional[str]          # the line naming them and their source; None when the pair has none
+
+    @property
+    def student(self) -> str:
+        return self.training.model
+
+    @property
+    def has_teacher(self) -> bool:
+        return self.teacher != NO_TEACHER
+
+    @classmethod
+    def from_config(cls, config, method: KDMethod) -> "DistillSpec":
+        """The spec of a config that ``validate`` checked and whose dataset fields are filled."""
+        training = recipe_lib.training_spec(config, config.student)
+        pair, set_options = (config.distiller, config.teacher, config.student), set_by_config(config)
+        return cls(method=method, training=training, teacher=config.teacher, aug=config.aug,
+                   augment=augment.options_from_config(config.get("augment"), training.batch_size),
+                   recipe=recipes.applied(*pair, set_options), recipe_line=recipes.describe(*pair, set_options))
+
+
+@dataclasses.dataclass(frozen=True)
 class KDSetup:
     """A KD run's static parts: the method, the scheme, the base transform and the two modules."""
     method: KDMethod
@@ -142,16 +174,15 @@ class KDSetup:
         return self.method.distiller
 
     @classmethod
-    def create(cls, method: KDMethod, config, dataset, with_teacher: bool) -> "KDSetup":
-        batch, dtype = int(config.batch_size), recipe_lib.compute_dtype(config.dtype)
-        scheme = augment.create(config.aug, dataset_stats=dataset,
-                                **augment.options_from_config(config.get("augment"), batch))
+    def create(cls, spec: DistillSpec, dataset, with_teacher: bool) -> "KDSetup":
+        dtype = recipe_lib.compute_dtype(spec.training.dtype)
+        scheme = augment.create(spec.aug, dataset_stats=dataset, **spec.augment)
         module = lambda name: models.create(name, dataset.num_classes, dataset.image_size, dtype)  # noqa: E731
-        return cls(method=method, scheme=scheme,
+        return cls(method=spec.method, scheme=scheme,
                    prepare=steps.prepare_for(dataset),
-                   student=module(config.student), teacher=module(config.teacher) if with_teacher else None,
-                   student_name=config.student, num_classes=int(dataset.num_classes),
-                   image_size=int(dataset.image_size), batch=batch)
+                   student=module(spec.student), teacher=module(spec.teacher) if with_teacher else None,
+                   student_name=spec.student, num_classes=int(dataset.num_classes),
+                   image_size=int(dataset.image_size), batch=spec.training.batch_size)
 
     def make_step(self, recipe: recipe_lib.Recipe) -> Callable:
         return steps.make_kd_step(self.student, self.teacher, recipe.tx, self.prepare, self.scheme,
@@ -181,7 +212,8 @@ class KDSetup:
         return extra
 
 
-def run_init_stage(setup: KDSetup, config, workdir: str, recipe, state, teacher_vars, data, mesh, run_key, meta):
+def run_init_stage(setup: KDSetup, training: recipe_lib.TrainingSpec, workdir: str, recipe, state, teacher_vars,
+                   data, mesh, run_key, meta):
     """The two-stage distillers' init stage (``kdjax.train.init_stage``) in ``<workdir>/init_stage``, resumed
     from its own checkpoints; returns ``fit``'s output (its final ``state``: student variables and heads) with its
     ``record`` for results.json."""
@@ -195,10 +227,12 @@ def run_init_stage(setup: KDSetup, config, workdir: str, recipe, state, teacher_
         name="distill:init", state=init_stage.init_stage_state(stage_recipe.tx, state, heads),
         step_fn=init_stage.make_init_step(setup.student, setup.student_name, setup.teacher, stage_recipe.tx,
                                           setup.prepare, distiller),
-        teacher_vars=teacher_vars, eval_model=setup.student, meta=dict(meta, stage="init"), run_key=stage_key)
-    # the student is evaluated once, at the stage's end (its per-epoch accuracy is not what the stage trains)
-    bookkeeping = {"eval_every": stage_recipe.epochs, "checkpoint_every": config.checkpoint_every,
-                   "keep_checkpoints": config.keep_checkpoints, "eval_batch_size": config.eval_batch_size}
+        teacher_vars=teacher_vars, eval_model=setup.student, meta=dict(meta, stage="init"), run_key=stage_key,
+        dtype=training.dtype)
+    # the student is evaluated once, at the stage's end (its per-epoch accuracy is not what the stage trains); the
+    # stage saves at its epoch ends only
+    bookkeeping = dataclasses.replace(training.bookkeeping, eval_every=stage_recipe.epochs,
+                                      checkpoint_every_steps=None)
     stage_dir = init_stage.init_stage_dir(workdir)
     out = loop.fit(stage_dir, bookkeeping, stage_recipe, trainee, data, mesh)
     out["record"] = {"epochs": stage_recipe.epochs, "lr": stage_recipe.base_lr,
@@ -209,21 +243,20 @@ def run_init_stage(setup: KDSetup, config, workdir: str, recipe, state, teacher_
     return out
 
 
-def train_student(method: KDMethod, config, workdir: str, dataset, data, mesh, teacher_vars) -> Dict[str, Any]:
-    """Train the KD student of ``config`` on ``data`` (``dataset`` placed on ``mesh``) in ``workdir``: the init
+def train_student(spec: DistillSpec, workdir: str, dataset, data, mesh, teacher_vars) -> Dict[str, Any]:
+    """Train the KD student of ``spec`` on ``data`` (``dataset`` placed on ``mesh``) in ``workdir``: the init
     stage first for a two-stage distiller, then the KD stage. Returns ``fit``'s output, with the recipe and the
     results.json fields of the method."""
-    setup = KDSetup.create(method, config, dataset, with_teacher=teacher_vars is not None)
-    recipe_line = recipes.describe(config.distiller, config.teacher, config.student, set_by_config(config))
-    if recipe_line:
-        runlog.ProgressLog("distill").line(recipe_line)
-    recipe = recipe_lib.make_recipe(config, dataset.num_train, mesh.size, config.student)
-    run_key = jax.random.key(int(config.seed))
+    setup, training = KDSetup.create(spec, dataset, with_teacher=teacher_vars is not None), spec.training
+    if spec.recipe_line:
+        runlog.ProgressLog("distill").line(spec.recipe_line)
+    recipe = recipe_lib.make_recipe(training, dataset.num_train, mesh.size)
+    run_key = jax.random.key(training.seed)
     state = recipe_lib.init_state(setup.student, recipe.tx, jax.random.fold_in(run_key, 0), dataset.image_size)
-    meta = recipe_lib.model_meta(config.student, dataset, {"teacher": config.teacher, "aug": config.aug})
+    meta = recipe_lib.model_meta(spec.student, dataset, {"teacher": spec.teacher, "aug": spec.aug})
     distiller, stage, init_heads = setup.distiller, None, None
     if distiller.init_stage and int(distiller.init_epochs) > 0:
-        stage = run_init_stage(setup, config, workdir, recipe, state, teacher_vars, data, mesh, run_key, meta)
+        stage = run_init_stage(setup, training, workdir, recipe, state, teacher_vars, data, mesh, run_key, meta)
         trained = stage.pop("state")
         init_heads = trained["extra"]["params"]
         # the KD stage starts from the stage's student with a new optimiser, as the original's second SGD
@@ -234,23 +267,21 @@ def train_student(method: KDMethod, config, workdir: str, dataset, data, mesh, t
                                       dataset.num_train, getattr(dataset, "train_labels", None),
                                       init_heads=init_heads)
     trainee = loop.Trainee(name="distill", step_fn=setup.make_step(recipe), state=state, teacher_vars=teacher_vars,
-                           eval_model=setup.student, meta=meta, run_key=run_key)
-    out = loop.fit(workdir, config, recipe, trainee, data, mesh)
+                           eval_model=setup.student, meta=meta, run_key=run_key, dtype=training.dtype)
+    out = loop.fit(workdir, training.bookkeeping, recipe, trainee, data, mesh)
     if stage is not None:
         out["compile_s"] += stage["compile_s"]
-    weights = method.weights
-    out["recipe"], out["seed"] = recipe, int(config.seed)
-    out["fields"] = {"distiller": config.distiller, "logit_stand": weights.logit_stand,
+    weights = spec.method.weights
+    out["recipe"], out["seed"] = recipe, training.seed
+    out["fields"] = {"distiller": distiller.name, "logit_stand": weights.logit_stand,
                      "sample_weights": weights.sample_weights,
-                     "ctkd": "none" if weights.ctkd is None else weights.ctkd.mode,
-                     "recipe": recipes.applied(config.distiller, config.teacher, config.student,
-                                               set_by_config(config)),
+                     "ctkd": "none" if weights.ctkd is None else weights.ctkd.mode, "recipe": spec.recipe,
                      "loss_weights": {"gamma": weights.gamma, "alpha": weights.alpha, "beta": weights.beta},
                      **({} if stage is None else {"init_stage": stage["record"]})}
     return out
 
 
-def warn_dataset_mismatch(config, teacher_meta, dataset) -> None:
+def warn_dataset_mismatch(teacher: str, teacher_meta, dataset) -> None:
     if teacher_meta.get("dataset") not in (None, dataset.name):
-        print(f"warning: teacher {config.teacher} was trained on {teacher_meta.get('dataset')}, the student on "
+        print(f"warning: teacher {teacher} was trained on {teacher_meta.get('dataset')}, the student on "
               f"{dataset.name}", file=sys.stderr, flush=True)

@@ -41,7 +41,8 @@ class RunInterrupted(KdjaxError, RuntimeError):
 @dataclasses.dataclass
 class Trainee:
     """What ``fit`` trains: the step (``kdjax.train.steps``), its initial state, the teacher's variables (None for
-    a teacher run), the model that evaluates the state, the checkpoint's ``meta`` and the run's key."""
+    a teacher run), the model that evaluates the state, the checkpoint's ``meta``, the run's key and the compute
+    dtype (which the advice after a divergence names)."""
     name: str
     step_fn: Callable
     state: Dict[str, Any]
@@ -49,6 +50,7 @@ class Trainee:
     eval_model: Any
     meta: Dict[str, Any]
     run_key: jax.Array
+    dtype: Optional[str] = None
 
 
 def make_chunk_fn(step_fn: Callable, num_steps: int, rows: int):
@@ -97,19 +99,19 @@ class _Executables:
         return self.programs[(steps, rows)]
 
 
-def fit(workdir: str, config, recipe: Recipe, trainee: Trainee, data, mesh) -> Dict[str, Any]:
+def fit(workdir: str, bookkeeping: recipe_lib.Bookkeeping, recipe: Recipe, trainee: Trainee, data,
+        mesh) -> Dict[str, Any]:
     """Train ``trainee`` for ``recipe.epochs`` epochs (resuming from the workdir's latest checkpoint) and return
     the final evaluation with throughput figures and the final ``state``. ``data`` is a
     ``kdjax.data.DeviceDataset`` on ``mesh`` or a ``kdjax.data.streamed.StreamedDataset`` (``kdjax.data.place``);
-    ``config`` gives the bookkeeping fields (eval_every,
-    checkpoint_every, keep_checkpoints, eval_batch_size) and, for a streamed ``data``, checkpoint_every_steps."""
+    ``bookkeeping`` says when to evaluate and save (``checkpoint_every_steps``: a streamed ``data`` only)."""
     plan, epochs, name = recipe.plan, recipe.epochs, trainee.name
     streamed = is_streamed(data)
-    every_steps = config.get("checkpoint_every_steps")
+    every_steps = bookkeeping.checkpoint_every_steps
     if every_steps is not None and not streamed:
         raise ValueError(recipe_lib.STEP_CHECKPOINTS_STREAMED_ONLY)
     total_steps = epochs * plan.steps_per_epoch
-    ckpt = TrainCheckpointer(workdir, keep=int(config.get("keep_checkpoints", 2)))
+    ckpt = TrainCheckpointer(workdir, keep=bookkeeping.keep_checkpoints)
     replicated = NamedSharding(mesh, P())
     state = jax.device_put(trainee.state, replicated)
     teacher_vars = jax.device_put(trainee.teacher_vars, replicated) if trainee.teacher_vars is not None else None
@@ -137,21 +139,21 @@ def fit(workdir: str, config, recipe: Recipe, trainee: Trainee, data, mesh) -> D
     else:
         executables = _Executables(lambda steps, rows: make_chunk_fn(trainee.step_fn, steps, rows))
     evaluate = make_evaluator(trainee.eval_model, data.mean, data.std,
-                              eval_batch_size(int(config.get("eval_batch_size", 500)), mesh.size), data.num_test,
+                              eval_batch_size(bookkeeping.eval_batch_size, mesh.size), data.num_test,
                               mesh)
     log = runlog.RunLog(workdir, total_steps, name)
     log.forget_after(global_step)
     best = None  # the evaluated epoch with the highest top-1 (later KD papers report it; the paper the last)
     for row in log.evaluations():
         best = _better(best, row)
-    eval_every = max(int(config.get("eval_every", 1)), 1)
-    ckpt_every = max(int(config.get("checkpoint_every", 10)), 1)
+    eval_every = max(bookkeeping.eval_every, 1)
+    ckpt_every = max(bookkeeping.checkpoint_every, 1)
     last_eval: Dict[str, Any] = {}
     train_seconds, train_images = 0.0, 0
     loop_started, first_step = time.perf_counter(), global_step
     last_saved = latest
     segments = epochs_lib.segments(plan, recipe.chunk, masked_tail=False)
-    fix = divergence_fix(config.get("dtype"))
+    fix = divergence_fix(trainee.dtype)
 
     try:
         for epoch in range(start_epoch, epochs):

@@ -3,7 +3,12 @@ for MobileNetV2 / ShuffleV1 / ShuffleV2), per-epoch step decay x0.1 after epochs
 epochs, strict ``epoch > milestone``), ``epoch_factor`` k scaling the epochs and the milestones (see
 docs/fidelity.md). The milestones are fractions of the run by default (150/240, 180/240, 210/240 of
 epochs x epoch_factor), so that a shortened run anneals as the paper's does; ``optim.decay_epochs`` gives absolute
-ones. ``make_recipe`` derives all of it, with the epoch plan, from a training config.
+ones.
+
+A run's config is read once, at its checks: ``training_spec`` resolves the run fields (the lr rule and the
+milestones included, so that a bad value is refused before anything loads) into a ``TrainingSpec``, which the layers
+below the tasks take instead of the config; ``make_recipe`` derives the ``Recipe`` from it with the epoch plan once
+the dataset's size and the devices are known.
 """
 import dataclasses
 from typing import Any, Callable, Dict, Optional, Sequence
@@ -82,10 +87,10 @@ def check_streamed_fields(config) -> None:
         raise ValueError(STEP_CHECKPOINTS_STREAMED_ONLY)
 
 
-def check_batches(config, num_train: int) -> None:
+def check_batches(spec: "TrainingSpec", num_train: int) -> None:
     """The batch size against the dataset and the devices, before a run claims its workdir (``make_plan``'s one
     line when the batch is larger than the dataset or does not divide over the devices)."""
-    epochs_lib.make_plan(num_train, int(config.batch_size), jax.device_count(), config.last_batch)
+    epochs_lib.make_plan(num_train, spec.batch_size, jax.device_count(), spec.last_batch)
 
 
 def init_state(model, tx, key, image_size: int) -> Dict[str, Any]:
@@ -173,8 +178,60 @@ def make_optimizer(base_lr: float, steps_per_epoch: int, decay_epochs: Sequence[
 
 
 @dataclasses.dataclass(frozen=True)
+class Bookkeeping:
+    """When ``loop.fit`` evaluates and saves, and what it keeps: a run's settings beside its recipe."""
+    eval_every: int = 1                            # epochs between test evaluations (the last is always evaluated)
+    checkpoint_every: int = 10                     # epochs between checkpoints (the last is always saved)
+    keep_checkpoints: int = 2
+    eval_batch_size: int = 500
+    checkpoint_every_steps: Optional[int] = None   # streamed datasets: also inside epochs, every N steps
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingSpec:
+    """A training run's fields, read from its config once (``training_spec``, at the checks) and passed on as
+    data: the model trained, its seed and compute dtype, what ``make_recipe`` needs besides the data's size, and
+    the bookkeeping."""
+    model: str
+    seed: int
+    dtype: str
+    epochs: int                  # epochs x epoch_factor
+    batch_size: int
+    last_batch: str
+    steps_per_dispatch: int      # requested; ``parallel.steps_per_dispatch`` decides on this backend
+    base_lr: float
+    decay_epochs: tuple          # absolute, 1-based milestones
+    decay_rate: float
+    momentum: float
+    weight_decay: float
+    bookkeeping: Bookkeeping
+
+
+def _optional_int(value) -> Optional[int]:
+    return None if value is None else int(value)
+
+
+def training_spec(config, model_name: str) -> TrainingSpec:
+    """The run fields of a training config (``validate_run`` checked them), resolved for ``model_name``: epochs x
+    epoch_factor, the lr rule and the milestones."""
+    optim = config.optim
+    bookkeeping = Bookkeeping(eval_every=int(config.eval_every), checkpoint_every=int(config.checkpoint_every),
+                              keep_checkpoints=int(config.keep_checkpoints),
+                              eval_batch_size=int(config.eval_batch_size),
+                              checkpoint_every_steps=_optional_int(config.get("checkpoint_every_steps")))
+    return TrainingSpec(model=model_name, seed=int(config.seed), dtype=config.dtype,
+                        epochs=int(config.epochs) * max(int(config.epoch_factor), 1),
+                        batch_size=int(config.batch_size), last_batch=config.last_batch,
+                        steps_per_dispatch=int(config.steps_per_dispatch),
+                        base_lr=default_lr(model_name, optim.lr),
+                        decay_epochs=decay_milestones(optim, config.epochs, config.epoch_factor),
+                        decay_rate=float(optim.decay_rate), momentum=float(optim.momentum),
+                        weight_decay=float(optim.weight_decay), bookkeeping=bookkeeping)
+
+
+@dataclasses.dataclass(frozen=True)
 class Recipe:
-    """What a training run derives from its config before building its step."""
+    """What a training run derives from its ``TrainingSpec`` and its data before building its step."""
     epochs: int                  # epochs x epoch_factor
     plan: epochs_lib.EpochPlan
     chunk: int                   # train steps per dispatch
@@ -187,14 +244,12 @@ class Recipe:
     weight_decay: float = 5e-4
 
 
-def make_recipe(config, num_train: int, num_devices: int, model_name: str) -> Recipe:
-    """Epochs (x epoch_factor), the epoch plan, the lr rule and the SGD optimiser with its step decay."""
-    epochs = int(config.epochs) * max(int(config.epoch_factor), 1)
-    plan = epochs_lib.make_plan(num_train, int(config.batch_size), num_devices, config.last_batch)
-    chunk = epochs_lib.chunk_length(plan.full_steps, parallel.steps_per_dispatch(config.steps_per_dispatch))
-    base_lr = default_lr(model_name, config.optim.lr)
-    decay_epochs = decay_milestones(config.optim, config.epochs, config.epoch_factor)
-    tx, schedule = make_optimizer(base_lr, plan.steps_per_epoch, decay_epochs, config.optim.decay_rate,
-                                  config.optim.momentum, config.optim.weight_decay)
-    return Recipe(epochs, plan, chunk, base_lr, decay_epochs, float(config.optim.decay_rate), tx, schedule,
-                  float(config.optim.momentum), float(config.optim.weight_decay))
+def make_recipe(spec: TrainingSpec, num_train: int, num_devices: int) -> Recipe:
+    """The epoch plan of ``num_train`` examples over ``num_devices``, the dispatch chunk and the SGD optimiser with
+    its step decay."""
+    plan = epochs_lib.make_plan(num_train, spec.batch_size, num_devices, spec.last_batch)
+    chunk = epochs_lib.chunk_length(plan.full_steps, parallel.steps_per_dispatch(spec.steps_per_dispatch))
+    tx, schedule = make_optimizer(spec.base_lr, plan.steps_per_epoch, spec.decay_epochs, spec.decay_rate,
+                                  spec.momentum, spec.weight_decay)
+    return Recipe(spec.epochs, plan, chunk, spec.base_lr, spec.decay_epochs, spec.decay_rate, tx, schedule,
+                  spec.momentum, spec.weight_decay)
