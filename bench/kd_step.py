@@ -698,8 +698,9 @@ def time_vs_original(args, dataset, data, mesh):
             if dtype != "float32":
                 entry.update(status="skipped", reason="the original's step runs in float32 only")
                 continue
-            server = vs_original.OriginalServer(args.torch_python, args.original, *pair, batch, args.image_size,
-                                                args.num_classes, args.original_threads)
+            server = vs_original.OriginalServer(vs_original.original_command(
+                args.torch_python, args.original, *pair, batch, args.image_size, args.num_classes,
+                args.original_threads))
             try:  # the original builds and warms up while kdjax compiles (neither is timed)
                 case = Case(*pair, batch, dtype, "kd", dataset, data, mesh, args.aug)
                 case.compile(chunk)
@@ -707,7 +708,9 @@ def time_vs_original(args, dataset, data, mesh):
                 entry["original_versions"] = server.ready()
 
                 def kdjax_window(steps):
-                    return sum(case.dispatch(chunk) for _ in range(steps // chunk))
+                    cpu = time.process_time()
+                    seconds = sum(case.dispatch(chunk) for _ in range(steps // chunk))
+                    return seconds, time.process_time() - cpu
 
                 pairs = vs_original.interleaved_windows(kdjax_window, server.time, args.steps, args.repeats)
                 entry.update(status="ok", compile_s=round(case.compile_s[chunk], 3), last_loss=case.last_loss,

@@ -18,8 +18,8 @@ To run the CUDA-only code on CPU, ``Tensor.cuda`` is the identity and ``np.int``
 by ``rand_bbox``) is ``int``; nothing else of the original is changed.
 
 Server protocol (``--serve``): after building and one warm-up step it prints ``ready {json}`` (versions, threads);
-then for each stdin line ``time N`` it runs N steps and prints ``seconds S`` (wall seconds of the N steps); ``quit``
-or end of input ends it.
+then for each stdin line ``time N`` it runs N steps and prints ``seconds S cpu C`` (wall and process CPU seconds of
+the N steps); ``quit`` or end of input ends it.
 """
 import argparse
 import json
@@ -117,7 +117,9 @@ def serve(runner):
         if command[0] != "time" or len(command) != 2 or not command[1].isdigit():
             print(f"error: unknown command {line.strip()!r} (expected 'time N' or 'quit')", flush=True)
             continue
-        print(f"seconds {runner.time(int(command[1])):.6f}", flush=True)
+        cpu = time.process_time()
+        seconds = runner.time(int(command[1]))
+        print(f"seconds {seconds:.6f} cpu {time.process_time() - cpu:.6f}", flush=True)
 
 
 def profile(runner, steps):

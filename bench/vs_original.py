@@ -5,7 +5,9 @@ the benchmark: one process tree), idle on its stdin while kdjax's window runs; k
 the original's window runs. Repetition i times one window of each, A then B or B then A (alternating), so load that
 comes and goes on a shared machine weighs on both sides of each ratio; ratio_i = kdjax img/s / original img/s of
 repetition i, and the figure is their median, with min and max as the spread. The load average is recorded
-around each repetition. kdjax itself never imports torch: only this subprocess does.
+around each repetition, and each side's process CPU seconds too: on a machine shared with other work, a process
+pinned to one core (``taskset -c 0``) gets a CPU-seconds ratio that load barely moves (``cpu_ratio``); with
+several threads it counts the threads' spinning as well (torch's OpenMP threads spin at barriers). kdjax itself never imports torch: only this subprocess does.
 
 Both the clone of the original and the torch Python are optional: without either, ``skip_reason`` gives the one
 line printed instead, and nothing else is run.
@@ -46,15 +48,19 @@ def skip_reason(original, torch_python):
     return ""
 
 
-class OriginalServer:
-    """The original's step in a child process (``original_step.py --serve``); ``time(n)`` runs n steps there."""
+def original_command(torch_python, original, teacher, student, batch, image_size, num_classes, threads=None):
+    """The command line of the original's step server (bench/original_step.py --serve)."""
+    return [torch_python, str(RUNNER), "--serve", "--original", str(original), "--teacher", teacher, "--student",
+            student, "--batch", str(batch), "--image-size", str(image_size), "--num-classes", str(num_classes)] + \
+        (["--threads", str(threads)] if threads else [])
 
-    def __init__(self, torch_python, original, teacher, student, batch, image_size, num_classes, threads=None):
-        command = [torch_python, str(RUNNER), "--serve", "--original", str(original), "--teacher", teacher,
-                   "--student", student, "--batch", str(batch), "--image-size", str(image_size),
-                   "--num-classes", str(num_classes)] + (["--threads", str(threads)] if threads else [])
-        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     bufsize=1)
+
+class OriginalServer:
+    """The original's step in a child process running ``command`` (``original_command``); ``time(n)`` runs n
+    steps there."""
+
+    def __init__(self, command):
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         self.info = None
 
     def _line(self):
@@ -74,13 +80,15 @@ class OriginalServer:
         return self.info
 
     def time(self, steps):
+        """(wall seconds, process CPU seconds) of ``steps`` steps of the original."""
         self.ready()
         self.proc.stdin.write(f"time {steps}\n")
         self.proc.stdin.flush()
         line = self._line()
-        if not line.startswith("seconds "):
-            raise RuntimeError(f"the original's step process said {line!r} instead of 'seconds S'")
-        return float(line.split()[1])
+        words = line.split()
+        if len(words) != 4 or words[0] != "seconds" or words[2] != "cpu":
+            raise RuntimeError(f"the original's step process said {line!r} instead of 'seconds S cpu C'")
+        return float(words[1]), float(words[3])
 
     def close(self):
         if self.proc.poll() is None:
@@ -103,8 +111,9 @@ def load_average():
 def interleaved_windows(time_a, time_b, steps, repeats, load=load_average):
     """``repeats`` pairs of windows of ``steps`` steps, A first in even repetitions and B first in odd ones.
 
-    ``time_a(steps)`` / ``time_b(steps)`` return a window's seconds. Returns a list of dicts
-    ``{"a_s", "b_s", "order", "load"}`` (load: the 1-minute load average before and after the pair)."""
+    ``time_a(steps)`` / ``time_b(steps)`` return a window's (wall seconds, CPU seconds). Returns a list of dicts
+    ``{"a_s", "b_s", "a_cpu_s", "b_cpu_s", "order", "load"}`` (load: the 1-minute load average before and after
+    the pair)."""
     pairs = []
     for i in range(repeats):
         before = load()
@@ -114,7 +123,8 @@ def interleaved_windows(time_a, time_b, steps, repeats, load=load_average):
         else:
             b = time_b(steps)
             a = time_a(steps)
-        pairs.append({"a_s": a, "b_s": b, "order": "ab" if i % 2 == 0 else "ba", "load": [before, load()]})
+        pairs.append({"a_s": a[0], "b_s": b[0], "a_cpu_s": a[1], "b_cpu_s": b[1], "order": "ab" if i % 2 == 0
+                      else "ba", "load": [before, load()]})
     return pairs
 
 
@@ -122,12 +132,14 @@ def ratio_summary(pairs, batch, steps):
     """img/s of both sides (median windows) and ratio_i = A img/s / B img/s = B seconds / A seconds per pair:
     median, min, max."""
     ratios = [p["b_s"] / p["a_s"] for p in pairs]
+    cpu_ratios = [p["b_cpu_s"] / p["a_cpu_s"] for p in pairs]
     a_med = statistics.median(p["a_s"] for p in pairs)
     b_med = statistics.median(p["b_s"] for p in pairs)
     loads = [x for p in pairs for x in p["load"] if x is not None]
     return {"kdjax_img_per_s": batch * steps / a_med, "original_img_per_s": batch * steps / b_med,
             "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
-            "ratios": [round(r, 4) for r in ratios], "load_min": min(loads) if loads else None,
+            "ratios": [round(r, 4) for r in ratios], "cpu_ratio": statistics.median(cpu_ratios),
+            "cpu_ratios": [round(r, 4) for r in cpu_ratios], "load_min": min(loads) if loads else None,
             "load_max": max(loads) if loads else None}
 
 
@@ -135,7 +147,8 @@ def summary_line(s, teacher, student, batch, dtype):
     load = "" if s["load_min"] is None else f"; load average {s['load_min']:.1f}-{s['load_max']:.1f}"
     return (f"{teacher}->{student} batch {batch} {dtype}: kdjax {s['kdjax_img_per_s']:,.1f} img/s, original "
             f"(PyTorch) {s['original_img_per_s']:,.1f} img/s: kdjax / original = {s['ratio']:.2f}x "
-            f"[{s['ratio_min']:.2f}, {s['ratio_max']:.2f}] over {len(s['ratios'])} interleaved pairs{load}")
+            f"[{s['ratio_min']:.2f}, {s['ratio_max']:.2f}] over {len(s['ratios'])} interleaved pairs (CPU seconds: "
+            f"{s['cpu_ratio']:.2f}x){load}")
 
 
 def cpu_name():
@@ -162,6 +175,8 @@ def cpu_flags():
 
 
 def environment():
-    """What the figures depend on besides the code: CPU, cores, XLA_FLAGS, Python."""
-    return {"cpu": cpu_name(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(),
+    """What the figures depend on besides the code: CPU, cores (and those this process may use: taskset), XLA_FLAGS,
+    Python."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": cpu_name(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(), "cores_usable": usable,
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "python": sys.version.split()[0]}
