@@ -7,6 +7,8 @@
     python bench/kd_step.py --quick          # CPU smoke run: resnet8->resnet8, 16x16, batch 16, a few steps
     python bench/kd_step.py --imagenet       # resnet34->resnet18 and resnet50->mobilenetv1 (ImageNet zoo), 224 px,
                                              # batch 256 bfloat16, chunk driver (--quick: 32 px, batch 2, CPU)
+    python bench/kd_step.py --vs-original --original DIR   # CPU: kdjax's step against the original's PyTorch step,
+                                             # resnet56->resnet20 batch 64 float32, interleaved windows, the ratio
 
 What is timed is what ``kdjax.train.loop.fit`` runs: ``steps.make_kd_step`` (teacher on concat[x, x'], student on
 concat[x, x'] with per-half BatchNorm, SGD update) with the scheme ``--aug`` (default ``cutmix``), each batch
@@ -51,6 +53,14 @@ Only the chunk driver is timed (a step this large leaves little dispatch overhea
 comparison unless ``--distillers`` names some. ``--imagenet --quick``: the same pairs at 32 px, 10 classes, batch 2,
 a CPU smoke run.
 
+``--vs-original`` (CPU) times kdjax's step, driven as ``fit`` drives it on XLA:CPU (one step per dispatch, one
+metrics transfer each), against the original repository's own step (``bench/original_step.py``: its models,
+CutMix and DistillKL, SGD) run by the Python of ``--torch-python`` in a child process from the clone ``--original``,
+window by window, alternating which goes first (``bench/vs_original.py``); it prints both img/s and the ratio kdjax
+/ original (median of the pairs, with min and max), and the load average. Without a clone or torch it prints one
+line saying so and times nothing else. Its defaults: resnet56:resnet20, 64:float32, 20-step windows x 5 pairs, no
+distillers, no single/chunk rows; ``--quick``: resnet8:resnet8 at 32 px (the original's models pool 8x8), batch 16.
+
 The table goes to stdout and a JSON file to ``bench/results/kd_step_<device kind>_<date>[_quick].json``.
 """
 import argparse
@@ -69,6 +79,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+import vs_original  # noqa: E402  (bench/ is on sys.path when run as a script)
 from results_io import output_path, write_json  # noqa: E402  (bench/ is on sys.path when run as a script)
 from kdjax import augment, distillers, models, parallel
 from kdjax.data import DeviceDataset
@@ -101,6 +112,12 @@ IMAGENET_QUICK = dict(settings="2:float32", chunk=1, steps=1, repeats=1, num_tra
 # The default order of --distillers (the priority under --time-budget): CRD first (it has a target), the original
 # repository's order of the others, logit standardisation, then the two-stage methods (init-stage rows too).
 # Registered names missing here (a distiller added later) come last; names not registered are left out.
+# --vs-original: the paper's main CIFAR pair at batch 64 float32 (the original's setting); --quick: a tiny pair at
+# 32 px (the original's CIFAR models pool an 8x8 map), a CPU smoke run of the mechanism
+VS_ORIGINAL_DEFAULTS = dict(pairs="resnet56:resnet20", settings="64:float32", chunk=1, steps=20, repeats=5,
+                            image_size=32)
+VS_ORIGINAL_QUICK = dict(pairs="resnet8:resnet8", settings="16:float32", chunk=1, steps=4, repeats=3,
+                         image_size=32)
 DEFAULT_ORDER = ("crd", "hint", "at", "sp", "pkt", "rkd", "vid", "nst", "kdsvd", "cc", "dkd", "dist", "kd+ls",
                  "dkd+ls", "ft", "ab", "fsp")
 
@@ -208,10 +225,21 @@ def parse_args(argv=None):
                    help="seconds from the start: no new batch of distillers is started when the slowest batch "
                         "so far would not end before it (skip rows for the rest). Default: no limit")
     p.add_argument("--quick", action="store_true", help="tiny models and data, a few steps: a CPU smoke run")
+    p.add_argument("--vs-original", action="store_true",
+                   help="CPU: kdjax's step against the original's PyTorch step, interleaved windows, the ratio "
+                        "(needs --original and a Python with torch; else one line saying so)")
+    p.add_argument("--original", default=None, help=f"a clone of {vs_original.ORIGINAL_REPO} (for --vs-original)")
+    p.add_argument("--torch-python", default=vs_original.default_torch_python(),
+                   help=f"the Python with torch that runs the original's step (default {vs_original.DEFAULT_TORCH_PYTHON} "
+                        "when it exists)")
+    p.add_argument("--original-threads", type=int, default=None,
+                   help="torch.set_num_threads of the original's step (default torch's own: the cores)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/kd_step_<device>_<date>.json)")
     args = p.parse_args(argv)
     if args.imagenet:
         imagenet_defaults(args)
+    if args.vs_original:
+        vs_original_defaults(args)
     args.num_classes = args.num_classes or 100
     q = args.quick
     args.pair_list = parse_pairs(args.pairs or ("resnet8:resnet8" if q else "resnet56:resnet20,vgg13:vgg8"))
@@ -263,6 +291,18 @@ def imagenet_defaults(args):
             setattr(args, field, value)
     if args.distillers == "all":
         args.distillers = "none"
+
+
+def vs_original_defaults(args):
+    """--vs-original: the unset options take VS_ORIGINAL_DEFAULTS (VS_ORIGINAL_QUICK with --quick); no distillers
+    unless --distillers names some; the single/chunk rows are left out (the comparison times the step as fit
+    drives it)."""
+    for field, value in (VS_ORIGINAL_QUICK if args.quick else VS_ORIGINAL_DEFAULTS).items():
+        if getattr(args, field) is None:
+            setattr(args, field, value)
+    if args.distillers == "all":
+        args.distillers = "none"
+    args.kd_drivers = False
 
 
 def case_prepare(dataset, teacher_name, student_name):
@@ -693,6 +733,59 @@ def time_imagenet_pairs(args, dataset, data, mesh, record):
     return summary
 
 
+def time_vs_original(args, dataset, data, mesh):
+    """--vs-original: per pair and float32 setting, kdjax's step (as fit drives it) against the original's,
+    interleaved windows (bench/vs_original.py). Returns the JSON section: status, environment and one entry each."""
+    reason = vs_original.skip_reason(args.original, args.torch_python)
+    if not reason and jax.default_backend() != "cpu":
+        reason = (f"original step not timed: it runs on CPU and jax runs on {jax.default_backend()}; compare on "
+                  "a CPU (JAX_PLATFORMS=cpu)")
+    print()
+    if reason:
+        print(reason, flush=True)
+        return {"status": "skipped", "reason": reason}
+    chunk = parallel.steps_per_dispatch(args.chunk)
+    section = {"status": "ok", "original": str(args.original), "torch_python": args.torch_python,
+               "steps_per_window": args.steps, "pairs_of_windows": args.repeats, "steps_per_dispatch": chunk,
+               "environment": vs_original.environment(),
+               "ratio": "kdjax img/s / original img/s of each interleaved pair of windows; median, min, max",
+               "entries": []}
+    print(f"kdjax vs the original's PyTorch step ({args.original}): {args.steps}-step windows, {args.repeats} "
+          f"interleaved pairs, kdjax {chunk} step(s) per dispatch", flush=True)
+    for pair in args.pair_list:
+        for batch, dtype in args.setting_list:
+            entry = {"teacher": pair[0], "student": pair[1], "batch": batch, "dtype": dtype}
+            section["entries"].append(entry)
+            if dtype != "float32":
+                entry.update(status="skipped", reason="the original's step runs in float32 only")
+                continue
+            server = vs_original.OriginalServer(vs_original.original_command(
+                args.torch_python, args.original, *pair, batch, args.image_size, args.num_classes,
+                args.original_threads))
+            try:  # the original builds and warms up while kdjax compiles (neither is timed)
+                case = Case(*pair, batch, dtype, "kd", dataset, data, mesh, args.aug)
+                case.compile(chunk)
+                case.dispatch(chunk)  # warm-up
+                entry["original_versions"] = server.ready()
+
+                def kdjax_window(steps):
+                    cpu = time.process_time()
+                    seconds = sum(case.dispatch(chunk) for _ in range(steps // chunk))
+                    return seconds, time.process_time() - cpu
+
+                pairs = vs_original.interleaved_windows(kdjax_window, server.time, args.steps, args.repeats)
+                entry.update(status="ok", compile_s=round(case.compile_s[chunk], 3), last_loss=case.last_loss,
+                             windows=pairs, **vs_original.ratio_summary(pairs, batch, args.steps))
+                print(vs_original.summary_line(entry, *pair, batch, dtype), flush=True)
+                case.release()
+            except Exception as e:  # noqa: BLE001  (a failed pair must not lose the others)
+                traceback.print_exc()
+                entry.update(status="error", reason=f"{type(e).__name__}: {str(e)[:300]}")
+            finally:
+                server.close()
+    return section
+
+
 def main(argv=None):
     t_start = time.perf_counter()
     args = parse_args(argv)
@@ -743,6 +836,7 @@ def main(argv=None):
                     del case
 
     dist_rows = compare_distillers(args, dataset, data, mesh, kd_cases, t_start) if args.distiller_list else []
+    vs_section = time_vs_original(args, dataset, data, mesh) if args.vs_original else None
     kd_cases.clear()
 
     print()
@@ -797,9 +891,11 @@ def main(argv=None):
                            "spread",
         },
         "distillers": dist_rows,
+        **({"vs_original": vs_section} if vs_section is not None else {}),
         "elapsed_s": round(time.perf_counter() - t_start, 1),
     }
-    write_json(result, args.out or output_path("kd_step", kind, args.quick))
+    bench_name = "kd_step_vs_original" if args.vs_original else "kd_step"
+    write_json(result, args.out or output_path(bench_name, kind, args.quick))
     return result
 
 
