@@ -86,3 +86,20 @@ def test_a_shortened_run_anneals():
 def test_a_milestone_given_twice_decays_twice():
     schedule = recipe.step_decay_schedule(0.1, 5, (2, 2, 3))
     np.testing.assert_allclose([float(schedule(e * 5)) for e in range(4)], [0.1, 0.1, 0.001, 0.0001], rtol=1e-6)
+
+
+def test_init_state_is_the_models_own_init_in_one_program():
+    """The whole fresh state is one program (the optimiser's zeros inside it), with the very parameters and
+    statistics of the model's init alone."""
+    import jax
+    import tiny_models  # noqa: F401  (registers tiny_cnn)
+    from kdjax import models
+    model = models.create("tiny_cnn", 10, 8, jnp.float32)
+    key = jax.random.key(3)
+    tx = optax.sgd(0.1, momentum=0.9)
+    state = recipe.init_state(model, tx, key, 8)
+    alone = jax.jit(lambda k: model.init(k, jnp.zeros((2, 8, 8, 3), jnp.float32), train=False))(key)
+    got = jax.tree.leaves((state["params"], state["batch_stats"]))
+    want = jax.tree.leaves((alone["params"], alone["batch_stats"]))
+    assert len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want))
+    assert all(not np.any(m) for m in jax.tree.leaves(state["opt_state"])) and int(state["step"]) == 0

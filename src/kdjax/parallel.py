@@ -68,6 +68,38 @@ def compilation_cache_counts() -> dict:
 
 _DISTRIBUTED_READY = False
 
+# What a run compiles, from JAX's own monitoring events: every XLA program (a backend compile, or its load from
+# the persistent cache) and the seconds spent tracing, lowering and compiling. A task's own figures miss the
+# programs compiled outside its timed spots (the model's init, the evaluator, an epoch's permutation).
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_TRACE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration")
+_compile_counts = {"programs": 0, "compile_s": 0.0}
+_compile_listening = False
+
+
+def _count_compile_seconds(event: str, duration_secs: float, **kwargs) -> None:
+    if event == _COMPILE_EVENT:
+        _compile_counts["programs"] += 1
+        _compile_counts["compile_s"] += duration_secs
+    elif event in _TRACE_EVENTS:
+        _compile_counts["compile_s"] += duration_secs
+
+
+def count_compiles() -> dict:
+    """Programs compiled (or loaded from the persistent cache) and compile seconds (tracing and lowering
+    included) in this process so far, counted from the first call on. Idempotent."""
+    global _compile_listening
+    if not _compile_listening:
+        _compile_listening = True
+        jax.monitoring.register_event_duration_secs_listener(_count_compile_seconds)
+    return dict(_compile_counts)
+
+
+def compiles_since(before: dict) -> dict:
+    """``count_compiles()`` since ``before`` (an earlier ``count_compiles()``): a run's own."""
+    now = count_compiles()
+    return {key: now[key] - before.get(key, 0) for key in now}
+
 
 def compilation_cache_counts_since(before: dict) -> dict:
     """The cache's hit/miss counts since ``before`` (an earlier ``compilation_cache_counts()``): a run's own."""

@@ -371,6 +371,9 @@ class Evaluator:
                                            student=self.student, float32_exact=self.float32_exact,
                                            counts=self.counts)
         self._programs = None  # {"full": compiled, "short": compiled}, made by ``compile``
+        # the initial states of all schemes in one program (eager, every array of zeros compiles one of its own)
+        self._fresh_states = jax.jit(lambda: (stacked_init(self.estimator, len(self.schemes)),
+                                              stacked_init(self.metrics, len(self.schemes))))
         self.compile_s = 0.0
 
     @property
@@ -385,9 +388,7 @@ class Evaluator:
         return {"teacher_vars": put(teacher_vars), "student_vars": put(student_vars or {}),
                 "perm_key": keys["perm"], "base_key": put(keys["base"]),
                 "streams": put(jnp.stack([scheme_stream(keys["aug"], name) for name in self.names])),
-                "states": put((stacked_init(self.estimator, len(self.schemes)),
-                               stacked_init(self.metrics, len(self.schemes)))),
-                "replicated": replicated}
+                "states": put(self._fresh_states()), "replicated": replicated}
 
     def compile(self, teacher_vars, data, student_vars=None, seed: int = 0) -> float:
         """Compile the programs ahead of the loop, so that the loop's time is execution only; returns seconds."""
