@@ -8,8 +8,8 @@
 Runs ``kdjax.configs.demo`` in this process (as ``kdjax demo`` does: one run after the other) in a fresh workdir
 with a fresh persistent compilation cache, and listens to JAX's own monitoring events: a program is one backend
 compile (``/jax/core/compile/backend_compile_duration``; a persistent-cache hit is counted as such, its seconds are
-the load), compile seconds are those plus tracing and lowering (``jaxpr_trace_duration``,
-``jaxpr_to_mlir_module_duration``). Run seconds are each run's wall time less its compile seconds. Prints a row
+the load), compile seconds are the time covered by those and by tracing and lowering (``jaxpr_trace_duration``,
+``jaxpr_to_mlir_module_duration``; nested traces count once). Run seconds are each run's wall time less its compile seconds. Prints a row
 per run, then per task, then the whole; writes ``bench/results/compiles_<device>_<date>[_<epochs>].json``.
 """
 import argparse
@@ -41,7 +41,7 @@ class Ledger:
         self.stack, self.rows, self._hit = [], [], False
 
     def open(self, task, label):
-        self.stack.append({"task": task, "run": label, "programs": [], "frontend_s": 0.0, "started": time.time()})
+        self.stack.append({"task": task, "run": label, "programs": [], "spans": [], "started": time.time()})
 
     def close(self):
         row = self.stack.pop()
@@ -53,23 +53,31 @@ class Ledger:
         if event == CACHE_HIT:
             self._hit = True
 
-    def on_duration(self, event, seconds, **kwargs):
-        if not self.stack:
+    def on_span(self, event, start, end, **kwargs):
+        if not self.stack or (event != BACKEND and event not in FRONTEND):
             return
         row = self.stack[-1]
+        row["spans"].append((start, end))
         if event == BACKEND:
-            row["programs"].append({"name": str(kwargs.get("fun_name", "?")), "s": seconds, "hit": self._hit})
+            row["programs"].append({"name": str(kwargs.get("fun_name", "?")), "s": end - start, "hit": self._hit})
             self._hit = False
-        elif event in FRONTEND:
-            row["frontend_s"] += seconds
+
+
+def union_seconds(spans):
+    """Seconds covered by the spans (traces nest: a jitted function traced inside another's trace counts once)."""
+    seconds, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        seconds += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    return seconds
 
 
 def summarize(row):
-    backend = sum(p["s"] for p in row["programs"])
-    compile_s = backend + row["frontend_s"]
+    compile_s = union_seconds(row["spans"])
     return {"task": row["task"], "run": row["run"], "programs": len(row["programs"]),
             "cache_hits": sum(p["hit"] for p in row["programs"]), "compile_s": compile_s,
-            "backend_s": backend, "run_s": row["wall_s"] - compile_s, "wall_s": row["wall_s"]}
+            "backend_s": sum(p["s"] for p in row["programs"]), "run_s": row["wall_s"] - compile_s,
+            "wall_s": row["wall_s"]}
 
 
 def main(argv=None):
@@ -91,7 +99,7 @@ def main(argv=None):
 
     ledger = Ledger()
     monitoring.register_event_listener(ledger.on_event)
-    monitoring.register_event_duration_secs_listener(ledger.on_duration)
+    monitoring.register_event_time_span_listener(ledger.on_span)
     run_task = tasks.run
 
     def counted(task, config, workdir_):
