@@ -9,8 +9,8 @@ Runs ``kdjax.configs.demo`` in this process (as ``kdjax demo`` does: one run aft
 with a fresh persistent compilation cache, and listens to JAX's own monitoring events: a program is one backend
 compile (``/jax/core/compile/backend_compile_duration``; a persistent-cache hit is counted as such, its seconds are
 the load), compile seconds are the time covered by those and by tracing and lowering (``jaxpr_trace_duration``,
-``jaxpr_to_mlir_module_duration``; nested traces count once). Run seconds are each run's wall time less its compile seconds. Prints a row
-per run, then per task, then the whole; writes ``bench/results/compiles_<device>_<date>[_<epochs>].json``.
+``jaxpr_to_mlir_module_duration``; nested traces count once). Run seconds are each run's wall time less its
+compile seconds. Prints a row per run, then per task, then the whole; writes ``bench/results/compiles_<device>_<date>[_<epochs>].json``.
 """
 import argparse
 import collections
@@ -155,7 +155,8 @@ def main(argv=None):
         out.parent.mkdir(exist_ok=True)
         payload = {"bench": "compiles", "device": kind, "date": date, "epochs": args.epochs,
                    "versions": {"jax": jax.__version__}, "cpu_count": os.cpu_count(),
-                   "load_avg_start": load_start, "load_avg_end": os.getloadavg(), "runs": runs, "tasks": by_task, "outside_runs": outside,
+                   "load_avg_start": load_start, "load_avg_end": os.getloadavg(), "runs": runs, "tasks": by_task,
+                   "outside_runs": outside,
                    "total_s": total_s, "compile_s": compile_total, "programs": programs}
         out.write_text(json.dumps(payload, indent=1))
         print(f"written {out}")
