@@ -10,7 +10,8 @@ with a fresh persistent compilation cache, and listens to JAX's own monitoring e
 compile (``/jax/core/compile/backend_compile_duration``; a persistent-cache hit is counted as such, its seconds are
 the load), compile seconds are the time covered by those and by tracing and lowering (``jaxpr_trace_duration``,
 ``jaxpr_to_mlir_module_duration``; nested traces count once). Run seconds are each run's wall time less its
-compile seconds. Prints a row per run, then per task, then the whole; writes ``bench/results/compiles_<device>_<date>[_<epochs>].json``.
+compile seconds. Prints a row per run, then per task, then the whole; writes
+``bench/results/compiles_<device>_<date>[_<epochs>].json``.
 """
 import argparse
 import collections
