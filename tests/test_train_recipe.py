@@ -99,3 +99,20 @@ def test_the_training_spec_resolves_the_run_fields_and_the_recipe_follows_it():
     assert (made.epochs, made.plan.steps_per_epoch, made.base_lr, made.decay_epochs) == (20, 7, 0.01, (13, 15, 18))
     np.testing.assert_allclose([float(made.schedule(7 * e)) for e in (12, 13, 15, 18)], [0.01, 0.001, 1e-4, 1e-5],
                                rtol=1e-6)
+
+
+def test_init_state_is_the_models_own_init_in_one_program():
+    """The whole fresh state is one program (the optimiser's zeros inside it), with the very parameters and
+    statistics of the model's init alone."""
+    import jax
+    import tiny_models  # noqa: F401  (registers tiny_cnn)
+    from kdjax import models
+    model = models.create("tiny_cnn", 10, 8, jnp.float32)
+    key = jax.random.key(3)
+    tx = optax.sgd(0.1, momentum=0.9)
+    state = recipe.init_state(model, tx, key, 8)
+    alone = jax.jit(lambda k: model.init(k, jnp.zeros((2, 8, 8, 3), jnp.float32), train=False))(key)
+    got = jax.tree.leaves((state["params"], state["batch_stats"]))
+    want = jax.tree.leaves((alone["params"], alone["batch_stats"]))
+    assert len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want))
+    assert all(not np.any(m) for m in jax.tree.leaves(state["opt_state"])) and int(state["step"]) == 0

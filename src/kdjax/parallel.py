@@ -68,6 +68,41 @@ def compilation_cache_counts() -> dict:
 
 _DISTRIBUTED_READY = False
 
+# What a run compiles, from JAX's own monitoring events: every XLA program (a backend compile, or its load from
+# the persistent cache) and the time spent tracing, lowering and compiling. A task's own figures miss the
+# programs compiled outside its timed spots (the model's init, the evaluator, an epoch's permutation).
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_COMPILE_EVENTS = (_COMPILE_EVENT, "/jax/core/compile/jaxpr_trace_duration",
+                   "/jax/core/compile/jaxpr_to_mlir_module_duration")
+_compile_spans = []  # (start, end) of each event: traces nest (a jitted function traced inside another's trace)
+_compile_listening = False
+
+
+def _record_compile_span(event: str, start_time: float, end_time: float, **kwargs) -> None:
+    if event in _COMPILE_EVENTS:
+        _compile_spans.append((event == _COMPILE_EVENT, start_time, end_time))
+
+
+def count_compiles() -> dict:
+    """A mark of the compiles so far, for ``compiles_since``; the first call starts the counting. Idempotent."""
+    global _compile_listening
+    if not _compile_listening:
+        _compile_listening = True
+        jax.monitoring.register_event_time_span_listener(_record_compile_span)
+    return {"mark": len(_compile_spans)}
+
+
+def compiles_since(before: dict) -> dict:
+    """Programs compiled (or loaded from the persistent cache) since ``before`` (a ``count_compiles()``) and the
+    seconds spent compiling: the union of the trace, lowering and compile spans, so that nested traces and
+    programs compiled at once in threads count once."""
+    spans = _compile_spans[before["mark"]:]
+    seconds, reach = 0.0, float("-inf")
+    for _, start, end in sorted(spans, key=lambda span: span[1]):
+        seconds += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    return {"programs": sum(is_program for is_program, _, _ in spans), "compile_s": seconds}
+
 
 def compilation_cache_counts_since(before: dict) -> dict:
     """The cache's hit/miss counts since ``before`` (an earlier ``compilation_cache_counts()``): a run's own."""

@@ -21,4 +21,7 @@ def test_a_second_run_compiles_nothing_and_agrees(tmp_path):
     assert cold["compile_cache"]["misses"] > 0 and cold["compile_cache"]["hits"] == 0
     assert warm["compile_cache"] == {"hits": cold["compile_cache"]["misses"], "misses": 0}
     assert warm["test_loss"] == cold["test_loss"] and warm["top1"] == cold["top1"]
+    # the run's compile figures count every program it compiled or loaded, not only its training chunk's
+    assert cold["programs"] == cold["compile_cache"]["misses"] and warm["programs"] == warm["compile_cache"]["hits"]
+    assert cold["compile_s"] > 0
     assert (tmp_path / "cache" / "cpu").is_dir()  # keyed by the device kind

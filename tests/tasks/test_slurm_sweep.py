@@ -30,7 +30,7 @@ ARG = ("pairs=tiny_cnn:tiny_cnn,augs=cutmix+cutmix_pick_s,seeds=0+1,datasets=syn
 TEACHER = "teachers/tiny_cnn"
 KILLED = "tiny_cnn-tiny_cnn/cutmix_pick_s/seed0"                 # a student, killed with scancel
 DEPENDANT = "tstddev/tiny_cnn-tiny_cnn/cutmix_pick_s/seed0"      # scores with that student: cancelled by SLURM
-TIMING = ("wall_s", "compile_s", "eval_s", "images_per_s", "compile_cache")
+TIMING = ("wall_s", "compile_s", "programs", "eval_s", "images_per_s", "compile_cache")
 
 
 def tiny_sweep(**fields):

@@ -69,12 +69,14 @@ def run_frame(task: Task, config, workdir: str):
     with workdir_lib.WorkdirLock(workdir):
         started = time.time()
         parallel.enable_compilation_cache(config.get("compile_cache_dir"))
-        cache_before = parallel.compilation_cache_counts()
+        cache_before, compiles_before = parallel.compilation_cache_counts(), parallel.count_compiles()
         inputs = task.load(config, plan)
         consumed = task.consumed(config, inputs) if task.consumed is not None else None
         workdir_lib.claim(workdir, config, ignore=task.claim_ignore, inputs=consumed)
         outcome = task.run(config, workdir, inputs)
-        timing = {"wall_s": time.time() - started,
+        compiled = parallel.compiles_since(compiles_before)
+        timing = {"wall_s": time.time() - started, "compile_s": compiled["compile_s"],
+                  "programs": compiled["programs"],
                   "compile_cache": parallel.compilation_cache_counts_since(cache_before)}
         path = workdir
         for directory, results in outcome.parts:
@@ -82,7 +84,8 @@ def run_frame(task: Task, config, workdir: str):
         if outcome.results is not None:
             outcome.results.update(timing)
             path = runlog.write_results(workdir, outcome.results, config)
-    print(f"{outcome.line}; results in {path}", flush=True)
+    print(f"{outcome.line}; {compiled['programs']} programs compiled in {compiled['compile_s']:.1f} s; results in "
+          f"{path}", flush=True)
     return outcome.results if outcome.returned is None else outcome.returned
 
 

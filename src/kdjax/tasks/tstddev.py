@@ -177,8 +177,7 @@ def run_tstddev(config, workdir, inputs: Inputs):
         with open(os.path.join(workdir, "tstddev.md"), "w") as f:
             f.write(table)
     print(table, flush=True)
-    line = (f"[tstddev] {out['steps']} steps in {out['eval_s']:.1f} s ({out['images_per_s']:,.0f} teacher img/s) "
-            f"after {out['compile_s']:.1f} s of compiling")
+    line = f"[tstddev] {out['steps']} steps in {out['eval_s']:.1f} s ({out['images_per_s']:,.0f} teacher img/s)"
     return frame.Outcome(None, line, parts=parts, returned=all_results)
 
 

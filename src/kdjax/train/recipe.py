@@ -97,10 +97,14 @@ def init_state(model, tx, key, image_size: int) -> Dict[str, Any]:
     """A freshly initialised training state: the model's params and BatchNorm statistics, the optimiser state,
     the step and ``extra`` (a distiller's heads and state, filled by ``kdjax.train.kd``)."""
     x = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
-    variables = jax.jit(lambda k: model.init(k, x, train=False))(key)
-    params = variables["params"]
-    return {"params": params, "batch_stats": variables.get("batch_stats", {}), "opt_state": tx.init(params),
-            "step": jnp.zeros((), jnp.int32), "extra": {}}
+
+    def fresh(k):  # one program: the optimiser's zeros outside it would each compile a program of their own
+        variables = model.init(k, x, train=False)
+        params = variables["params"]
+        return {"params": params, "batch_stats": variables.get("batch_stats", {}), "opt_state": tx.init(params),
+                "step": jnp.zeros((), jnp.int32), "extra": {}}
+
+    return jax.jit(fresh)(key)
 
 
 def model_meta(model_name: str, dataset, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:

@@ -413,6 +413,9 @@ class Evaluator:
                                            counts=self.counts, host_crop=self.host_crop)
         self._programs = None  # {"full": compiled, "short": compiled}, made by ``compile``
         self._mesh = None      # the streamed programs' mesh
+        # the initial states of all schemes in one program (eager, every array of zeros compiles one of its own)
+        self._fresh_states = jax.jit(lambda: (stacked_init(self.estimator, len(self.schemes)),
+                                              stacked_init(self.metrics, len(self.schemes))))
         self.compile_s = 0.0
 
     @property
@@ -427,9 +430,7 @@ class Evaluator:
         return {"teacher_vars": put(teacher_vars), "student_vars": put(student_vars or {}),
                 "perm_key": keys["perm"], "base_key": put(keys["base"]),
                 "streams": put(jnp.stack([scheme_stream(keys["aug"], name) for name in self.names])),
-                "states": put((stacked_init(self.estimator, len(self.schemes)),
-                               stacked_init(self.metrics, len(self.schemes)))),
-                "replicated": replicated}
+                "states": put(self._fresh_states()), "replicated": replicated}
 
     def _check_placement(self, data) -> bool:
         """True for a streamed source; the evaluator's ``host_crop`` must say the same."""
