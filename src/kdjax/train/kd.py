@@ -37,26 +37,25 @@ def set_by_config(config) -> dict:
     return {**options, "beta": config.loss.get("beta")}
 
 
-def distiller_options(config) -> dict:
-    """The pair's official recipe (``kdjax.configs.recipes``) with the options the config sets (not None)
-    replacing it: together they replace the chosen distiller's defaults."""
-    options = {k: v for k, v in set_by_config(config).items() if v is not None}
-    return recipes.with_recipe(distillers.canonical(config.distiller), config.teacher, config.student, options)
-
-
 @dataclasses.dataclass(frozen=True)
 class KDMethod:
     """The loss of a KD run: the distiller (with its options) and the weights of CE, the logit block and the
     distiller's term."""
     distiller: distillers.Distiller
     weights: steps.KDWeights
+    recipe: Dict[str, Any] = dataclasses.field(default_factory=dict)  # the pair's official values it uses
+    recipe_line: Optional[str] = None   # the line naming them and their source; None when the pair has none
 
     @classmethod
     def from_config(cls, config) -> "KDMethod":
         """The configured distiller (an option it does not have fails with the list of its valid options) and the
         weights: the distiller's defaults for the scheme (``distillers.resolve_weights``: 0.1 / 0.9 / 0 for plain
         KD, the paper's; 0.1 / 9 with logit standardisation), replaced by every weight the config sets."""
-        distiller = distillers.create(config.distiller, **distiller_options(config))
+        # the pair's official recipe (``kdjax.configs.recipes``), every option the config sets replacing it
+        pair = (distillers.canonical(config.distiller), config.teacher, config.student)
+        set_options = set_by_config(config)
+        distiller = distillers.create(config.distiller, **recipes.with_recipe(*pair, set_options))
+        recipe, recipe_line = recipes.applied(*pair, set_options), recipes.describe(*pair, set_options)
         loss = config.loss
         logit_stand = bool(loss.get("logit_stand", False))
         w = distillers.resolve_weights(distiller, config.aug, gamma=loss.gamma, alpha=loss.alpha, beta=loss.beta,
@@ -67,7 +66,7 @@ class KDMethod:
                                   ls_temperature=float(loss.get("ls_temperature", distillers.LS_TEMPERATURE)),
                                   sample_weights=str(loss.get("sample_weights") or "none"),
                                   ctkd=ctkd_lib.from_config(config.get("ctkd")))
-        return cls(distiller, weights)
+        return cls(distiller, weights, recipe=recipe, recipe_line=recipe_line)
 
 
 def has_teacher(config) -> bool:
@@ -88,10 +87,10 @@ def validate(config) -> KDMethod:
     config.distiller = distillers.canonical(config.distiller)
     method = KDMethod.from_config(config)
     distiller = method.distiller
+    ctkd_lib.check_ctkd(method.weights.ctkd, distiller, method.weights.logit_stand, method.weights.sample_weights)
     if method.weights.logit_stand:
         distillers.check_logit_stand(distiller)
     sample_weights.check_sample_weights(method.weights.sample_weights, distiller)
-    ctkd_lib.check_ctkd(method.weights.ctkd, distiller, method.weights.logit_stand, method.weights.sample_weights)
     if not has_teacher(config):
         if distiller.needs_teacher:
             what = "logits" if distiller.replaces_kl else "features"
@@ -135,12 +134,19 @@ class DistillSpec:
     teacher: str                        # NO_TEACHER: the student learns from the labels only
     aug: str
     augment: Dict[str, Any]             # the scheme's options (``augment.create``'s keywords)
-    recipe: Dict[str, Any]              # the pair's official values this run uses (``configs.recipes``)
-    recipe_line: Optional[str]          # the line naming them and their source; None when the pair has none
 
     @property
     def student(self) -> str:
         return self.training.model
+
+    @property
+    def recipe(self) -> Dict[str, Any]:
+        """The pair's official values this run uses (``configs.recipes``)."""
+        return self.method.recipe
+
+    @property
+    def recipe_line(self) -> Optional[str]:
+        return self.method.recipe_line
 
     @property
     def has_teacher(self) -> bool:
@@ -150,10 +156,8 @@ class DistillSpec:
     def from_config(cls, config, method: KDMethod) -> "DistillSpec":
         """The spec of a config that ``validate`` checked and whose dataset fields are filled."""
         training = recipe_lib.training_spec(config, config.student)
-        pair, set_options = (config.distiller, config.teacher, config.student), set_by_config(config)
         return cls(method=method, training=training, teacher=config.teacher, aug=config.aug,
-                   augment=augment.options_from_config(config.get("augment"), training.batch_size),
-                   recipe=recipes.applied(*pair, set_options), recipe_line=recipes.describe(*pair, set_options))
+                   augment=augment.options_from_config(config.get("augment"), training.batch_size))
 
 
 @dataclasses.dataclass(frozen=True)
