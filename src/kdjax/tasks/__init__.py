@@ -5,6 +5,7 @@ import importlib
 import os
 import signal
 import sys
+import warnings
 
 from kdjax.errors import KdjaxError
 
@@ -20,6 +21,14 @@ def run(task: str, config, workdir: str):
 def fail(message: str) -> None:
     for line in str(message).splitlines() or [""]:  # a few problems at once: one line each
         print(f"error: {line}", file=sys.stderr, flush=True)
+
+
+def ignore_abandoned_saves() -> None:
+    """An interrupt can cut short an asynchronous checkpoint save before its coroutines start; the step it was
+    writing is abandoned (orbax finalises a step only when its save completes, so the checkpoint the interrupt line
+    names is whole), and each unstarted coroutine would print a RuntimeWarning when collected: the one line must
+    stay one line."""
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
 
 
 def run_command(config, workdir: str, debug: bool = False) -> int:
@@ -40,10 +49,12 @@ def run_command(config, workdir: str, debug: bool = False) -> int:
         with stop_on_sigterm(signals=(signal.SIGTERM, signal.SIGUSR1), only_unhandled=True):
             run(config.task, config, workdir)
     except RunInterrupted as e:
+        ignore_abandoned_saves()
         fail(str(e))
         return 130
     except KeyboardInterrupt:
         # outside a training loop (setup, evaluation, a sweep between runs): checkpoints and finished runs stay
+        ignore_abandoned_saves()
         fail(f"interrupted; what was saved before stays in {workdir}: run the same command to go on")
         return 130
     except USER_ERRORS as e:  # bad input: one line that names the fix, no traceback
