@@ -13,12 +13,12 @@ stdout and a JSON file to ``bench/results/forward_<device kind>_<date>[_quick].j
 
 ``--vs-torchvision`` times kdjax's ``resnet18_imagenet`` (default; ``--models`` names other ``*_imagenet`` models)
 against torchvision's model of the same architecture in the same run: torchvision runs in a child process started
-with ``--torch-python`` (default /work/torchvenv/bin/python when it exists; without a python that imports torch and
-torchvision the comparison is skipped with one line), both on random weights, eval mode, float32, NCHW for torch
-and NHWC for JAX, each with the host's threads. The windows are interleaved (kdjax, torchvision, torchvision, kdjax,
-...: who goes first alternates) so that load on a shared machine weighs on both alike; each window runs ``--runs``
-forwards, and the median window of each side gives img/s and the ratio kdjax / torchvision. Defaults for this mode:
-batch 32, 224 px, 1000 classes, 5 windows of 3 forwards.
+with ``--torch-python`` (default: the ``KDJAX_TORCH_PYTHON`` environment variable; without a python that imports
+torch and torchvision the comparison is skipped with one line), both on random weights, eval mode, float32,
+NCHW for torch and NHWC for JAX, each with the host's threads. The windows are interleaved (kdjax, torchvision,
+torchvision, kdjax, ...: who goes first alternates) so that load on a shared machine weighs on both alike; each
+window runs ``--runs`` forwards, and the median window of each side gives img/s and the ratio kdjax /
+torchvision. Defaults for this mode: batch 32, 224 px, 1000 classes, 5 windows of 3 forwards.
 """
 import argparse
 import datetime
@@ -35,11 +35,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from results_io import output_path, write_json  # noqa: E402  (bench/ is on sys.path when run as a script)
+# bench/ is on sys.path when run as a script
+from results_io import TORCH_PYTHON_ENV, default_torch_python, output_path, write_json  # noqa: E402
 from kdjax import models
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-DEFAULT_TORCH_PYTHON = "/work/torchvenv/bin/python"
 
 
 def parse_args(argv=None):
@@ -56,8 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--vs-torchvision", action="store_true",
                    help="time the ImageNet ResNet beside torchvision's in the same run, interleaved windows (CPU)")
     p.add_argument("--torch-python", default=None,
-                   help=f"python with torch and torchvision for --vs-torchvision (default {DEFAULT_TORCH_PYTHON} "
-                        "when it exists)")
+                   help=f"python with torch and torchvision for --vs-torchvision (default: ${TORCH_PYTHON_ENV})")
     p.add_argument("--windows", type=int, default=5, help="--vs-torchvision: interleaved windows per side")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/forward_<device>_<date>.json)")
     args = p.parse_args(argv)
@@ -147,8 +146,7 @@ def vs_torchvision_args(p, args):
         p.error("--vs-torchvision compares float32 forwards only")
     if min(args.batch, args.runs, args.windows) < 1:
         p.error("--batch, --runs and --windows must be positive")
-    if args.torch_python is None and os.path.exists(DEFAULT_TORCH_PYTHON):
-        args.torch_python = DEFAULT_TORCH_PYTHON
+    args.torch_python = args.torch_python or default_torch_python()
     return args
 
 
@@ -184,7 +182,7 @@ class TorchForward:
 def torch_python_problem(python):
     """'' when ``python`` imports torch and torchvision, else why it cannot be used."""
     if not python:
-        return f"no --torch-python given and {DEFAULT_TORCH_PYTHON} does not exist"
+        return f"no --torch-python given and {TORCH_PYTHON_ENV} is unset"
     try:
         done = subprocess.run([python, "-c", "import torch, torchvision"], capture_output=True, text=True,
                               timeout=120)

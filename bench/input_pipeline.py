@@ -3,7 +3,7 @@ torchvision's ImageFolder + DataLoader (PIL, the original's loader) on the same 
 
     python bench/input_pipeline.py --quick          # 128 images, one core each side
     python bench/input_pipeline.py                  # 1000 images, one core and all cores
-    python bench/input_pipeline.py --torch-python /path/to/venv/bin/python   # default: /work/torchvenv/bin/python
+    python bench/input_pipeline.py --torch-python /path/to/venv/bin/python   # default: $KDJAX_TORCH_PYTHON
 
 The JPEGs imitate ImageNet's: 400-600 x 300-450 pixels (500x375 on average), quality 90, about 110 KB each
 (smooth colour fields plus noise at two scales). They are written as an ImageFolder tree, prepared into record
@@ -31,7 +31,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from results_io import output_path, write_json  # noqa: E402
+from results_io import cpu_model, default_torch_python, output_path, write_json  # noqa: E402
 
 BATCH = 64
 NUM_CLASSES = 8
@@ -121,7 +121,7 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--images", type=int, default=None)
     parser.add_argument("--passes", type=int, default=None)
-    parser.add_argument("--torch-python", default="/work/torchvenv/bin/python")
+    parser.add_argument("--torch-python", default=default_torch_python())
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each side; medians reported")
     args = parser.parse_args()
     num_images = args.images or (128 if args.quick else 1000)
@@ -158,7 +158,7 @@ def main():
 
     result = {"bench": "input_pipeline", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds"), "quick": args.quick, "machine": {"platform": platform.platform(), "processor":
-        _cpu_model(), "cores": cores, "python": platform.python_version()},
+        cpu_model(), "cores": cores, "python": platform.python_version()},
         "versions": {"grain": getattr(grain, "__version__", "?"), "pillow": PIL.__version__,
                      "torch": rows["torchvision_0_workers"].get("torch")},
         "files": files, "batch": BATCH, "passes": passes, "repeats": args.repeats, "prepare_s": prepare_s, "rows": rows,
@@ -178,16 +178,6 @@ def _median_row(rows: list) -> dict:
     key = "images_per_cpu_s" if rows[0]["images_per_cpu_s"] is not None else "images_per_s"
     ordered = sorted(rows, key=lambda r: r[key])
     return {**ordered[len(ordered) // 2], "runs": len(rows), f"{key}_all": [round(r[key], 1) for r in rows]}
-
-
-def _cpu_model() -> str:
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -230,8 +230,8 @@ def parse_args(argv=None):
                         "(needs --original and a Python with torch; else one line saying so)")
     p.add_argument("--original", default=None, help=f"a clone of {vs_original.ORIGINAL_REPO} (for --vs-original)")
     p.add_argument("--torch-python", default=vs_original.default_torch_python(),
-                   help=f"the Python with torch that runs the original's step (default {vs_original.DEFAULT_TORCH_PYTHON} "
-                        "when it exists)")
+                   help=f"the Python with torch that runs the original's step "
+                        f"(default: ${vs_original.TORCH_PYTHON_ENV})")
     p.add_argument("--original-threads", type=int, default=None,
                    help="torch.set_num_threads of the original's step (default torch's own: the cores)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/kd_step_<device>_<date>.json)")

@@ -2,7 +2,7 @@
 
 Run with a Python that has torch (never imported by kdjax itself); ``--original`` names a clone of the original:
 
-    /work/torchvenv/bin/python bench/original_step.py --original /path/to/Good-DA-in-KD --windows 3 --steps 20
+    PYTHON_WITH_TORCH bench/original_step.py --original /path/to/Good-DA-in-KD --windows 3 --steps 20
     ... --serve      # the timing server bench/kd_step.py --vs-original drives (one line per window, below)
     ... --profile    # torch.profiler's table of one window (operators by self CPU time)
 

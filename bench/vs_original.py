@@ -19,16 +19,12 @@ import statistics
 import subprocess
 import sys
 
-DEFAULT_TORCH_PYTHON = "/work/torchvenv/bin/python"
+from results_io import TORCH_PYTHON_ENV, cpu_model, default_torch_python  # noqa: F401  (bench/ on sys.path)
+
 ORIGINAL_REPO = "MingSun-Tse/Good-DA-in-KD"
 RUNNER = pathlib.Path(__file__).resolve().parent / "original_step.py"
 # files of the original the step imports (bench/original_step.py): their absence means the path is no clone
 ORIGINAL_FILES = ("models/__init__.py", "helper/loops.py", "distiller_zoo/KD.py")
-
-
-def default_torch_python():
-    """--torch-python's default: DEFAULT_TORCH_PYTHON where it exists, else None."""
-    return DEFAULT_TORCH_PYTHON if os.path.exists(DEFAULT_TORCH_PYTHON) else None
 
 
 def skip_reason(original, torch_python):
@@ -41,7 +37,7 @@ def skip_reason(original, torch_python):
         return (f"original step not timed: --original {original} is not a clone of {ORIGINAL_REPO} (no "
                 f"{', '.join(missing)})")
     if not torch_python:
-        return (f"original step not timed: no Python with torch ({DEFAULT_TORCH_PYTHON} is absent; "
+        return (f"original step not timed: no Python with torch ({TORCH_PYTHON_ENV} is unset; "
                 f"--torch-python PATH names one)")
     if not os.path.exists(torch_python):
         return f"original step not timed: --torch-python {torch_python} does not exist"
@@ -151,17 +147,6 @@ def summary_line(s, teacher, student, batch, dtype):
             f"{s['cpu_ratio']:.2f}x){load}")
 
 
-def cpu_name():
-    """The CPU's model name (Linux /proc/cpuinfo), for the record."""
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
 def cpu_flags():
     """The vector ISA the CPU offers (avx512f / avx2), for the record: XLA:CPU's and oneDNN's kernels differ."""
     try:
@@ -178,5 +163,5 @@ def environment():
     """What the figures depend on besides the code: CPU, cores (and those this process may use: taskset), XLA_FLAGS,
     Python."""
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": cpu_name(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(), "cores_usable": usable,
+    return {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(), "cores_usable": usable,
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "python": sys.version.split()[0]}
