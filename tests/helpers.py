@@ -1,8 +1,11 @@
 """Helpers shared by the training tests: load a config file, run launch.py in a subprocess."""
 import os
 import pathlib
+import random
+import signal
 import subprocess
 import sys
+import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TESTS = pathlib.Path(__file__).resolve().parent
@@ -39,3 +42,16 @@ def spawn(config: str, workdir, *overrides, devices: int = 1, **env):
            f"--workdir={workdir}", *overrides]
     return subprocess.Popen(cmd, cwd=REPO, env=launch_env(devices, **env), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+
+
+def kill_after(proc, marker, timeout: float = 300, jitter: float = 0.0):
+    """SIGKILL ``proc`` once the file ``marker`` (a checkpoint's ``commit_success.txt``) exists, after a random
+    further wait of up to ``jitter`` seconds; fails if the run ended before it could be killed."""
+    deadline = time.time() + timeout
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    if jitter:
+        time.sleep(random.uniform(0.0, jitter))
+    assert proc.poll() is None, f"the run ended before it could be killed:\n{proc.stdout.read()[-2000:]}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -2,19 +2,16 @@
 the training loop's streamed branch, its masked evaluation, checkpoints inside an epoch and exact resumption from
 them; the on-device path keeps refusing both."""
 import json
-import os
 import pathlib
 import re
 import shutil
-import signal
-import time
 
 import numpy as np
 import pytest
 
 import streamed_inputs as fab
 import tiny_models  # noqa: F401  (registers tiny_cnn)
-from helpers import launch, load_config, spawn
+from helpers import kill_after, launch, load_config, spawn
 from kdjax.data.streamed import prepare_dataset
 
 SIZE = 16
@@ -124,14 +121,7 @@ def test_sigkill_inside_an_epoch_and_resume_is_bit_identical(data_dir, tmp_path)
     args = [f"--config.data_dir={data_dir}", "--config.checkpoint_every_steps=3"]
     launch(config, tmp_path / "straight", *args)
     interrupted = tmp_path / "interrupted"
-    proc = spawn(config, interrupted, *args)
-    first = interrupted / "checkpoints" / "3" / "commit_success.txt"
-    deadline = time.time() + 300
-    while not first.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after(spawn(config, interrupted, *args), interrupted / "checkpoints" / "3" / "commit_success.txt")
     assert not (interrupted / "results.json").exists()
     resumed = launch(config, interrupted, *args)
     step = int(re.search(r"resuming from step (\d+)", resumed.stdout).group(1))

@@ -1,17 +1,14 @@
 """End-to-end training through launch.py on digits with a tiny model: teacher, KD with every scheme, resume after
 SIGKILL, device-count independence, two processes, and the one-line errors."""
 import json
-import os
 import pathlib
 import shutil
-import signal
-import time
 
 import numpy as np
 import pytest
 
 import tiny_models  # noqa: F401  (registers tiny_cnn)
-from helpers import launch, load_config, spawn
+from helpers import kill_after, launch, load_config, spawn
 
 TINY = ["--config.image_size=8", "--config.batch_size=32", "--config.steps_per_dispatch=64"]
 
@@ -72,22 +69,15 @@ RESUME = ["--config.image_size=8", "--config.batch_size=32", "--config.steps_per
 def test_sigkill_and_resume_is_bit_identical(tmp_path):
     """Kill a run with SIGKILL at an arbitrary step after its first checkpoint, resume it: the final parameters
     equal an uninterrupted run's."""
-    import random
     import re
     from kdjax.checkpoint import load_model
     config = "teacher.py:model=tiny_cnn,dataset=digits,epochs=6"
     launch(config, tmp_path / "straight", *RESUME)
 
     interrupted = tmp_path / "interrupted"
-    proc = spawn(config, interrupted, *RESUME)
-    first_checkpoint = interrupted / "checkpoints" / "45" / "commit_success.txt"
-    deadline = time.time() + 300
-    while not first_checkpoint.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    time.sleep(random.uniform(0.0, 0.1))  # somewhere in a later epoch
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    # killed somewhere after the first checkpoint, up to 0.1 s later (a later epoch)
+    kill_after(spawn(config, interrupted, *RESUME), interrupted / "checkpoints" / "45" / "commit_success.txt",
+               jitter=0.1)
     assert not (interrupted / "results.json").exists()
     resumed = launch(config, interrupted, *RESUME)
     step = int(re.search(r"resuming from step (\d+)", resumed.stdout).group(1))

@@ -2,15 +2,12 @@
 to ``<workdir>/init_stage`` and reported; the KD stage starts from its result; a run killed with SIGKILL in either
 stage resumes to the bit-identical final state of an uninterrupted run."""
 import json
-import os
-import signal
-import time
 
 import jax
 import numpy as np
 import pytest
 
-from helpers import launch, load_config, spawn
+from helpers import kill_after, launch, load_config, spawn
 
 DATA = ["--config.dataset=synthetic", "--config.dataset_options.num_train=320",
         "--config.dataset_options.num_test=64", "--config.dataset_options.num_classes=10",
@@ -34,15 +31,6 @@ def _final_state(workdir):
     return jax.tree.leaves(variables)
 
 
-def _kill_after(proc, marker, timeout=300):
-    deadline = time.time() + timeout
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    assert proc.poll() is None, f"the run ended before it could be killed:\n{proc.stdout.read()[-2000:]}"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
 @pytest.mark.slow  # three runs of two stages, two of them killed and resumed: ~3.5 min on 2 cores
 def test_fsp_run_reports_its_init_stage_and_resumes_after_sigkill_in_either_stage(teacher_dir, tmp_path):
     args = ["--config.distiller=fsp", f"--config.teacher_checkpoint={teacher_dir}"]
@@ -57,7 +45,7 @@ def test_fsp_run_reports_its_init_stage_and_resumes_after_sigkill_in_either_stag
 
     for stage_dir in ("init_stage/checkpoints", "checkpoints"):  # a kill in the init stage, then in the KD stage
         workdir = tmp_path / stage_dir.split("/")[0]
-        _kill_after(spawn("distill.py", workdir, *RUN, *args),
+        kill_after(spawn("distill.py", workdir, *RUN, *args),
                     workdir / stage_dir / str(STEPS_PER_EPOCH) / "commit_success.txt")
         assert not (workdir / "results.json").exists()
         resumed = launch("distill.py", workdir, *RUN, *args)
