@@ -110,6 +110,27 @@ def compilation_cache_counts_since(before: dict) -> dict:
     return {key: now[key] - before.get(key, 0) for key in now}
 
 
+# How long a process waits at a barrier for the others (SLURM tasks start, import and compile at their own pace).
+BARRIER_TIMEOUT_S = 900
+_barriers_passed = 0
+
+
+def wait_for_all_processes(name: str, timeout_s: int = BARRIER_TIMEOUT_S) -> None:
+    """Block until every process of a multi-process run has reached this point; no-op in a single process.
+
+    Called before a run's first cross-process collective: on CPU that collective also opens the gloo context, whose
+    key exchange gives up after 30 s (fixed in XLA), so processes that arrive further apart than that (one still
+    importing or compiling on a loaded machine) would fail. The coordination service's barrier waits as long as
+    asked. Every process must pass the same barriers in the same order (the names are numbered to stay unique)."""
+    global _barriers_passed
+    if jax.process_count() == 1:
+        return
+    from orbax.checkpoint import multihost
+
+    _barriers_passed += 1
+    multihost.get_barrier_sync_fn()(key=f"kdjax_{name}_{_barriers_passed}", timeout_ms=int(timeout_s * 1000))
+
+
 def maybe_initialize_distributed() -> None:
     """Multi-host runs: ``jax.distributed.initialize()`` before anything touches a device, when
 

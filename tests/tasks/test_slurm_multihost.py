@@ -32,12 +32,12 @@ def test_srun_two_tasks_train_like_one_process(slurm_cluster, tmp_path):
                                        f"{RUN[0].split(':', 1)[1]}", *RUN[1:], f"--workdir={workdir}"))
     script = (f"#!/bin/bash\n#SBATCH --ntasks=2\nexport JAX_PLATFORMS=cpu KDJAX_PLUGINS=tiny_models "
               f"PYTHONPATH={TESTS}:{REPO} JAX_DISABLE_MOST_OPTIMIZATIONS=1 TF_CPP_MIN_LOG_LEVEL=3\n"
-              f"srun --ntasks=2 {sys.executable} -m kdjax {args}\n")
+              f"srun --label --ntasks=2 {sys.executable} -m kdjax {args}\n")
     slurm_cluster.wait_idle()
     job = slurm_cluster.sbatch(script=script)
     record = slurm_cluster.wait_for(job, timeout=300)
     out = (slurm_cluster.dir / "jobs" / f"{job}.out").read_text()
-    assert record["JobState"] == "COMPLETED", out[-3000:]
+    assert record["JobState"] == "COMPLETED", out[-8000:]  # both tasks' lines, labelled
     assert re.search(r"on 2 x .* \(cpu\)", out)  # one device per task, one mesh over both
     launch(RUN[0], tmp_path / "one", *RUN[1:], devices=2)
     np.testing.assert_allclose(_losses(workdir), _losses(tmp_path / "one"), rtol=1e-5, atol=1e-5)

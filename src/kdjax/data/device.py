@@ -24,7 +24,7 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kdjax.data.core import SPLITS, Dataset, _check_split
-from kdjax.parallel import DATA_AXIS, make_mesh
+from kdjax.parallel import DATA_AXIS, make_mesh, wait_for_all_processes
 
 PLACEMENTS = ("auto", "replicated", "sharded")
 # Share of a device's free memory that the replicated dataset may take: the rest is for the model, optimizer state
@@ -164,6 +164,7 @@ def min_free_bytes(mesh: jax.sharding.Mesh) -> int | None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
+        wait_for_all_processes("free_bytes")  # the first collective of a run: see its docstring
         known = [int(v) for v in np.ravel(multihost_utils.process_allgather(np.int64(local))) if v >= 0]
         return min(known) if known else None
     return None if local < 0 else local

@@ -73,6 +73,7 @@ def run_frame(task: Task, config, workdir: str):
         inputs = task.load(config, plan)
         consumed = task.consumed(config, inputs) if task.consumed is not None else None
         workdir_lib.claim(workdir, config, ignore=task.claim_ignore, inputs=consumed)
+        parallel.wait_for_all_processes("run")  # the processes of a multi-host run start its work together
         outcome = task.run(config, workdir, inputs)
         compiled = parallel.compiles_since(compiles_before)
         timing = {"wall_s": time.time() - started, "compile_s": compiled["compile_s"],
