@@ -116,6 +116,33 @@ def test_distiller_axis_adds_a_student_per_distiller_and_shares_the_rest():
     assert len({r.workdir for r in runs}) == len(runs) == 9 + 8
 
 
+def test_ctkd_joins_the_distiller_axis_as_a_suffix():
+    """kd+ctkd, dkd+ctkd and crd+kd+ctkd: CTKD's learned temperature on the method's logit terms, each its own
+    student under ``<label with _>/``, its config carrying ctkd.mode=global; the CTKD-free runs are unchanged."""
+    from kdjax.sweep import analysis
+    from kdjax.sweep.executor import build_config, command_line
+    runs = sweep.plan(_small("distillers=kd+kd_ctkd+dkd_ctkd+crd_kd_ctkd"), "/r")
+    kd_runs = [r for r in runs if r.task != "distill" or "distiller" not in dict(r.fields)
+               and "ctkd.mode" not in dict(r.fields)]
+    assert [(r.task, r.workdir, r.stage) for r in kd_runs] == KD_ONLY
+    students = {r.workdir: r for r in runs if r.task == "distill"}
+    for label, top, distiller, with_kd in (("kd+ctkd", "kd_ctkd", "kd", False), ("dkd+ctkd", "dkd_ctkd", "dkd", False),
+                                           ("crd+kd+ctkd", "crd_kd_ctkd", "crd", True)):
+        run = students[f"/r/{top}/resnet56-resnet20/cutmix/seed0"]
+        fields = dict(run.fields)
+        assert fields["ctkd.mode"] == "global" and fields.get("distiller", "kd") == distiller
+        assert bool(fields.get("distill.with_kd")) == with_kd
+        config = build_config(run)
+        assert config.ctkd.mode == "global" and config.distiller == distiller
+        assert "--config.ctkd.mode=global" in command_line(run)
+        assert f"distiller={label} " in run.describe()
+        record = {"distiller": distiller, "config": config.to_dict()}
+        assert analysis.distiller_of(record) == label
+    plain = build_config(students["/r/resnet56-resnet20/cutmix/seed0"])
+    assert plain.ctkd.mode in (None, "none")
+    assert analysis.distiller_of({"distiller": "kd", "config": plain.to_dict()}) == "kd"
+
+
 def test_without_kd_the_first_distiller_scores_cutmix_pick_s():
     runs = sweep.plan(_small("distillers=crd_kd"), "/r")  # after the colon, "+" would join crd and kd
     assert not [r for r in runs if r.task == "distill" and "distiller" not in dict(r.fields)]
@@ -134,6 +161,9 @@ def test_without_kd_the_first_distiller_scores_cutmix_pick_s():
     ("crdd+kd", "unknown distiller 'crdd' \\(in 'crdd\\+kd'\\)"),
     ("crd,crd_kd,crd+kd", "'crd\\+kd' repeats 'crd_kd' \\(both are crd\\+kd\\)"),
     ("at,attention", "'attention' repeats 'at'"),
+    ("dist_ctkd", "'dist_ctkd': ctkd.mode=global learns the temperature of kd's KL .* not of distiller=dist"),
+    ("kd_ctkd,kd+ctkd", "'kd\\+ctkd' repeats 'kd_ctkd' \\(both are kd\\+ctkd\\)"),
+    ("kd+ctkd+kd", "unknown distiller"),
     ("", "the sweep has no distillers"),
 ])
 def test_bad_distillers_are_refused_in_one_line(tmp_path, value, message):

@@ -117,8 +117,11 @@ def describe(distiller: str, teacher: str, student: str, options: Mapping) -> Op
 # MLKD's per-pair CIFAR-100 configs (Jin-Ying/Multi-Level-Logit-Distillation configs/cifar100/ours/*.yaml) set no
 # distiller option (its KD block is mdistiller/engine/cfg.py's default: T 4, CE 0.1, KD 0.9, the class defaults);
 # what they change per pair is the solver: lr 0.025 (0.01 for the MobileNetV2 / ShuffleNet students), 240 epochs
-# (480 or 960 for some pairs, with the milestones kept at 150/180/210), batch 64, weight decay 5e-4. These are
-# recorded here as data, not applied: kdjax's run fields (``optim.lr``, ``epochs``) set them.
+# (480 or 960 for some pairs, with the milestones kept at 150/180/210), batch 64, weight decay 5e-4 (kdjax's
+# defaults but the lr). A run of ``distiller=mlkd`` on one of these pairs takes the pair's lr when ``optim.lr`` is
+# unset (``solver_applied``); the run length is the config's (``epochs``: 240 unless set), and its recipe line
+# names the fields that give the official 480- or 960-epoch run (``solver_hint``): a four-fold run is never
+# started behind the user's back.
 MLKD_REPO = "Jin-Ying/Multi-Level-Logit-Distillation"
 
 
@@ -151,3 +154,45 @@ MLKD_SOLVER: Dict[Tuple[str, str], Solver] = {
 # CTKD (zhengli97/CTKD) has one CIFAR-100 script, scripts/run_cifar_distill.sh (resnet56 -> resnet20: --t_start 1
 # --t_end 20 --decay_max 0 --decay_min -1 --decay_loops 10), whose values are the defaults of
 # kdjax.distillers.ctkd.CurriculumTemperature; its repository holds no per-pair values, so there are no rows here.
+
+
+SOLVERS: Dict[str, Dict[Tuple[str, str], Solver]] = {"mlkd": MLKD_SOLVER}
+PAPER_MILESTONES = (150, 180, 210)  # the solver tables' LR_DECAY_STAGES, absolute epochs
+
+
+def solver_for(distiller: str, teacher: str, student: str) -> Optional[Solver]:
+    """The official per-pair solver of ``distiller`` (canonical name) for teacher -> student, or None."""
+    return SOLVERS.get(distiller, {}).get((teacher, student))
+
+
+def solver_applied(distiller: str, teacher: str, student: str, lr_set: bool) -> dict:
+    """The solver values a run takes from its pair's table: ``{"optim.lr": lr}`` when the config leaves
+    ``optim.lr`` unset, else ``{}``."""
+    solver = solver_for(distiller, teacher, student)
+    return {"optim.lr": solver.lr} if solver is not None and not lr_set else {}
+
+
+def solver_hint(distiller: str, teacher: str, student: str, epochs: int) -> Optional[str]:
+    """What to set to follow the pair's official run length, when it differs from the run's ``epochs``."""
+    solver = solver_for(distiller, teacher, student)
+    if solver is None or solver.epochs == epochs:
+        return None
+    milestones = ",".join(map(str, PAPER_MILESTONES))
+    return (f"the official run is {solver.epochs} epochs with milestones {milestones}: set epochs={solver.epochs} "
+            f"optim.decay_epochs={milestones} to follow it")
+
+
+def describe_run(distiller: str, teacher: str, student: str, options: Mapping, lr_set: bool,
+                 epochs: int) -> Optional[str]:
+    """The run's recipe line: the distiller options (``describe``) and the solver values applied, each with its
+    source, plus the run-length hint; None when the pair has neither."""
+    parts = [describe(distiller, teacher, student, options)]
+    solver = solver_for(distiller, teacher, student)
+    if solver is not None:
+        used = solver_applied(distiller, teacher, student, lr_set)
+        values = ", ".join(f"{k}={v}" for k, v in used.items()) or "none (set by the config: optim.lr)"
+        hint = solver_hint(distiller, teacher, student, epochs)
+        parts.append(f"solver for {distiller} {teacher}->{student}: {values}; from {solver.source}"
+                     + (f"; {hint}" if hint else ""))
+    parts = [p for p in parts if p]
+    return "; ".join(parts) if parts else None

@@ -106,11 +106,14 @@ def _check_fields(record: dict) -> None:
 
 
 def distiller_of(record: dict) -> str:
-    """``kd``, ``crd``, ``crd+kd``: the run's distiller, with ``+kd`` when its config set ``distill.with_kd`` (a
-    record without a distiller, from before there were several, is ``kd``)."""
+    """``kd``, ``crd``, ``crd+kd``, ``dkd+ctkd``: the run's distiller, with ``+kd`` when its config set
+    ``distill.with_kd`` and ``+ctkd`` when it set ``ctkd.mode`` (a record without a distiller, from before there
+    were several, is ``kd``)."""
     name = record.get("distiller") or "kd"
-    distill = ((record.get("config") or {}).get("distill") or {})
-    return f"{name}+kd" if name != "kd" and distill.get("with_kd") else name
+    config = record.get("config") or {}
+    with_kd = name != "kd" and bool((config.get("distill") or {}).get("with_kd"))
+    ctkd = (config.get("ctkd") or {}).get("mode") not in (None, "none")
+    return name + ("+kd" if with_kd else "") + ("+ctkd" if ctkd else "")
 
 
 def distiller_order(name: str) -> tuple:

@@ -16,7 +16,7 @@ Layout under the sweep's workdir (one dataset; with several, each gets ``<datase
 """
 import dataclasses
 import os
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, NamedTuple, Tuple
 
 
 from kdjax import augment, distillers as distillers_lib, models
@@ -41,7 +41,8 @@ class Run:
         short = {k: v for k, v in self.fields if k in ("model", "teacher", "student", "aug", "seed", "dataset")}
         if self.task == "distill":  # every student run names its distiller, kd included
             given = dict(self.fields)
-            short["distiller"] = distiller_label(given.get("distiller", "kd"), bool(given.get("distill.with_kd")))
+            short["distiller"] = distiller_label(given.get("distiller", "kd"), bool(given.get("distill.with_kd")),
+                                                 given.get("ctkd.mode") == CTKD_MODE)
             short = dict(sorted(short.items()))
         return f"{self.task} {' '.join(f'{k}={v}' for k, v in short.items())} -> {self.workdir}"
 
@@ -69,18 +70,40 @@ def parse_schemes(augs) -> List[str]:
 
 
 WITH_KD = "+kd"   # the "+KD" variant of a distiller beside KD (distill.with_kd=true), e.g. crd+kd
-# The same suffix as written in a path, and accepted as input where "+" joins list items (the colon argument).
-WITH_KD_PATH = "_kd"
+WITH_CTKD = "+ctkd"   # CTKD's learned temperature on the run's logit terms (ctkd.mode=global), e.g. kd+ctkd
+CTKD_MODE = "global"
+# In a path, and accepted as input where "+" joins list items (the colon argument), "_" stands for "+".
+PATH_JOIN = "_"
 
 
-def distiller_label(name: str, with_kd: bool) -> str:
-    """``crd`` / ``crd+kd``: the distiller as the sweep, the report and the listings name it."""
-    return name + WITH_KD if with_kd else name
+class Method(NamedTuple):
+    """One entry of the sweep's distiller axis: a canonical distiller name, its "+KD" variant, CTKD's plug-in."""
+    name: str
+    with_kd: bool = False
+    ctkd: bool = False
+
+    @property
+    def label(self) -> str:
+        return distiller_label(self.name, self.with_kd, self.ctkd)
+
+    def fields(self) -> Dict[str, Any]:
+        """The distill config fields of this method's runs (kd's carry none: the sweeps before the axis)."""
+        out: Dict[str, Any] = {} if self.name == "kd" else {"distiller": self.name}
+        if self.with_kd:
+            out["distill.with_kd"] = True
+        if self.ctkd:
+            out["ctkd.mode"] = CTKD_MODE
+        return out
+
+
+def distiller_label(name: str, with_kd: bool, ctkd: bool = False) -> str:
+    """``crd`` / ``crd+kd`` / ``dkd+ctkd``: the distiller as the sweep, the report and the listings name it."""
+    return name + (WITH_KD if with_kd else "") + (WITH_CTKD if ctkd else "")
 
 
 def distiller_dir(label: str) -> str:
-    """The path component of a distiller's students: ``crd``, ``crd_kd`` for crd+kd."""
-    return label.replace(WITH_KD, WITH_KD_PATH)
+    """The path component of a distiller's students: ``crd``, ``crd_kd`` for crd+kd, ``kd_ctkd`` for kd+ctkd."""
+    return label.replace("+", PATH_JOIN)
 
 
 def _with_kd_names():
@@ -94,14 +117,34 @@ def _distiller_choices() -> str:
     return (f"valid: {', '.join(distillers_lib.names())}"
             + (f" (aliases: {', '.join(aliases)})" if aliases else "")
             + f"; {WITH_KD} after one of {', '.join(_with_kd_names())} gives its '+KD' variant, "
-              f"e.g. crd{WITH_KD}")
+              f"e.g. crd{WITH_KD}; {WITH_CTKD} last learns the temperature of the KD or DKD terms, e.g. "
+              f"kd{WITH_CTKD}, dkd{WITH_CTKD}, crd{WITH_KD}{WITH_CTKD}")
 
 
-def parse_distillers(entries) -> List[Tuple[str, bool]]:
-    """The sweep's distillers as (canonical name, with_kd), in the given order: each entry a distiller name or
-    alias of ``kdjax.distillers``, optionally with ``+kd`` (or ``_kd``) for the "+KD" variant of a distiller beside
-    KD (not kd itself, nor a logit distiller, which replaces KD's terms). A mistake (unknown name, ``kd+kd``,
-    ``dkd+kd``, a repeat) fails in one line naming the valid ones."""
+def _strip_suffix(text: str, suffix: str) -> Tuple[str, bool]:
+    """``text`` without ``suffix`` (or its path spelling), and whether it had it; a registered name that merely
+    ends like the suffix stays that name."""
+    for spelling in (suffix, suffix.replace("+", PATH_JOIN)):
+        if text.endswith(spelling) and distillers_lib.ALIASES.get(text, text) not in distillers_lib.names():
+            return text[:-len(spelling)], True
+    return text, False
+
+
+def _check_ctkd(name: str, text: str) -> None:
+    from kdjax.distillers import ctkd as ctkd_lib
+    try:
+        ctkd_lib.check_ctkd(ctkd_lib.CurriculumTemperature(mode=CTKD_MODE), distillers_lib.create(name), False,
+                            "none")
+    except ValueError as e:
+        raise ValueError(f"distillers: {text!r}: {e}") from None
+
+
+def parse_distillers(entries) -> List[Method]:
+    """The sweep's distillers as ``Method`` s, in the given order: each entry a distiller name or alias of
+    ``kdjax.distillers``, optionally with ``+kd`` (or ``_kd``) for the "+KD" variant of a distiller beside KD (not
+    kd itself, nor a logit distiller, which replaces KD's terms), then optionally ``+ctkd`` (or ``_ctkd``) for
+    CTKD's learned temperature (kd, dkd, or a feature distiller's KD term). A mistake (unknown name, ``kd+kd``,
+    ``dkd+kd``, ``dist+ctkd``, a repeat) fails in one line naming the valid ones."""
     entries = [entries] if isinstance(entries, str) else list(entries or ())
     if not entries:
         raise ValueError(f"the sweep has no distillers: set --config.distillers=kd[,crd,crd+kd...]; "
@@ -109,11 +152,8 @@ def parse_distillers(entries) -> List[Tuple[str, bool]]:
     out, seen = [], {}
     for entry in entries:
         text = str(entry).strip()
-        base, with_kd = text, False
-        for suffix in (WITH_KD, WITH_KD_PATH):  # (a registered name ending in _kd stays that name)
-            if text.endswith(suffix) and distillers_lib.ALIASES.get(text, text) not in distillers_lib.names():
-                base, with_kd = text[:-len(suffix)], True
-                break
+        rest, ctkd = _strip_suffix(text, WITH_CTKD)
+        base, with_kd = _strip_suffix(rest, WITH_KD)
         try:
             name = distillers_lib.canonical(base)
         except ValueError:
@@ -122,11 +162,14 @@ def parse_distillers(entries) -> List[Tuple[str, bool]]:
         if with_kd and name not in _with_kd_names():
             why = ("kd is KD itself" if name == "kd" else f"{name} replaces KD's KL terms")
             raise ValueError(f"distillers: {text!r} has no '+KD' variant ({why}); {_distiller_choices()}")
-        label = distiller_label(name, with_kd)
-        if label in seen:
-            raise ValueError(f"distillers: {text!r} repeats {seen[label]!r} (both are {label}); list each once")
-        seen[label] = text
-        out.append((name, with_kd))
+        if ctkd:
+            _check_ctkd(name, text)
+        method = Method(name, with_kd, ctkd)
+        if method.label in seen:
+            raise ValueError(f"distillers: {text!r} repeats {seen[method.label]!r} (both are {method.label}); "
+                             f"list each once")
+        seen[method.label] = text
+        out.append(method)
     return out
 
 
@@ -150,10 +193,10 @@ def _inherited(config, names) -> Dict[str, Any]:
     return out
 
 
-def student_workdir(base: str, method: Tuple[str, bool], teacher: str, student: str, aug: str, seed: int) -> str:
+def student_workdir(base: str, method: Method, teacher: str, student: str, aug: str, seed: int) -> str:
     """``<teacher>-<student>/<aug>/seed<k>`` for kd (the layout of the sweeps before the distiller axis, so that
     they resume), ``<distiller>/<teacher>-<student>/<aug>/seed<k>`` for another (``crd_kd/`` for crd+kd)."""
-    label = distiller_label(*method)
+    label = method.label
     top = base if label == "kd" else os.path.join(base, distiller_dir(label))
     return os.path.join(top, f"{teacher}-{student}", aug, f"seed{seed}")
 
@@ -164,7 +207,7 @@ def plan(config, root: str) -> List[Run]:
     schemes = parse_schemes(config.augs)
     methods = parse_distillers(config.get("distillers", ("kd",)))
     # the student that scores CutMixPick (S. ent.) for its T. stddev: kd's when kd is swept, else the first one's
-    scorer = ("kd", False) if ("kd", False) in methods else methods[0]
+    scorer = Method("kd") if Method("kd") in methods else methods[0]
     seeds = [int(s) for s in config.seeds]
     given = given_teachers(config)
     datasets = list(config.datasets)
@@ -201,10 +244,7 @@ def plan(config, root: str) -> List[Run]:
                 for aug in teacher_only:
                     runs.append(Run("tstddev", os.path.join(workdir, aug), run_fields(tstd, aug=aug), stage=1))
         for method in methods:
-            name, with_kd = method
-            # kd's runs carry exactly the fields of the sweeps before the distiller axis (kd is the default)
-            method_fields = {} if name == "kd" else dict(distiller=name, **({"distill.with_kd": True}
-                                                                            if with_kd else {}))
+            method_fields = method.fields()
             for teacher, student in pairs:
                 for aug in schemes:
                     for seed in seeds:

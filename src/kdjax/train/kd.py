@@ -55,7 +55,9 @@ class KDMethod:
         pair = (distillers.canonical(config.distiller), config.teacher, config.student)
         set_options = set_by_config(config)
         distiller = distillers.create(config.distiller, **recipes.with_recipe(*pair, set_options))
-        recipe, recipe_line = recipes.applied(*pair, set_options), recipes.describe(*pair, set_options)
+        lr_set = config.optim.get("lr") is not None
+        recipe = {**recipes.applied(*pair, set_options), **recipes.solver_applied(*pair, lr_set)}
+        recipe_line = recipes.describe_run(*pair, set_options, lr_set, int(config.epochs))
         loss = config.loss
         logit_stand = bool(loss.get("logit_stand", False))
         w = distillers.resolve_weights(distiller, config.aug, gamma=loss.gamma, alpha=loss.alpha, beta=loss.beta,
@@ -156,6 +158,8 @@ class DistillSpec:
     def from_config(cls, config, method: KDMethod) -> "DistillSpec":
         """The spec of a config that ``validate`` checked and whose dataset fields are filled."""
         training = recipe_lib.training_spec(config, config.student)
+        if "optim.lr" in method.recipe:  # the pair's official solver lr (``configs.recipes.solver_applied``)
+            training = dataclasses.replace(training, base_lr=float(method.recipe["optim.lr"]))
         return cls(method=method, training=training, teacher=config.teacher, aug=config.aug,
                    augment=augment.options_from_config(config.get("augment"), training.batch_size))
 
