@@ -127,6 +127,8 @@ def wait_for_all_processes(name: str, timeout_s: int = BARRIER_TIMEOUT_S) -> Non
         return
     from orbax.checkpoint import multihost
 
+    if not multihost.is_jax_distributed_client_initialized():
+        return  # processes set up by a runtime without jax.distributed's coordination service: nothing to wait at
     _barriers_passed += 1
     multihost.get_barrier_sync_fn()(key=f"kdjax_{name}_{_barriers_passed}", timeout_ms=int(timeout_s * 1000))
 
