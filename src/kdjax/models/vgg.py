@@ -55,7 +55,7 @@ class VGG(nn.Module):
                 x = nn.relu(x)
             x = nn.Conv(width, (3, 3), padding=((1, 1), (1, 1)), use_bias=True, dtype=self.dtype,
                         kernel_init=layers.kaiming_normal_fan_out, bias_init=nn.initializers.zeros,
-                        conv_general_dilated=layers.convolution_op(), name=f"block{index}_{3 * j}")(x)
+                        name=f"block{index}_{3 * j}")(x)
             x = layers.BatchNorm(groups=self.bn_groups, dtype=self.dtype, name=f"block{index}_{3 * j + 1}")(x, train)
         return x
 
