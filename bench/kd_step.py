@@ -9,6 +9,7 @@
                                              # batch 256 bfloat16, chunk driver (--quick: 32 px, batch 2, CPU)
     python bench/kd_step.py --vs-original --original DIR   # CPU: kdjax's step against the original's PyTorch step,
                                              # resnet56->resnet20 batch 64 float32, interleaved windows, the ratio
+    python bench/kd_step.py --conv-grad-ab   # CPU: the step with materialised weight-gradient inputs against without
 
 What is timed is what ``kdjax.train.loop.fit`` runs: ``steps.make_kd_step`` (teacher on concat[x, x'], student on
 concat[x, x'] with per-half BatchNorm, SGD update) with the scheme ``--aug`` (default ``cutmix``), each batch
@@ -61,12 +62,19 @@ window by window, alternating which goes first (``bench/vs_original.py``); it pr
 line saying so and times nothing else. Its defaults: resnet56:resnet20, 64:float32, 20-step windows x 5 pairs, no
 distillers, no single/chunk rows; ``--quick``: resnet8:resnet8 at 32 px (the original's models pool 8x8), batch 16.
 
+``--conv-grad-ab`` (CPU) times kdjax's step against itself with one policy flipped: the convolutions' weight
+gradients computed from materialised inputs (``KDJAX_CPU_CONV_GRAD=1``, ``kdjax.models.convolution``, XLA:CPU's
+default) or as XLA fuses them (``=0``), in interleaved windows as ``--vs-original`` does, with the ratio on / off
+in img/s and in CPU seconds, and both sides' last losses (the same steps from the same state). Same defaults as
+``--vs-original``; JSON ``kd_step_conv_grad_ab_<device>_<date>.json``.
+
 The table goes to stdout and a JSON file to ``bench/results/kd_step_<device kind>_<date>[_quick].json``.
 """
 import argparse
 import concurrent.futures
 import datetime
 import hashlib
+import os
 import platform
 import statistics
 import sys
@@ -234,11 +242,14 @@ def parse_args(argv=None):
                         f"(default: ${vs_original.TORCH_PYTHON_ENV})")
     p.add_argument("--original-threads", type=int, default=None,
                    help="torch.set_num_threads of the original's step (default torch's own: the cores)")
+    p.add_argument("--conv-grad-ab", action="store_true",
+                   help="kdjax's step with the materialised weight-gradient inputs (parallel."
+                        "materialize_weight_gradient_inputs) forced off against on, interleaved windows, the ratio")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/kd_step_<device>_<date>.json)")
     args = p.parse_args(argv)
     if args.imagenet:
         imagenet_defaults(args)
-    if args.vs_original:
+    if args.vs_original or args.conv_grad_ab:
         vs_original_defaults(args)
     args.num_classes = args.num_classes or 100
     q = args.quick
@@ -786,6 +797,59 @@ def time_vs_original(args, dataset, data, mesh):
     return section
 
 
+def time_conv_grad_ab(args, dataset, data, mesh):
+    """--conv-grad-ab: per pair and float32 setting, the same KD step traced with ``KDJAX_CPU_CONV_GRAD=0`` (XLA's
+    weight gradients as they are) and ``=1`` (their inputs materialised, ``kdjax.models.convolution``), driven as
+    fit drives it, in interleaved windows (``vs_original.interleaved_windows``: A = on, B = off). Both run the same
+    steps from the same state, so their last losses should agree. Returns the JSON section."""
+    chunk = parallel.steps_per_dispatch(args.chunk)
+    section = {"steps_per_window": args.steps, "pairs_of_windows": args.repeats, "steps_per_dispatch": chunk,
+               "environment": vs_original.environment(),
+               "ratio": "img/s with the policy on / off, each interleaved pair of windows; median, min, max",
+               "entries": []}
+    print(f"\nweight-gradient inputs materialised (on) against XLA's default (off): {args.steps}-step windows, "
+          f"{args.repeats} interleaved pairs, {chunk} step(s) per dispatch", flush=True)
+    previous = os.environ.get(parallel.CONV_GRAD_ENV)
+    for pair in args.pair_list:
+        for batch, dtype in args.setting_list:
+            entry = {"teacher": pair[0], "student": pair[1], "batch": batch, "dtype": dtype}
+            section["entries"].append(entry)
+            cases = {}
+            for side in ("0", "1"):  # the policy is read when the step is traced (Case.compile lowers it)
+                os.environ[parallel.CONV_GRAD_ENV] = side
+                cases[side] = Case(*pair, batch, dtype, "kd", dataset, data, mesh, args.aug)
+                cases[side].compile(chunk)
+                cases[side].dispatch(chunk)  # warm-up
+            if previous is None:
+                os.environ.pop(parallel.CONV_GRAD_ENV)
+            else:
+                os.environ[parallel.CONV_GRAD_ENV] = previous
+
+            def window(case):
+                def run(steps):
+                    cpu = time.process_time()
+                    seconds = sum(case.dispatch(chunk) for _ in range(steps // chunk))
+                    return seconds, time.process_time() - cpu
+                return run
+
+            pairs = vs_original.interleaved_windows(window(cases["1"]), window(cases["0"]), args.steps, args.repeats)
+            summary = vs_original.ratio_summary(pairs, batch, args.steps)
+            entry.update(compile_s_off=round(cases["0"].compile_s[chunk], 3),
+                         compile_s_on=round(cases["1"].compile_s[chunk], 3), last_loss_off=cases["0"].last_loss,
+                         last_loss_on=cases["1"].last_loss, windows=pairs, on_img_per_s=summary["kdjax_img_per_s"],
+                         off_img_per_s=summary["original_img_per_s"],
+                         **{k: v for k, v in summary.items() if not k.endswith("img_per_s")})
+            load = "" if entry["load_min"] is None else f"; load {entry['load_min']:.1f}-{entry['load_max']:.1f}"
+            print(f"{pair[0]}->{pair[1]} batch {batch} {dtype}: on {entry['on_img_per_s']:,.1f} img/s, off "
+                  f"{entry['off_img_per_s']:,.1f} img/s: on / off = {entry['ratio']:.3f}x [{entry['ratio_min']:.3f}, "
+                  f"{entry['ratio_max']:.3f}] (CPU seconds: {entry['cpu_ratio']:.3f}x [{min(entry['cpu_ratios']):.3f}, "
+                  f"{max(entry['cpu_ratios']):.3f}]){load}; last loss on {entry['last_loss_on']:.7f} off "
+                  f"{entry['last_loss_off']:.7f}", flush=True)
+            for case in cases.values():
+                case.release()
+    return section
+
+
 def main(argv=None):
     t_start = time.perf_counter()
     args = parse_args(argv)
@@ -837,6 +901,7 @@ def main(argv=None):
 
     dist_rows = compare_distillers(args, dataset, data, mesh, kd_cases, t_start) if args.distiller_list else []
     vs_section = time_vs_original(args, dataset, data, mesh) if args.vs_original else None
+    ab_section = time_conv_grad_ab(args, dataset, data, mesh) if args.conv_grad_ab else None
     kd_cases.clear()
 
     print()
@@ -875,6 +940,9 @@ def main(argv=None):
         "chunk": args.chunk,
         "quick": args.quick,
         "imagenet": args.imagenet,
+        # the weight-gradient policy the steps were traced with (--conv-grad-ab: both, see its section)
+        "materialize_weight_gradient_inputs": (None if args.conv_grad_ab else
+                                               parallel.materialize_weight_gradient_inputs()),
         "img_per_s": "original images per second: batch x steps / seconds (the step also runs x')",
         "command": " ".join(["bench/kd_step.py"] + (sys.argv[1:] if argv is None else list(argv))),
         "summary": summary,
@@ -892,9 +960,11 @@ def main(argv=None):
         },
         "distillers": dist_rows,
         **({"vs_original": vs_section} if vs_section is not None else {}),
+        **({"conv_grad_ab": ab_section} if ab_section is not None else {}),
         "elapsed_s": round(time.perf_counter() - t_start, 1),
     }
-    bench_name = "kd_step_vs_original" if args.vs_original else "kd_step"
+    bench_name = ("kd_step_vs_original" if args.vs_original else
+                  "kd_step_conv_grad_ab" if args.conv_grad_ab else "kd_step")
     write_json(result, args.out or output_path(bench_name, kind, args.quick))
     return result
 

@@ -1,6 +1,7 @@
 """Device meshes for data parallelism."""
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import jax
@@ -23,6 +24,21 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
 def convolutions_in_loops_are_slow() -> bool:
     """True on XLA:CPU, which runs a convolution inside a while loop (lax.scan) through a far slower path than
     outside one (jax issue #12868; measured here: 5.6 s against 0.1 s per resnet14 train step at 16x16, batch 64)."""
+    return jax.default_backend() == "cpu"
+
+
+CONV_GRAD_ENV = "KDJAX_CPU_CONV_GRAD"
+
+
+def materialize_weight_gradient_inputs() -> bool:
+    """Whether the zoo's convolutions compute their weight gradient from a materialised input
+    (``kdjax.models.convolution``): on XLA:CPU, whose fusion pass otherwise recomputes the BatchNorm/ReLU/residual
+    chain inside the transposes that feed each weight-gradient convolution (bench/NOTES.md). The results are the
+    same convolutions' either way. ``KDJAX_CPU_CONV_GRAD=0`` or ``1`` overrides it (benchmarks, tests); read when a
+    model is traced."""
+    forced = os.environ.get(CONV_GRAD_ENV)
+    if forced is not None:
+        return forced.strip() == "1"
     return jax.default_backend() == "cpu"
 
 

@@ -11,6 +11,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kdjax import parallel
+from kdjax.models import convolution
+
 BN_MOMENTUM = 0.1  # PyTorch's convention: new = (1 - m) * old + m * batch
 BN_EPS = 1e-5
 
@@ -80,7 +83,18 @@ def conv(features: int, kernel: int, stride: int, dtype, name: str, kernel_init=
     on even sizes and shift every strided output by one pixel relative to the original."""
     pad = kernel // 2
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-                   feature_group_count=groups, use_bias=False, dtype=dtype, kernel_init=kernel_init, name=name)
+                   feature_group_count=groups, use_bias=False, dtype=dtype, kernel_init=kernel_init, name=name,
+                   conv_general_dilated=convolution_op(groups))
+
+
+def convolution_op(groups: int = 1):
+    """The convolution ``conv`` builds with, chosen when a model is traced: ``convolution.conv_general_dilated``
+    (XLA's convolution, its weight gradient reading a materialised input) where ``parallel`` says XLA's weight
+    gradients recompute their inputs; else None, flax's ``lax.conv_general_dilated``. Grouped convolutions keep
+    the default (not measured)."""
+    if groups == 1 and parallel.materialize_weight_gradient_inputs():
+        return convolution.conv_general_dilated
+    return None
 
 
 def torch_linear(features: int, fan_in: int, dtype, name: str):
