@@ -13,6 +13,13 @@ from kdjax.distillers import ctkd, logit
 from test_distiller_fixtures import assert_far, assert_grad, assert_value, load
 
 WEIGHTS = {"kd": (0.1, 0.9), "dkd": (1.0, 1.0)}  # (CE, loss): -r 0.1 -a 0.9 for KD; -r 1 -b 1 for DKD
+# d loss / d theta goes through d loss / d T, and at T ~ 16 the T²-scaled loss hardly moves with T: a small
+# difference of large float32 terms. Moving each float32 input logit by one ulp moves it by up to 4e-4 (relative)
+# with jax 0.10 and 0.12 alike, and the two releases' programs land up to 1.5e-4 (0.10) and 2.3e-4 (0.12) from the
+# float64 value, while kdjax's same code run in float64 matches it to 1e-13. 1e-3 is float32's resolution here, for
+# the official value and for lambda times the plain gradient (two computations, rounded differently: 4e-5 apart with jax
+# 0.12); a wrong lambda or T still lands far off (the assert_far checks below, and the temperature at VALUE_RTOL).
+THETA_GRAD_RTOL = 1e-3
 
 
 def loss_at(name, s, t, y, temperature):
@@ -58,9 +65,9 @@ def test_ctkd_loss_and_gradients_match_official(name):
     assert_value(temperature, d[f"{name}_temperature"])
     assert_value(loss, d[f"{name}_loss"])
     assert_grad(g_s, d[f"{name}_grad_logits_s"], "d/d logits_s")
-    assert_value(g_theta, d[f"{name}_grad_theta"], rtol=1e-4)
+    assert_value(g_theta, d[f"{name}_grad_theta"], rtol=THETA_GRAD_RTOL)
     # the gradient reversal: the parameter's gradient is the plain one times lambda (< 0: negated and scaled)
-    assert float(g_theta) == pytest.approx(lam * float(g_plain), rel=1e-5)
+    assert float(g_theta) == pytest.approx(lam * float(g_plain), rel=THETA_GRAD_RTOL)
     assert np.sign(float(g_theta)) == -np.sign(float(g_plain))
     assert_far(g_plain, d[f"{name}_grad_theta"])  # without the reversal
     for w in wrong:
