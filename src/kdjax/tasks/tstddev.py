@@ -163,7 +163,7 @@ def run_tstddev(config, workdir, inputs: Inputs):
         r = out["results"][name]
         results = {"task": "tstddev", "teacher": config.teacher, "dataset": dataset.name, "aug": name,
                    "seed": int(config.seed), "epochs": plan.epochs, **r,
-                   "eval_s": out["eval_s"], "compile_s": out["compile_s"], "images_per_s": out["images_per_s"],
+                   "eval_s": out["eval_s"], "images_per_s": out["images_per_s"],  # compile_s: the frame's
                    "schemes_in_run": len(names), "dtype": config.dtype,
                    "inputs": dict(records if name == BY_STUDENT else teacher_only)}
         if name == BY_STUDENT:

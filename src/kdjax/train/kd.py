@@ -277,8 +277,6 @@ def train_student(spec: DistillSpec, workdir: str, dataset, data, mesh, teacher_
     trainee = loop.Trainee(name="distill", step_fn=setup.make_step(recipe), state=state, teacher_vars=teacher_vars,
                            eval_model=setup.student, meta=meta, run_key=run_key, dtype=training.dtype)
     out = loop.fit(workdir, training.bookkeeping, recipe, trainee, data, mesh)
-    if stage is not None:
-        out["compile_s"] += stage["compile_s"]
     weights = spec.method.weights
     out["recipe"], out["seed"] = recipe, training.seed
     out["fields"] = {"distiller": distiller.name, "logit_stand": weights.logit_stand,
