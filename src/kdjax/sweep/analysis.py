@@ -105,6 +105,15 @@ def _check_fields(record: dict) -> None:
         raise ValueError(f"{where} (task {record['task']!r}) lacks {', '.join(missing)}; rewrite it with these fields")
 
 
+WITH_KD = "+kd"   # the "+KD" variant of a distiller beside KD (distill.with_kd=true), e.g. crd+kd
+WITH_CTKD = "+ctkd"   # CTKD's learned temperature on the run's logit terms (ctkd.mode=global), e.g. kd+ctkd
+
+
+def distiller_label(name: str, with_kd: bool, ctkd: bool = False) -> str:
+    """``crd`` / ``crd+kd`` / ``dkd+ctkd``: the distiller as the sweep, the report and the listings name it."""
+    return name + (WITH_KD if with_kd else "") + (WITH_CTKD if ctkd else "")
+
+
 def distiller_of(record: dict) -> str:
     """``kd``, ``crd``, ``crd+kd``, ``dkd+ctkd``: the run's distiller, with ``+kd`` when its config set
     ``distill.with_kd`` and ``+ctkd`` when it set ``ctkd.mode`` (a record without a distiller, from before there
@@ -113,7 +122,7 @@ def distiller_of(record: dict) -> str:
     config = record.get("config") or {}
     with_kd = name != "kd" and bool((config.get("distill") or {}).get("with_kd"))
     ctkd = (config.get("ctkd") or {}).get("mode") not in (None, "none")
-    return name + ("+kd" if with_kd else "") + ("+ctkd" if ctkd else "")
+    return distiller_label(name, with_kd, ctkd)
 
 
 def distiller_order(name: str) -> tuple:

@@ -21,6 +21,7 @@ from typing import Any, Dict, List, NamedTuple, Tuple
 
 from kdjax import augment, distillers as distillers_lib, models
 from kdjax.configs.sweep import COMMON_FIELDS, PAPER_PAIRS, TRAIN_FIELDS  # noqa: F401
+from kdjax.sweep.analysis import WITH_CTKD, WITH_KD, distiller_label
 
 ALL = "all"
 
@@ -69,8 +70,6 @@ def parse_schemes(augs) -> List[str]:
     return names
 
 
-WITH_KD = "+kd"   # the "+KD" variant of a distiller beside KD (distill.with_kd=true), e.g. crd+kd
-WITH_CTKD = "+ctkd"   # CTKD's learned temperature on the run's logit terms (ctkd.mode=global), e.g. kd+ctkd
 CTKD_MODE = "global"
 # In a path, and accepted as input where "+" joins list items (the colon argument), "_" stands for "+".
 PATH_JOIN = "_"
@@ -94,11 +93,6 @@ class Method(NamedTuple):
         if self.ctkd:
             out["ctkd.mode"] = CTKD_MODE
         return out
-
-
-def distiller_label(name: str, with_kd: bool, ctkd: bool = False) -> str:
-    """``crd`` / ``crd+kd`` / ``dkd+ctkd``: the distiller as the sweep, the report and the listings name it."""
-    return name + (WITH_KD if with_kd else "") + (WITH_CTKD if ctkd else "")
 
 
 def distiller_dir(label: str) -> str:
