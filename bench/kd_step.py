@@ -401,7 +401,7 @@ class Case:
         return jax.tree.map(jnp.copy, self.initial_state)  # the drivers donate their state
 
     def _args(self, state):
-        return (state, self.teacher_vars, self.data, self.perm, 0, 0, self.step_key)
+        return (state, self.teacher_vars, self.data, self.perm, 0, 0, self.step_key, {})
 
     def lower(self, chunk):
         """Trace and lower the K=chunk program (Python, under the GIL); returns the program's digest."""
@@ -435,7 +435,7 @@ class Case:
             t0 = time.perf_counter()
             for _ in range(steps_per_window):
                 first = (step % self.steps_per_epoch) * self.batch
-                state, metrics = compiled(state, self.teacher_vars, self.data, self.perm, first, step, self.step_key)
+                state, metrics = compiled(state, self.teacher_vars, self.data, self.perm, first, step, self.step_key, {})
                 step += 1
             jax.block_until_ready((state, metrics))
             windows.append(time.perf_counter() - t0)
@@ -447,7 +447,7 @@ class Case:
         metrics = None
         for _ in range(n_chunks):
             first = (step % starts) * self.batch
-            state, metrics = compiled(state, self.teacher_vars, self.data, self.perm, first, step, self.step_key)
+            state, metrics = compiled(state, self.teacher_vars, self.data, self.perm, first, step, self.step_key, {})
             metrics = jax.device_get(metrics)  # the one transfer per chunk, as in loop.fit
             step += chunk
         jax.block_until_ready(state)

@@ -18,6 +18,8 @@ def test_plan_of_the_paper_grid():
     by_dir = {r.workdir: dict(r.fields) for r in runs}
     student = by_dir["/r/resnet56-resnet20/cutmix_pick_t/seed2"]
     assert student["teacher_checkpoint"] == "/r/teachers/resnet56" and student["epochs"] == 240
+    # eight of the nine schemes share one compiled KD step (kdjax.augment.switch): every student asks for it
+    assert all(dict(r.fields).get("scheme_switch") is True for r in runs if r.task == "distill")
     cmp_s = by_dir["/r/tstddev/resnet56-resnet20/cutmix_pick_s/seed1"]
     assert cmp_s["student_checkpoint"] == "/r/resnet56-resnet20/cutmix_pick_s/seed1" and cmp_s["aug"] == "cutmix_pick_s"
     assert by_dir["/r/tstddev/vgg13/seed0"]["aug"] == "all"
@@ -28,6 +30,11 @@ def test_plan_uses_given_teachers_and_subsets_and_rejects_bad_names(tmp_path):
     config.teacher_checkpoints.resnet56 = "/t/r56"
     runs = sweep.plan(config, str(tmp_path))
     assert [r.task for r in runs] == ["tstddev", "tstddev", "distill", "distill"]
+    # two schemes compile a program each: the switch of all eight would cost as much (three or more share it)
+    assert [dict(r.fields).get("scheme_switch") for r in runs[2:]] == [None, None]
+    three = sweep.plan(load_config("sweep", "pairs=resnet56:resnet20,augs=cutmix+mixup+flip,seeds=0,"
+                                            "datasets=digits"), str(tmp_path))
+    assert [dict(r.fields).get("scheme_switch") for r in three if r.task == "distill"] == [True] * 3
     assert {dict(r.fields)["teacher_checkpoint"] for r in runs} == {"/t/r56"}
     finished = runs[2]
     os.makedirs(finished.workdir)

@@ -26,7 +26,7 @@ from kdjax.errors import KdjaxError
 RUN_CONFIG = "run_config.json"
 # Fields that may change between a run and its resumption without changing its results.
 RESUMABLE_FIELDS = ("eval_every", "log_every", "checkpoint_every", "checkpoint_every_steps", "steps_per_dispatch",
-                    "keep_checkpoints", "compile_cache_dir", "verify", "placement")
+                    "keep_checkpoints", "compile_cache_dir", "verify", "placement", "scheme_switch")
 
 
 def _flatten(d: dict) -> dict:

@@ -21,9 +21,17 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys):
     assert f"report: {tmp_path / 'report.md'}" in out and "[report] tiny_cnn/tiny_cnn" in out
     assert "student_checkpoint" not in out  # no advice about a scheme the sweep computes later
     assert "Check T prob" not in out and "nan" not in out
-    assert max(len(line) for line in out.splitlines() if line.startswith("[tstddev]")) < 200
+    # (the closing line's results path, as long as pytest's temporary directory, is not counted)
+    assert max(len(line.split("; results in ")[0]) for line in out.splitlines() if line.startswith("[tstddev]")) < 200
     for aug in ("identity", "cutmix_pick_s", "cutmix_pick_t"):
         assert (tmp_path / "tiny_cnn-tiny_cnn" / aug / "seed0" / "results.json").exists()
+    # seven students run one KD program (augment.switch): the first compiles it, the other six only read the
+    # compile cache; each CutMixPick compiles its own step
+    students = {aug: json.loads((tmp_path / "tiny_cnn-tiny_cnn" / aug / "seed0" / "results.json").read_text())
+                for aug in ("identity", "flip", "autoaugment", "cutmix", "cutmix_pick_s", "cutmix_pick_t")}
+    assert all(r["config"]["scheme_switch"] is True for r in students.values())
+    assert [students[a]["compile_cache"]["misses"] for a in ("flip", "autoaugment", "cutmix")] == [0, 0, 0]
+    assert all(students[a]["compile_cache"]["misses"] >= 1 for a in ("identity", "cutmix_pick_s", "cutmix_pick_t"))
     cmp_s = json.loads((tmp_path / "tstddev/tiny_cnn-tiny_cnn/cutmix_pick_s/seed0/results.json").read_text())
     assert cmp_s["student"] == "tiny_cnn" and cmp_s["tstddev"] > 0
     report = (tmp_path / "report.md").read_text()

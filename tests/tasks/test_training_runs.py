@@ -4,6 +4,7 @@ import json
 import pathlib
 import shutil
 
+import jax
 import numpy as np
 import pytest
 
@@ -60,6 +61,26 @@ def test_kd_runs_for_every_scheme(teacher_dir, tmp_path):
         assert results["aug"] == aug and results["teacher"] == teacher and np.isfinite(results["test_loss"])
         assert all(np.isfinite(loss) for _, loss in read_losses(workdir))
         assert 0.0 <= results["top1"] <= results["top5"] <= 1.0
+
+
+def test_scheme_switch_trains_the_very_run_of_the_scheme_alone(teacher_dir, tmp_path):
+    """scheme_switch=true (one program for seven schemes, the scheme picked by data) trains bit for bit the run the
+    scheme's own program trains: every step's loss, the evaluation and the final parameters, the short last batch's
+    program (30 rows) included."""
+    from kdjax.checkpoint import load_model
+    from kdjax.tasks import distill
+    out = {}
+    for switch in (False, True):
+        workdir = tmp_path / f"switch_{switch}"
+        config = tiny_distill_config("mixup", teacher_dir, last_batch="keep", scheme_switch=switch)
+        out[switch] = distill.run(config, str(workdir)), read_losses(workdir), load_model(str(workdir))[0]
+        assert json.loads((workdir / "results.json").read_text())["config"]["scheme_switch"] is switch
+    (alone, losses_alone, params_alone), (switched, losses_switched, params_switched) = out[False], out[True]
+    assert losses_switched == losses_alone and losses_alone[-1][0] == 45  # 44 batches of 32 and one of 30
+    assert {k: switched[k] for k in ("test_loss", "top1", "top5")} == {k: alone[k] for k in ("test_loss", "top1",
+                                                                                             "top5")}
+    for a, b in zip(jax.tree.leaves(params_alone), jax.tree.leaves(params_switched)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 RESUME = ["--config.image_size=8", "--config.batch_size=32", "--config.steps_per_dispatch=4",

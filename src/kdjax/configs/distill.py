@@ -22,7 +22,8 @@ from kdjax.configs.parse import apply_arg
 
 def get_config(arg=None):
     config = fields.training_config("distill", teacher=config_dict.placeholder(str), student="resnet20", aug="identity",
-                                    distiller="kd", teacher_checkpoint=config_dict.placeholder(str))
+                                    distiller="kd", teacher_checkpoint=config_dict.placeholder(str),
+                                    scheme_switch=config_dict.placeholder(bool))
     config.loss = ml_collections.ConfigDict(dict(
         gamma=config_dict.placeholder(float),
         alpha=config_dict.placeholder(float),

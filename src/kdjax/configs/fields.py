@@ -114,6 +114,10 @@ HELP = {
                  "imagenet, imagenet100); unset: auto, by dataset (docs/data.md, 'Placement')",
     "verify": "streamed datasets: re-hash the shards 'changed' since their digest last matched (unset) or 'always'",
     "eval_batch_size": "test batch size",
+    "scheme_switch": "compile the KD step of Identity, Flip, Crop+Flip, Cutout, AutoAugment, Mixup and CutMix as "
+                     "one program that picks the run's scheme by data (the same values), so that runs of different "
+                     "schemes share it through compile_cache_dir; unset: the run's scheme alone, on in a sweep of "
+                     "three or more of them",
     "compile_cache_dir": "JAX's persistent compilation cache (per device kind below it); unset: none, in a "
                          "sweep <workdir>/compile_cache",
     "dataset_options": "extra arguments of the data source",

@@ -20,6 +20,7 @@ from typing import Any, Dict, List, NamedTuple, Tuple
 
 
 from kdjax import augment, distillers as distillers_lib, models
+from kdjax.augment import switch as augment_switch
 from kdjax.configs.sweep import COMMON_FIELDS, PAPER_PAIRS, TRAIN_FIELDS  # noqa: F401
 from kdjax.sweep.analysis import WITH_CTKD, WITH_KD, distiller_label
 
@@ -213,6 +214,10 @@ def plan(config, root: str) -> List[Run]:
     by_student = [s for s in schemes if augment.scorer_of(s) == "student"]
     teacher_only = [s for s in schemes if s not in by_student]
     all_at_once = set(teacher_only) == {s for s in augment.PAPER_SCHEMES if augment.scorer_of(s) != "student"}
+    # three or more schemes that one KD program can serve: every student runs it (the first compiles it, the others
+    # read it from the compile cache; augment.switch). With two, the switch's compile (all seven branches) costs
+    # about what the two programs of their own do.
+    switch = {"scheme_switch": True} if len(set(schemes) & set(augment_switch.SWITCHABLE)) >= 3 else {}
     runs: List[Run] = []
     for dataset in datasets:
         base = root if len(datasets) == 1 else os.path.join(root, dataset)
@@ -245,7 +250,8 @@ def plan(config, root: str) -> List[Run]:
                         runs.append(Run("distill", student_workdir(base, method, teacher, student, aug, seed),
                                         run_fields(train_common, teacher=teacher, student=student, dataset=dataset,
                                                    aug=aug, seed=seed, epochs=config.epochs,
-                                                   teacher_checkpoint=teacher_ckpt[teacher], **method_fields),
+                                                   teacher_checkpoint=teacher_ckpt[teacher], **method_fields,
+                                                   **switch),
                                         stage=2))
         for aug in by_student:
             for teacher, student in pairs:

@@ -16,11 +16,13 @@ Three objects, in the order a run needs them:
 """
 import dataclasses
 import sys
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Union
 
 import jax
+import numpy as np
 
 from kdjax import augment, distillers, models, runlog
+from kdjax.augment import switch as augment_switch
 from kdjax.checkpoint import inputs as checkpoint_inputs
 from kdjax.configs import recipes
 from kdjax.distillers import ctkd as ctkd_lib, sample_weights
@@ -136,6 +138,7 @@ class DistillSpec:
     teacher: str                        # NO_TEACHER: the student learns from the labels only
     aug: str
     augment: Dict[str, Any]             # the scheme's options (``augment.create``'s keywords)
+    scheme_switch: bool = False         # the step of every switchable scheme as one program (augment.switch)
 
     @property
     def student(self) -> str:
@@ -161,14 +164,16 @@ class DistillSpec:
         if "optim.lr" in method.recipe:  # the pair's official solver lr (``configs.recipes.solver_applied``)
             training = dataclasses.replace(training, base_lr=float(method.recipe["optim.lr"]))
         return cls(method=method, training=training, teacher=config.teacher, aug=config.aug,
-                   augment=augment.options_from_config(config.get("augment"), training.batch_size))
+                   augment=augment.options_from_config(config.get("augment"), training.batch_size),
+                   scheme_switch=bool(config.get("scheme_switch")))
 
 
 @dataclasses.dataclass(frozen=True)
 class KDSetup:
-    """A KD run's static parts: the method, the scheme, the base transform and the two modules."""
+    """A KD run's static parts: the method, the scheme (or the switch that runs it), the base transform and the
+    two modules."""
     method: KDMethod
-    scheme: augment.Scheme
+    scheme: Union[augment.Scheme, augment_switch.SchemeSwitch]
     prepare: Callable
     student: Any
     teacher: Optional[Any]
@@ -184,13 +189,22 @@ class KDSetup:
     @classmethod
     def create(cls, spec: DistillSpec, dataset, with_teacher: bool) -> "KDSetup":
         dtype = recipe_lib.compute_dtype(spec.training.dtype)
-        scheme = augment.create(spec.aug, dataset_stats=dataset, **spec.augment)
+        create = lambda name: augment.create(name, dataset_stats=dataset, **spec.augment)  # noqa: E731
+        switch = augment_switch.make_switch(create, spec.aug) if spec.scheme_switch else None
+        scheme = create(spec.aug) if switch is None else switch
         module = lambda name: models.create(name, dataset.num_classes, dataset.image_size, dtype)  # noqa: E731
         return cls(method=spec.method, scheme=scheme,
                    prepare=steps.prepare_for(dataset),
                    student=module(spec.student), teacher=module(spec.teacher) if with_teacher else None,
                    student_name=spec.student, num_classes=int(dataset.num_classes),
                    image_size=int(dataset.image_size), batch=spec.training.batch_size)
+
+    @property
+    def step_data(self) -> Dict[str, Any]:
+        """What the step reads as data (``loop.Trainee.step_data``): a switch's index of the run's scheme."""
+        if isinstance(self.scheme, augment_switch.SchemeSwitch):
+            return {"scheme": np.int32(self.scheme.index)}
+        return {}
 
     def make_step(self, recipe: recipe_lib.Recipe) -> Callable:
         return steps.make_kd_step(self.student, self.teacher, recipe.tx, self.prepare, self.scheme,
@@ -275,7 +289,8 @@ def train_student(spec: DistillSpec, workdir: str, dataset, data, mesh, teacher_
                                       dataset.num_train, getattr(dataset, "train_labels", None),
                                       init_heads=init_heads)
     trainee = loop.Trainee(name="distill", step_fn=setup.make_step(recipe), state=state, teacher_vars=teacher_vars,
-                           eval_model=setup.student, meta=meta, run_key=run_key, dtype=training.dtype)
+                           eval_model=setup.student, meta=meta, run_key=run_key, dtype=training.dtype,
+                           step_data=setup.step_data)
     out = loop.fit(workdir, training.bookkeeping, recipe, trainee, data, mesh)
     weights = spec.method.weights
     out["recipe"], out["seed"] = recipe, training.seed

@@ -41,8 +41,9 @@ class RunInterrupted(KdjaxError, RuntimeError):
 @dataclasses.dataclass
 class Trainee:
     """What ``fit`` trains: the step (``kdjax.train.steps``), its initial state, the teacher's variables (None for
-    a teacher run), the model that evaluates the state, the checkpoint's ``meta``, the run's key and the compute
-    dtype (which the advice after a divergence names)."""
+    a teacher run), the model that evaluates the state, the checkpoint's ``meta``, the run's key, the compute
+    dtype (which the advice after a divergence names) and ``step_data``: values of the run that every batch dict
+    carries as data (a scheme switch's index), so that runs differing only in them run one compiled program."""
     name: str
     step_fn: Callable
     state: Dict[str, Any]
@@ -51,17 +52,20 @@ class Trainee:
     meta: Dict[str, Any]
     run_key: jax.Array
     dtype: Optional[str] = None
+    step_data: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def make_chunk_fn(step_fn: Callable, num_steps: int, rows: int):
     """jit(scan(step)) over ``num_steps`` consecutive batches of ``rows`` rows of the epoch permutation; the state
-    is donated. ``data`` is a ``kdjax.data.DeviceDataset``: each device gathers its part of every batch itself."""
-    def chunk(state, teacher_vars, data, perm, first, global_step, step_key):
+    is donated. ``data`` is a ``kdjax.data.DeviceDataset``: each device gathers its part of every batch itself;
+    ``step_data`` joins every batch dict (``Trainee.step_data``)."""
+    def chunk(state, teacher_vars, data, perm, first, global_step, step_key, step_data):
         def body(state, i):
             idx = epochs_lib.batch_indices(perm, first + i * rows, rows)
             images, labels = epochs_lib.gather_rows(data, idx)
             key = jax.random.fold_in(step_key, global_step + i)
-            return step_fn(state, teacher_vars, {"images": images, "labels": labels, "indices": idx}, key)
+            batch = {"images": images, "labels": labels, "indices": idx, **step_data}
+            return step_fn(state, teacher_vars, batch, key)
 
         if num_steps == 1:  # no loop at all (see kdjax.parallel.steps_per_dispatch)
             state, metrics = body(state, 0)
@@ -73,8 +77,8 @@ def make_chunk_fn(step_fn: Callable, num_steps: int, rows: int):
 
 def make_step_fn(step_fn: Callable):
     """jit(step) on one global batch that the host pipeline fed (the streamed path); the state is donated."""
-    def one(state, teacher_vars, batch, global_step, step_key):
-        return step_fn(state, teacher_vars, batch, jax.random.fold_in(step_key, global_step))
+    def one(state, teacher_vars, batch, global_step, step_key, step_data):
+        return step_fn(state, teacher_vars, {**batch, **step_data}, jax.random.fold_in(step_key, global_step))
 
     return jax.jit(one, donate_argnums=0)
 
@@ -132,6 +136,7 @@ def fit(workdir: str, bookkeeping: recipe_lib.Bookkeeping, recipe: Recipe, train
     start_epoch = global_step // plan.steps_per_epoch
 
     perm_key, step_key = jax.random.fold_in(trainee.run_key, 1), jax.random.fold_in(trainee.run_key, 2)
+    step_data = jax.device_put(trainee.step_data, replicated)
     permutation = jax.jit(lambda k, e: epochs_lib.epoch_permutation(k, e, plan.num_train))
     if streamed:
         executables = _Executables(lambda steps, rows: make_step_fn(trainee.step_fn))
@@ -166,9 +171,10 @@ def fit(workdir: str, bookkeeping: recipe_lib.Bookkeeping, recipe: Recipe, train
             for k, seg in enumerate(epoch_segments):
                 if streamed:
                     state, metrics, dt = _run_streamed(executables, state, teacher_vars, batches, seg, global_step,
-                                                       step_key)
+                                                       step_key, step_data)
                 else:
-                    args = (state, teacher_vars, data, perm, seg.first_step * plan.batch_size, global_step, step_key)
+                    args = (state, teacher_vars, data, perm, seg.first_step * plan.batch_size, global_step, step_key,
+                            step_data)
                     executable = executables.get(seg.steps, seg.rows, args)
                     t0 = time.perf_counter()
                     state, metrics = executable(*args)
@@ -235,12 +241,13 @@ def _streamed_batches(data, plan, epochs: int, perm_key, mesh, start: int):
     return DeviceIterator(host_iterator(data.train_steps(plan, epochs, seed), start=start), mesh)
 
 
-def _run_streamed(executables: _Executables, state, teacher_vars, batches, seg, global_step: int, step_key):
+def _run_streamed(executables: _Executables, state, teacher_vars, batches, seg, global_step: int, step_key,
+                  step_data):
     """The ``seg.steps`` steps of a segment, one dispatch each; their metrics are fetched together at the end, so
     the host never waits for a step before dispatching the next. Returns the seconds spent, compiles left out."""
     t0, compile_before, metrics = time.perf_counter(), executables.compile_s, []
     for i in range(seg.steps):
-        args = (state, teacher_vars, next(batches), global_step + i, step_key)
+        args = (state, teacher_vars, next(batches), global_step + i, step_key, step_data)
         state, step_metrics = executables.get(1, seg.rows, args)(*args)
         metrics.append(step_metrics)
     metrics = jax.device_get(metrics)

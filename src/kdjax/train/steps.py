@@ -28,7 +28,7 @@ import optax
 
 from kdjax import distillers, losses
 from kdjax.distillers import sample_weights
-from kdjax.augment import transforms
+from kdjax.augment import switch as augment_switch, transforms
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,6 +233,7 @@ def make_kd_step(student, teacher: Optional[Any], tx, prepare: Callable, scheme:
     scored_by = getattr(scheme, "scored_by", None)
     criterion = getattr(scheme, "criterion", None) or "entropy"
     objective = kd_objective(weights, num_classes, teacher is not None, distiller)
+    switched = isinstance(scheme, augment_switch.SchemeSwitch)
     if distiller is not None and distiller.needs_teacher and teacher is None:
         what = "logits" if replaced else "features"
         raise ValueError(f"distiller={distiller.name} distils the teacher's {what} and needs a teacher: set "
@@ -301,7 +302,10 @@ def make_kd_step(student, teacher: Optional[Any], tx, prepare: Callable, scheme:
             score_fn = None
             if scored_by == "teacher":
                 score_fn = lambda pool: (losses.entropy(teacher_logits_of(teacher_vars)(pool)), None)  # noqa: E731
-            x_aug, aux = scheme(k_aug, x, labels, score_fn)
+            if switched:  # the run's scheme picked by data: one program for every scheme of the switch
+                x_aug, aux = scheme(batch["scheme"], k_aug, x, labels, num_classes)
+            else:
+                x_aug, aux = scheme(k_aug, x, labels, score_fn)
             x_aug = jax.lax.stop_gradient(x_aug)
             ft, lt, lta = targets(teacher_vars, x, x_aug, rows)
 
