@@ -105,3 +105,23 @@ def test_which_schemes_switch():
     assert augment_switch.make_switch(create, "cutmix_pick_s") is None
     assert augment_switch.make_switch(create, "cutmix_pick_t") is None
     assert augment_switch.make_switch(create, "cutmix").index == 6
+
+
+@pytest.mark.parametrize("backend, expected", [("cpu", "switch"), ("gpu", "own")])
+def test_a_run_asked_to_switch_shares_the_program_on_cpu_only(monkeypatch, backend, expected):
+    """scheme_switch=true: the run's setup holds the switch and gives its index as step data on XLA:CPU; on an
+    accelerator it keeps the scheme's own program (kdjax.parallel.switches_schemes)."""
+    from helpers import load_config
+    from kdjax import data, parallel
+    from kdjax.train import kd
+    config = load_config("distill", "teacher=tiny_cnn,student=tiny_cnn,dataset=synthetic,image_size=8,aug=mixup,"
+                                    "scheme_switch=true")
+    spec = kd.DistillSpec.from_config(config, kd.KDMethod.from_config(config))
+    dataset = data.load("synthetic", image_size=8, num_train=16, num_test=8)
+    monkeypatch.setattr(parallel.jax, "default_backend", lambda: backend)
+    setup = kd.KDSetup.create(spec, dataset, with_teacher=True)
+    if expected == "switch":
+        assert isinstance(setup.scheme, augment_switch.SchemeSwitch) and setup.scheme.name == "mixup"
+        assert setup.step_data == {"scheme": augment_switch.SWITCHABLE.index("mixup")}
+    else:
+        assert isinstance(setup.scheme, augment.Scheme) and setup.scheme.name == "mixup" and setup.step_data == {}

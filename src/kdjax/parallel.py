@@ -42,6 +42,14 @@ def materialize_weight_gradient_inputs() -> bool:
     return jax.default_backend() == "cpu"
 
 
+def switches_schemes() -> bool:
+    """Whether a run asked for ``scheme_switch`` runs the shared program of ``kdjax.augment.switch``: on XLA:CPU,
+    where compiling is a large share of a run (bench/NOTES.md, "Compiles"). On accelerators a run's compile is a
+    small share of its training, and a conditional inside the step's loop is unmeasured there (jax#5986 reports
+    conditionals in scans slower on GPU before jaxlib 0.11.1), so each scheme keeps its own program."""
+    return jax.default_backend() == "cpu"
+
+
 def steps_per_dispatch(requested: int, unit: int = 1) -> int:
     """How many loop iterations (train steps, evaluation batches) one compiled dispatch runs: ``requested`` on
     accelerators; on XLA:CPU only ``unit``, the smallest block (one step; T. stddev's block of steps that share

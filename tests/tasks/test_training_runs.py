@@ -74,7 +74,9 @@ def test_scheme_switch_trains_the_very_run_of_the_scheme_alone(teacher_dir, tmp_
         workdir = tmp_path / f"switch_{switch}"
         config = tiny_distill_config("mixup", teacher_dir, last_batch="keep", scheme_switch=switch)
         out[switch] = distill.run(config, str(workdir)), read_losses(workdir), load_model(str(workdir))[0]
-        assert json.loads((workdir / "results.json").read_text())["config"]["scheme_switch"] is switch
+        record = json.loads((workdir / "results.json").read_text())
+        assert record["config"]["scheme_switch"] is switch
+        assert record["scheme_program"] == ("switch" if switch else "own")
     (alone, losses_alone, params_alone), (switched, losses_switched, params_switched) = out[False], out[True]
     assert losses_switched == losses_alone and losses_alone[-1][0] == 45  # 44 batches of 32 and one of 30
     assert {k: switched[k] for k in ("test_loss", "top1", "top5")} == {k: alone[k] for k in ("test_loss", "top1",

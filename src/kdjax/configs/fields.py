@@ -116,8 +116,8 @@ HELP = {
     "eval_batch_size": "test batch size",
     "scheme_switch": "compile the KD step of Identity, Flip, Crop+Flip, Cutout, AutoAugment, Mixup and CutMix as "
                      "one program that picks the run's scheme by data (the same values), so that runs of different "
-                     "schemes share it through compile_cache_dir; unset: the run's scheme alone, on in a sweep of "
-                     "three or more of them",
+                     "schemes share it through compile_cache_dir (on CPU; accelerators keep the scheme's own); "
+                     "unset: the run's scheme alone, on in a sweep of three or more of them",
     "compile_cache_dir": "JAX's persistent compilation cache (per device kind below it); unset: none, in a "
                          "sweep <workdir>/compile_cache",
     "dataset_options": "extra arguments of the data source",

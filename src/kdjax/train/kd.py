@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, Optional, Union
 import jax
 import numpy as np
 
-from kdjax import augment, distillers, models, runlog
+from kdjax import augment, distillers, models, parallel, runlog
 from kdjax.augment import switch as augment_switch
 from kdjax.checkpoint import inputs as checkpoint_inputs
 from kdjax.configs import recipes
@@ -190,7 +190,8 @@ class KDSetup:
     def create(cls, spec: DistillSpec, dataset, with_teacher: bool) -> "KDSetup":
         dtype = recipe_lib.compute_dtype(spec.training.dtype)
         create = lambda name: augment.create(name, dataset_stats=dataset, **spec.augment)  # noqa: E731
-        switch = augment_switch.make_switch(create, spec.aug) if spec.scheme_switch else None
+        switched = spec.scheme_switch and parallel.switches_schemes()
+        switch = augment_switch.make_switch(create, spec.aug) if switched else None
         scheme = create(spec.aug) if switch is None else switch
         module = lambda name: models.create(name, dataset.num_classes, dataset.image_size, dtype)  # noqa: E731
         return cls(method=spec.method, scheme=scheme,
@@ -297,6 +298,8 @@ def train_student(spec: DistillSpec, workdir: str, dataset, data, mesh, teacher_
     out["fields"] = {"distiller": distiller.name, "logit_stand": weights.logit_stand,
                      "sample_weights": weights.sample_weights,
                      "ctkd": "none" if weights.ctkd is None else weights.ctkd.mode, "recipe": spec.recipe,
+                     # the program that ran the scheme: the shared switch of seven schemes, or the scheme's own
+                     "scheme_program": "switch" if setup.step_data else "own",
                      "loss_weights": {"gamma": weights.gamma, "alpha": weights.alpha, "beta": weights.beta},
                      **({} if stage is None else {"init_stage": stage["record"]})}
     return out
