@@ -125,3 +125,23 @@ def test_a_run_asked_to_switch_shares_the_program_on_cpu_only(monkeypatch, backe
         assert setup.step_data == {"scheme": augment_switch.SWITCHABLE.index("mixup")}
     else:
         assert isinstance(setup.scheme, augment.Scheme) and setup.scheme.name == "mixup" and setup.step_data == {}
+
+
+def test_a_run_started_without_the_switch_resumes_and_counts_as_finished_with_it(tmp_path):
+    """A sweep begun before scheme_switch existed (its runs record no such field) resumes with it: the field gives
+    the same values, so a workdir's run neither refuses the resumption nor reruns when finished."""
+    import json
+    from helpers import load_config
+    from kdjax import workdir as workdir_lib
+    before = load_config("distill", "teacher=tiny_cnn,student=tiny_cnn,aug=flip")
+    workdir_lib.claim(str(tmp_path), before)
+    recorded = json.loads((tmp_path / workdir_lib.RUN_CONFIG).read_text())
+    del recorded["scheme_switch"]  # as the previous release wrote it
+    (tmp_path / workdir_lib.RUN_CONFIG).write_text(json.dumps(recorded))
+    now = load_config("distill", "teacher=tiny_cnn,student=tiny_cnn,aug=flip,scheme_switch=true")
+    workdir_lib.claim(str(tmp_path), now)  # no "different config" refusal
+    (tmp_path / "results.json").write_text(json.dumps({"task": "distill", "test_loss": 0.5}))
+    assert workdir_lib.finished_results(str(tmp_path), now)["test_loss"] == 0.5
+    other = load_config("distill", "teacher=tiny_cnn,student=tiny_cnn,aug=mixup,scheme_switch=true")
+    with pytest.raises(ValueError, match="aug"):  # a field that changes the run still does
+        workdir_lib.claim(str(tmp_path), other)
