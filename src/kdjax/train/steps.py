@@ -220,6 +220,9 @@ def make_kd_step(student, teacher: Optional[Any], tx, prepare: Callable, scheme:
     term that follows it (``term_follows_epoch``: ReviewKD's warm-up, ``weights.beta * term_scale(epoch) * L``)
     and to CTKD.
 
+    ``scheme`` may be a ``kdjax.augment.switch.SchemeSwitch``: the step then runs the scheme whose index the batch
+    carries (``batch['scheme']``), one program for all the switch's schemes.
+
     ``weights.ctkd`` (CTKD): the logit terms run at the learned temperature of ``state['extra']['ctkd']['params']``
     (differentiated with the student in the same backward pass, its gradient scaled by the curriculum's lambda of
     the epoch, updated by ``tx`` with an optimiser state of its own, as the original's one SGD over both).
