@@ -7,10 +7,8 @@ The executor knows nothing of the tasks: the in-process one calls the ``run_task
 given (``kdjax.tasks.run``), the subprocess one starts the command line.
 """
 import concurrent.futures
-import contextlib
 import dataclasses
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -23,40 +21,6 @@ from kdjax.errors import KdjaxError
 
 class SweepFailed(KdjaxError, RuntimeError):
     """Some runs of a sweep failed (the others ran, and their results are kept)."""
-
-
-@contextlib.contextmanager
-def stop_on_sigterm(ignore: Callable[[], bool] = lambda: False, signals=(signal.SIGTERM,),
-                    only_unhandled: bool = False):
-    """SIGTERM (scancel, a requeue, preemption, a scheduler stopping a shard) stops the run in this process the
-    way Ctrl-C does: between steps, with its checkpoints closed and its workdir lock released, so that the next
-    start resumes at once. (Python's default would end the process on the spot; submitit's ignores it until
-    SIGKILL.) Once only: a second SIGTERM, or one while ``ignore()`` says the process is already on its way out,
-    must not interrupt the closing of a checkpoint. Only in the main thread, where signal handlers live.
-    ``signals`` may add others (SIGUSR1, a scheduler's warning before a time limit); with ``only_unhandled`` a
-    signal that already has a handler (submitit's, an enclosing sweep's) keeps it."""
-    import threading
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    stopping = []
-
-    def interrupt(signum, frame):
-        if stopping or ignore():
-            return
-        stopping.append(signum)
-        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-
-    previous = {}
-    for signum in signals:
-        if only_unhandled and signal.getsignal(signum) not in (signal.SIG_DFL, None):
-            continue
-        previous[signum] = signal.signal(signum, interrupt)
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def is_interruption(error: BaseException) -> bool:

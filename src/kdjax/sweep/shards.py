@@ -17,8 +17,8 @@ import socket
 import time
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
-from kdjax.sweep.executor import (Outcome, build_config, inputs_of, is_interruption, set_aside, stale,
-                                  stop_on_sigterm)
+from kdjax.interrupts import stop_on_sigterm
+from kdjax.sweep.executor import Outcome, build_config, inputs_of, is_interruption, set_aside, stale
 from kdjax.sweep.grid import Run
 
 FAILURES = "sweep_failures.jsonl"

@@ -39,7 +39,7 @@ def run_command(config, workdir: str, debug: bool = False) -> int:
     if not os.environ.get("KDJAX_VERBOSE"):  # kdjax prints its own lines; the libraries' logs only on demand
         logging.set_verbosity(logging.ERROR)
     from kdjax import parallel, workdir as workdir_lib
-    from kdjax.sweep.executor import stop_on_sigterm
+    from kdjax.interrupts import stop_on_sigterm
     from kdjax.train.loop import RunInterrupted
     parallel.maybe_initialize_distributed()  # before anything touches a device
     workdir = os.path.abspath(os.path.expanduser(workdir))

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from kdjax import runlog
+from kdjax import interrupts, runlog
 from kdjax.checkpoint.store import CheckpointError, TrainCheckpointer, first_non_finite
 from kdjax.data import epochs as epochs_lib
 from kdjax.data.placement import is_streamed
@@ -180,6 +180,7 @@ def fit(workdir: str, bookkeeping: recipe_lib.Bookkeeping, recipe: Recipe, train
                     state, metrics = executable(*args)
                     metrics = jax.device_get(metrics)  # the one transfer of the chunk
                     dt = time.perf_counter() - t0
+                interrupts.raise_if_pending()  # a signal whose own KeyboardInterrupt was swallowed
                 losses = np.asarray(metrics["loss"], np.float64)
                 bad = _first_bad(losses)
                 if bad is not None:

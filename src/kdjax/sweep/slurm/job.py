@@ -10,7 +10,8 @@ from typing import Any, Callable, List, Sequence
 
 
 from kdjax import workdir as workdir_lib
-from kdjax.sweep.executor import build_config, stop_on_sigterm
+from kdjax.interrupts import stop_on_sigterm
+from kdjax.sweep.executor import build_config
 from kdjax.sweep.grid import Run
 from kdjax.sweep.slurm.record import LOG, last_error
 
