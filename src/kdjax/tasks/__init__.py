@@ -45,8 +45,8 @@ def run_command(config, workdir: str, debug: bool = False) -> int:
     workdir = os.path.abspath(os.path.expanduser(workdir))
     try:
         # SIGTERM and SIGUSR1 stop a standalone run between steps, as in a sweep (a handler already there stays:
-        # submitit's in a SLURM job, an enclosing sweep's)
-        with stop_on_sigterm(signals=(signal.SIGTERM, signal.SIGUSR1), only_unhandled=True):
+        # submitit's in a SLURM job, an enclosing sweep's); Ctrl-C as Python's, never lost in a gc callback
+        with stop_on_sigterm(signals=(signal.SIGTERM, signal.SIGUSR1, signal.SIGINT), only_unhandled=True):
             run(config.task, config, workdir)
     except RunInterrupted as e:
         ignore_abandoned_saves()
