@@ -35,6 +35,7 @@ import numpy as np
 import scipy.stats
 
 from kdjax import augment
+from kdjax.sweep.grid import distiller_label
 
 # The plots' colours, one per scheme of the paper in its order (kdjax.augment.PAPER_SCHEMES).
 PAPER_COLOURS = ("blue", "red", "black", "green", "cyan", "orange", "magenta", "lightskyblue", "olive")
@@ -103,15 +104,6 @@ def _check_fields(record: dict) -> None:
     if missing:
         where = record.get("_path", "a results record")
         raise ValueError(f"{where} (task {record['task']!r}) lacks {', '.join(missing)}; rewrite it with these fields")
-
-
-WITH_KD = "+kd"   # the "+KD" variant of a distiller beside KD (distill.with_kd=true), e.g. crd+kd
-WITH_CTKD = "+ctkd"   # CTKD's learned temperature on the run's logit terms (ctkd.mode=global), e.g. kd+ctkd
-
-
-def distiller_label(name: str, with_kd: bool, ctkd: bool = False) -> str:
-    """``crd`` / ``crd+kd`` / ``dkd+ctkd``: the distiller as the sweep, the report and the listings name it."""
-    return name + (WITH_KD if with_kd else "") + (WITH_CTKD if ctkd else "")
 
 
 def distiller_of(record: dict) -> str:

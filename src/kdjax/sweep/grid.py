@@ -22,7 +22,6 @@ from typing import Any, Dict, List, NamedTuple, Tuple
 from kdjax import augment, distillers as distillers_lib, models
 from kdjax.augment import switch as augment_switch
 from kdjax.configs.sweep import COMMON_FIELDS, PAPER_PAIRS, TRAIN_FIELDS  # noqa: F401
-from kdjax.sweep.analysis import WITH_CTKD, WITH_KD, distiller_label
 
 ALL = "all"
 
@@ -69,6 +68,15 @@ def parse_schemes(augs) -> List[str]:
     for name in names:
         augment.check_name(name)
     return names
+
+
+WITH_KD = "+kd"   # the "+KD" variant of a distiller beside KD (distill.with_kd=true), e.g. crd+kd
+WITH_CTKD = "+ctkd"   # CTKD's learned temperature on the run's logit terms (ctkd.mode=global), e.g. kd+ctkd
+
+
+def distiller_label(name: str, with_kd: bool, ctkd: bool = False) -> str:
+    """``crd`` / ``crd+kd`` / ``dkd+ctkd``: the distiller as the sweep, the report and the listings name it."""
+    return name + (WITH_KD if with_kd else "") + (WITH_CTKD if ctkd else "")
 
 
 CTKD_MODE = "global"
